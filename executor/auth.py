@@ -1,0 +1,155 @@
+"""Who is calling: JWT verification, locally (PyJWT) or against Jina Cloud (hubble).
+
+Configured from the executor's `auth` settings or the environment:
+  BIG_AUTH_MODE         hs256 (default) | rs256 | hubble | disabled
+  BIG_JWT_SECRET        HS256 shared secret
+  BIG_JWT_PUBLIC_KEY    RS256 public key (PEM text) or BIG_JWT_PUBLIC_KEY_FILE (path to PEM)
+  BIG_JWT_AUDIENCE      optional expected `aud`
+  BIG_JWT_ISSUER        optional expected `iss`
+The user id is the token's `sub` claim. `disabled` is for local experiments only and logs loudly.
+
+Mint a token for a user (HS256):
+    python -m executor.auth mint alice --secret "$BIG_JWT_SECRET" --days 30
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import time
+
+import jwt
+
+from .errors import AuthError
+
+log = logging.getLogger(__name__)
+
+_USER_ID = re.compile(r"^[A-Za-z0-9_.@:\-]{1,128}$")
+DEV_USER = "dev-user"
+
+
+@dataclasses.dataclass
+class AuthConfig:
+    mode: str = "hs256"
+    secret: str | None = None
+    public_key: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_s: int = 10
+
+    @classmethod
+    def from_env(cls, overrides: dict | None = None) -> "AuthConfig":
+        o = {k: v for k, v in (overrides or {}).items() if v not in (None, "")}
+        key = o.get("public_key") or os.environ.get("BIG_JWT_PUBLIC_KEY")
+        key_file = o.get("public_key_file") or os.environ.get("BIG_JWT_PUBLIC_KEY_FILE")
+        if not key and key_file:
+            with open(key_file) as f:
+                key = f.read()
+        return cls(
+            mode=str(o.get("mode") or os.environ.get("BIG_AUTH_MODE", "hs256")).lower(),
+            secret=o.get("secret") or os.environ.get("BIG_JWT_SECRET"),
+            public_key=key,
+            audience=o.get("audience") or os.environ.get("BIG_JWT_AUDIENCE"),
+            issuer=o.get("issuer") or os.environ.get("BIG_JWT_ISSUER"),
+        )
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig):
+        self.config = config
+        if config.mode not in ("hs256", "rs256", "hubble", "disabled"):
+            raise ValueError(f"unknown auth mode {config.mode!r}")
+        if config.mode == "hs256" and not config.secret:
+            raise ValueError("auth mode hs256 needs BIG_JWT_SECRET (or auth.secret in config.yml)")
+        if config.mode == "rs256" and not config.public_key:
+            raise ValueError("auth mode rs256 needs BIG_JWT_PUBLIC_KEY or BIG_JWT_PUBLIC_KEY_FILE")
+        if config.mode == "disabled":
+            log.warning("!!! AUTH IS DISABLED: every caller is %r and can use every concept of that user. "
+                        "Never expose this server. !!!", DEV_USER)
+
+    def user_from_parameters(self, parameters: dict) -> str:
+        """The caller's user id, from `parameters['jwt']['token']` (the seed's client shape)."""
+        if self.config.mode == "disabled":
+            return DEV_USER
+        token = None
+        jwt_param = (parameters or {}).get("jwt")
+        if isinstance(jwt_param, dict):
+            token = jwt_param.get("token")
+        elif isinstance(jwt_param, str):
+            token = jwt_param
+        if not token or not isinstance(token, str):
+            raise AuthError("missing token: pass parameters={'jwt': {'token': '<JWT>'}}")
+        return self.verify(token)
+
+    def verify(self, token: str) -> str:
+        if self.config.mode == "hubble":
+            return self._verify_hubble(token)
+        algorithm = "HS256" if self.config.mode == "hs256" else "RS256"
+        key = self.config.secret if algorithm == "HS256" else self.config.public_key
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[algorithm], audience=self.config.audience, issuer=self.config.issuer,
+                leeway=self.config.leeway_s,
+                options={"require": ["sub", "exp"], "verify_aud": self.config.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidTokenError as e:
+            raise AuthError(f"invalid token ({type(e).__name__})") from None
+        return _checked_user_id(claims.get("sub"))
+
+    def _verify_hubble(self, token: str) -> str:
+        try:
+            import hubble
+        except ImportError as e:  # pragma: no cover - hubble is in requirements.txt
+            raise AuthError("hubble auth selected but jina-hubble-sdk is not installed") from e
+        try:
+            user = hubble.Client(token=token, max_retries=None, jsonify=True).get_user_info(log_error=False)
+        except Exception as e:  # hubble raises its own hierarchy; all mean "not a valid user"
+            raise AuthError(f"Jina Cloud rejected the token ({type(e).__name__})") from None
+        data = user.get("data", user) if isinstance(user, dict) else {}
+        if data.get("status", "active") != "active":
+            raise AuthError("Jina Cloud user is not active")
+        return _checked_user_id(data.get("_id") or data.get("id") or data.get("sub"))
+
+
+def _checked_user_id(sub) -> str:
+    if not isinstance(sub, str) or not _USER_ID.match(sub):
+        raise AuthError("token has no usable 'sub' claim")
+    return sub
+
+
+def mint_token(user_id: str, secret: str, *, days: float = 30.0, algorithm: str = "HS256",
+               audience: str | None = None, issuer: str | None = None, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    claims = {"sub": _checked_user_id(user_id), "iat": int(now), "exp": int(now + days * 86400)}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Mint a JWT for a BIG user.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mint")
+    m.add_argument("user_id")
+    m.add_argument("--secret", default=os.environ.get("BIG_JWT_SECRET"),
+                   help="HS256 secret (default $BIG_JWT_SECRET); for RS256 a PEM private key file")
+    m.add_argument("--rs256", action="store_true", help="--secret names a PEM private key file")
+    m.add_argument("--days", type=float, default=30.0)
+    m.add_argument("--audience")
+    m.add_argument("--issuer")
+    a = ap.parse_args()
+    if not a.secret:
+        ap.error("no secret: pass --secret or set BIG_JWT_SECRET")
+    key = open(a.secret).read() if a.rs256 else a.secret
+    print(mint_token(a.user_id, key, days=a.days, algorithm="RS256" if a.rs256 else "HS256",
+                     audience=a.audience, issuer=a.issuer))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Response documents. Requests use docarray's own ImageDoc (instance images) and TextDoc (prompts).
+
+Each response type extends a standard docarray document, so a client that only knows
+`ImageDoc`/`TextDoc` still reads the image bytes and the text.
+"""
+
+from typing import Optional
+
+from docarray.documents import ImageDoc, TextDoc
+
+
+class ConceptDoc(TextDoc):
+    """`text` is the identifier; `prompt` is how to use it ("a sks dog")."""
+
+    prompt: Optional[str] = None
+    category: Optional[str] = None
+    target_model: Optional[str] = None
+    model_version: Optional[int] = None
+    job_id: Optional[str] = None
+    status: Optional[str] = None
+    mine: Optional[bool] = None
+
+
+class GeneratedImageDoc(ImageDoc):
+    """`bytes_` is a PNG whose 'parameters' text chunk says how to make it again."""
+
+    text: Optional[str] = None  # the prompt
+    seed: Optional[int] = None
+    parameters: Optional[str] = None  # AUTOMATIC1111-style parameters text
+    target_model: Optional[str] = None
+    model_version: Optional[int] = None
+
+
+class JobDoc(TextDoc):
+    """`text` is the job id."""
+
+    status: Optional[str] = None
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    loss: Optional[float] = None
+    eta_s: Optional[float] = None
+    error: Optional[str] = None
+    identifier: Optional[str] = None
+    category: Optional[str] = None
+    target_model: Optional[str] = None
+    model_version: Optional[int] = None

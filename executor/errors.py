@@ -1,0 +1,30 @@
+"""Errors a client sees. Each carries a stable `code` so clients can branch without parsing text."""
+
+
+class BIGError(Exception):
+    code = "error"
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {super().__str__()}"
+
+
+class BadRequest(BIGError, ValueError):
+    code = "bad_request"
+
+
+class AuthError(BIGError, PermissionError):
+    code = "unauthenticated"
+
+
+class NotFound(BIGError, LookupError):
+    """Also used for concepts that exist but belong to someone else: never leak existence."""
+
+    code = "not_found"
+
+
+class Conflict(BIGError):
+    code = "conflict"
+
+
+class JobCancelled(BIGError):
+    code = "cancelled"

@@ -1,0 +1,99 @@
+"""The Jina Executor: parse the request, call BIGService in a worker thread, wrap the answer.
+
+Endpoints are `async def` so that Jina does not serialise them: a /generate call is served while a
+/finetune call waits for its training job.
+"""
+
+import asyncio
+import dataclasses
+import logging
+from typing import Optional
+
+from docarray import DocList
+from docarray.documents import ImageDoc, TextDoc
+from jina import Executor, requests
+
+from . import validation
+from .documents import ConceptDoc, GeneratedImageDoc, JobDoc
+from .errors import BadRequest
+from .service import BIGService, ServiceConfig
+from .storage import png_bytes
+
+log = logging.getLogger(__name__)
+
+
+class BIGExecutor(Executor):
+    def __init__(self, workspace: Optional[str] = None, base_model: str = "embedded", device: str = "auto",
+                 auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
+                 generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
+                 train_workers: int = 1, class_image_steps: int = 20, limits: Optional[dict] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.service = BIGService(ServiceConfig(
+            workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device,
+            auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
+            cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
+            class_image_steps=int(class_image_steps),
+            limits=validation.Limits(**(limits or {}))))
+        log.info("BIG ready: base %s on %s, workspace %s", base_model, self.service.device,
+                 self.service.ws.root)
+
+    def _user(self, parameters: dict) -> str:
+        return self.service.auth.user_from_parameters(parameters or {})
+
+    @requests(on="/finetune")
+    async def finetune(self, docs: DocList[ImageDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
+        user = self._user(parameters)
+        limits = self.service.config.limits
+        images = validation.decode_instance_images(docs, limits)
+        r = await asyncio.to_thread(self.service.finetune, user, images, parameters)
+        if "identifier" not in r or r.get("identifier") is None:
+            return DocList[ConceptDoc]([ConceptDoc(text="", job_id=r["job_id"], status=r["status"])])
+        return DocList[ConceptDoc]([ConceptDoc(
+            text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],
+            target_model=r["target"], model_version=r["model_version"], job_id=r["job_id"], status=r["status"],
+            mine=True)])
+
+    @requests(on="/generate")
+    async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
+        user = self._user(parameters)
+        prompts = [d.text for d in docs]
+        images = await asyncio.to_thread(self.service.generate, user, prompts, parameters)
+        return DocList[GeneratedImageDoc]([
+            GeneratedImageDoc(bytes_=png_bytes(g.image, g.png_info()), text=g.prompt, seed=g.seed,
+                              parameters=g.parameters_text(), target_model=g.parameters["model"],
+                              model_version=g.parameters["model_version"])
+            for g in images])
+
+    @requests(on="/concepts")
+    async def concepts(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
+        user = self._user(parameters)
+        rows = await asyncio.to_thread(self.service.concepts, user)
+        return DocList[ConceptDoc]([ConceptDoc(text=c["identifier"], **{k: v for k, v in c.items() if k not in (
+            "identifier", "n_images")}) for c in rows])
+
+    @requests(on="/delete")
+    async def delete(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
+        user = self._user(parameters)
+        ident = parameters.get("identifier")
+        if not isinstance(ident, str) or not ident:
+            raise BadRequest("pass the private concept's `identifier`")
+        await asyncio.to_thread(self.service.delete, user, ident)
+        return DocList[ConceptDoc]([ConceptDoc(text=ident, status="deleted", target_model="private")])
+
+    @requests(on="/jobs")
+    async def jobs(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[JobDoc]:
+        user = self._user(parameters)
+        job_id = parameters.get("job_id")
+        if job_id:
+            cancel = bool(parameters.get("cancel", False))
+            rows = [await asyncio.to_thread(self.service.job, user, str(job_id), cancel)]
+        else:
+            rows = await asyncio.to_thread(self.service.list_jobs, user)
+        return DocList[JobDoc]([JobDoc(text=j["job_id"], target_model=j["target"],
+                                       **{k: j[k] for k in ("status", "step", "total_steps", "loss", "eta_s",
+                                                            "error", "identifier", "category", "model_version")})
+                                for j in rows])
+
+    def close(self) -> None:
+        self.service.close()
+        super().close()

@@ -1,0 +1,106 @@
+"""Image generation: cached pipelines, batched calls, reproducible seeds, PNGs that say how they were made."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import secrets
+import threading
+from typing import Callable
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import pipelines
+
+
+class PipelineCache:
+    """LRU of loaded model versions, bounded by the bytes of the modules they do not share with the base."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: "collections.OrderedDict[str, tuple[object, int]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, key: str, load: Callable[[], tuple[object, int]]):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one loader per key; others wait and then hit the cache
+            with self._lock:
+                if key in self._items:
+                    return self._items[key][0]
+            value, size = load()
+            with self._lock:
+                self._items[key] = (value, size)
+                self._evict()
+                self._loading.pop(key, None)
+            return value
+
+    def _evict(self) -> None:
+        total = sum(s for _, s in self._items.values())
+        while total > self.max_bytes and len(self._items) > 1:
+            _, (_, s) = self._items.popitem(last=False)
+            total -= s
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass
+class GeneratedImage:
+    image: Image.Image
+    prompt: str
+    seed: int
+    parameters: dict
+
+    def parameters_text(self) -> str:
+        """AUTOMATIC1111-style 'parameters' text, so other tools can read how the image was made."""
+        p = self.parameters
+        lines = [self.prompt]
+        if p.get("negative_prompt"):
+            lines.append(f"Negative prompt: {p['negative_prompt']}")
+        lines.append(
+            f"Steps: {p['num_inference_steps']}, Sampler: {p['scheduler']}, CFG scale: {p['guidance_scale']}, "
+            f"Seed: {self.seed}, Size: {p['width']}x{p['height']}, Model: {p['model']}, "
+            f"Model version: {p['model_version']}"
+        )
+        return "\n".join(lines)
+
+    def png_info(self) -> PngInfo:
+        info = PngInfo()
+        info.add_text("parameters", self.parameters_text())
+        return info
+
+
+def seeds_for(seed: int | None, n: int) -> list[int]:
+    base = seed if seed is not None else secrets.randbelow(2**31 - n)
+    return [base + i for i in range(n)]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], *, num_images: int, num_inference_steps: int, guidance_scale: float,
+             negative_prompt: str | None, seed: int | None, height: int, width: int, model_label: str,
+             model_version: int, max_batch: int = 16) -> list[GeneratedImage]:
+    """`num_images` per prompt; image k of prompt i uses seed `seed + i*num_images + k`."""
+    jobs = [(p, s) for i, p in enumerate(prompts)
+            for s in seeds_for(None if seed is None else seed + i * num_images, num_images)]
+    out: list[GeneratedImage] = []
+    params = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  negative_prompt=negative_prompt, height=height, width=width, model=model_label,
+                  model_version=model_version, scheduler=type(pipe.scheduler).__name__)
+    # A generator per image makes each image depend on its own seed only, not on its batch-mates.
+    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
+    for start in range(0, len(jobs), max_batch):
+        chunk = jobs[start : start + max_batch]
+        gens = [torch.Generator(device=gen_device).manual_seed(s) for _, s in chunk]
+        images = pipe(
+            [p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            generator=gens,
+        ).images
+        out += [GeneratedImage(im, p, s, params) for im, (p, s) in zip(images, chunk)]
+    return out

@@ -1,0 +1,111 @@
+"""Fine-tuning jobs: a queue, worker threads, progress, ETA and cancellation.
+
+Training runs in worker threads so that the server's event loop (and every /generate call) keeps
+going while a model trains. Progress lives in the registry, so /jobs can report it at any time.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Callable
+
+from .errors import BIGError, JobCancelled
+from .registry import JOB_DONE, Registry
+
+log = logging.getLogger(__name__)
+
+
+class JobContext:
+    """What a running job may do: report progress and ask whether it should stop."""
+
+    def __init__(self, manager: "JobManager", job_id: str, total_steps: int):
+        self._m, self.job_id, self.total_steps = manager, job_id, total_steps
+        self._started = time.time()
+        self._last_write = 0.0
+
+    def progress(self, step: int, loss: float) -> None:
+        now = time.time()
+        if step < self.total_steps and now - self._last_write < 0.5:
+            return  # throttle registry writes; the last step always lands
+        self._last_write = now
+        per_step = (now - self._started) / max(step, 1)
+        self._m.registry.update_job(self.job_id, step=step, loss=loss,
+                                    eta_s=round(per_step * (self.total_steps - step), 2))
+
+    def should_stop(self) -> bool:
+        return self._m.is_cancel_requested(self.job_id)
+
+    def phase(self, text: str) -> None:
+        self._m.registry.update_job(self.job_id, error=None, status="running")
+        log.info("job %s: %s", self.job_id, text)
+
+
+class JobManager:
+    def __init__(self, registry: Registry, workers: int = 1):
+        self.registry = registry
+        self._queue: "queue.Queue[tuple[str, Callable[[JobContext], dict]] | None]" = queue.Queue()
+        self._done: dict[str, threading.Event] = {}
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name=f"big-train-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
+        with self._lock:
+            self._done[job_id] = threading.Event()
+        self._queue.put((job_id, fn))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        ev = self._done.get(job_id)
+        if ev is not None:
+            ev.wait(timeout)
+        return self.registry.get_job(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancel.add(job_id)
+        self.registry.update_job(job_id, cancel_requested=1)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancel
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job_id, fn = item
+            job = self.registry.get_job(job_id)
+            try:
+                if self.is_cancel_requested(job_id):
+                    raise JobCancelled("cancelled before it started")
+                self.registry.update_job(job_id, status="running", started=time.time())
+                result = fn(JobContext(self, job_id, job["total_steps"]))
+                self.registry.update_job(job_id, status="succeeded", finished=time.time(), eta_s=0.0,
+                                         step=job["total_steps"], **result)
+            except JobCancelled as e:
+                self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time())
+            except BIGError as e:
+                self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time())
+            except Exception as e:  # a crash in training must not take the server down
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+                self.registry.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}",
+                                         finished=time.time())
+            finally:
+                with self._lock:
+                    self._cancel.discard(job_id)
+                    ev = self._done.pop(job_id, None)
+                if ev:
+                    ev.set()
+
+
+__all__ = ["JobManager", "JobContext", "JOB_DONE"]

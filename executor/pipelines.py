@@ -1,0 +1,113 @@
+"""Loading the base pipeline and the versions trained from it.
+
+A trained version folder holds only what training changed (`unet/`, and `text_encoder/` when the
+text encoder was trained) plus `big_version.json`; everything else is shared with the loaded base
+pipeline, so a version costs the memory of its UNet, not of a whole pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+EMBEDDED = "embedded"
+VERSION_META = "big_version.json"
+
+
+def resolve_base(spec: str) -> str:
+    """'embedded' -> the shipped shapes-world model; a folder -> itself; else a diffusers hub id."""
+    if spec == EMBEDDED:
+        from shapes_world.model import DEFAULT_MODEL_DIR
+
+        return DEFAULT_MODEL_DIR
+    return spec
+
+
+def base_key(spec: str) -> str:
+    """A stable name for the base model, used to key caches shared between users."""
+    path = resolve_base(spec)
+    if os.path.isdir(path):
+        h = hashlib.sha256()
+        for sub in ("unet", "text_encoder", "vae"):
+            cfg = os.path.join(path, sub, "config.json")
+            if os.path.exists(cfg):
+                h.update(open(cfg, "rb").read())
+        for root, _, files in os.walk(os.path.join(path, "unet")):
+            for f in sorted(files):
+                st = os.stat(os.path.join(root, f))
+                h.update(f"{f}:{st.st_size}".encode())
+        return f"local-{h.hexdigest()[:16]}"
+    return f"hub-{spec}"
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | None = None):
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_base(spec)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=os.path.isdir(path),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def defaults_of(spec: str) -> dict:
+    """Generation defaults the model ships with (the embedded model's shapes_world.json)."""
+    p = os.path.join(resolve_base(spec), "shapes_world.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def save_version(staging: str, unet, text_encoder, meta: dict) -> None:
+    unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
+    if text_encoder is not None:
+        text_encoder.save_pretrained(os.path.join(staging, "text_encoder"), safe_serialization=True)
+    with open(os.path.join(staging, VERSION_META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_version_modules(version_dir: str, like_pipe):
+    """(unet, text_encoder-or-None) of a version, on the base pipeline's device and dtype."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    dtype, device = like_pipe.unet.dtype, like_pipe.device
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), torch_dtype=dtype).to(device)
+    te_dir = os.path.join(version_dir, "text_encoder")
+    text = CLIPTextModel.from_pretrained(te_dir, torch_dtype=dtype).to(device) if os.path.isdir(te_dir) else None
+    return unet.eval(), (text.eval() if text is not None else None)
+
+
+def compose(base_pipe, unet=None, text_encoder=None, scheduler=None):
+    """A pipeline object over the base's modules with some replaced (no weights are copied)."""
+    from diffusers import StableDiffusionPipeline
+
+    comps = dict(base_pipe.components)
+    if unet is not None:
+        comps["unet"] = unet
+    if text_encoder is not None:
+        comps["text_encoder"] = text_encoder
+    comps["scheduler"] = scheduler or type(base_pipe.scheduler).from_config(base_pipe.scheduler.config)
+    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def module_bytes(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())

@@ -1,0 +1,294 @@
+"""The BIG service logic, independent of Jina: finetune, generate, concepts, delete, jobs.
+
+`executor.BIGExecutor` turns gRPC requests into calls of this class; tests and notebooks can also
+use it directly. Model keys name what is trained:
+    pretrained                  the base model, never trained
+    private:<concept id>        one concept, trained from the base, visible to its owner only
+    private_meta:<user id>      the user's own incrementally trained metamodel
+    meta                        the public metamodel every user can teach and use
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import uuid
+from typing import Sequence
+
+from PIL import Image
+
+from . import class_images, generation, pipelines, planner, training, validation
+from .auth import AuthConfig, Authenticator
+from .errors import BadRequest, Conflict, NotFound
+from .identifiers import choose_identifier, identifier_pool
+from .jobs import JobContext, JobManager
+from .registry import Registry
+from .storage import Workspace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
+                        train_text_encoder=False)
+DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    workspace: str = "workspace"
+    base_model: str = pipelines.EMBEDDED
+    device: str = "auto"
+    auth: dict = dataclasses.field(default_factory=dict)
+    finetune_defaults: dict = dataclasses.field(default_factory=dict)
+    generate_defaults: dict = dataclasses.field(default_factory=dict)
+    class_image_steps: int = 20
+    cache_max_bytes: int = 4 * 1024**3
+    train_workers: int = 1
+    limits: validation.Limits = dataclasses.field(default_factory=validation.Limits)
+
+
+def model_key(target: str, user: str, concept_id: str | None = None) -> str:
+    if target == "meta":
+        return "meta"
+    if target == "private_meta":
+        return f"private_meta:{user}"
+    if target == "private":
+        if not concept_id:
+            raise ValueError("a private model key needs its concept id")
+        return f"private:{concept_id}"
+    raise ValueError(target)
+
+
+class BIGService:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.ws = Workspace(config.workspace)
+        self.registry = Registry(self.ws.registry_path)
+        removed = self.ws.clean_stale(self.registry.live_version_paths())
+        if removed:
+            log.warning("removed %d unfinished model folders left by an earlier crash", len(removed))
+        self.auth = Authenticator(AuthConfig.from_env(config.auth))
+        self.device = pipelines.pick_device(config.device)
+        self.base_pipe = pipelines.load_base_pipeline(config.base_model, self.device)
+        self.base_key = pipelines.base_key(config.base_model)
+        self.size = pipelines.image_size(self.base_pipe)
+        model_defaults = pipelines.defaults_of(config.base_model)
+        self.generate_defaults = {
+            **DEFAULT_GENERATE,
+            "height": self.size, "width": self.size,
+            **{k: model_defaults[f"default_{k}"] for k in ("guidance_scale",) if f"default_{k}" in model_defaults},
+            **config.generate_defaults,
+        }
+        if "default_steps" in model_defaults:
+            self.generate_defaults.setdefault("num_inference_steps", model_defaults["default_steps"])
+        self.finetune_defaults = {**DEFAULT_FINETUNE, **model_defaults.get("finetune_defaults", {}),
+                                  **config.finetune_defaults}
+        tok_dir = pipelines.resolve_base(config.base_model)
+        self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
+        self.cache = generation.PipelineCache(config.cache_max_bytes)
+        self.jobs = JobManager(self.registry, workers=config.train_workers)
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.jobs.close()
+
+    def _model_lock(self, key: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._model_locks.setdefault(key, threading.Lock())
+
+    # ================================================================== finetune
+    def finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> dict:
+        req = validation.parse_finetune(params, self.finetune_defaults, self.config.limits)
+        if not images:
+            raise BadRequest("no instance images")
+        job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
+        self.jobs.submit(job_id, lambda ctx: self._run_finetune(ctx, user, list(images), req))
+        if not req.wait:
+            return {"job_id": job_id, "status": "queued"}
+        job = self.jobs.wait(job_id)
+        if job["status"] != "succeeded":
+            raise _job_error(job)
+        return self.job_view(job)
+
+    def _run_finetune(self, ctx: JobContext, user: str, images: list[Image.Image],
+                      req: validation.FinetuneRequest) -> dict:
+        concept_id = uuid.uuid4().hex
+        key = model_key(req.target, user, concept_id)
+        kind = req.target
+        with self._model_lock(key):
+            model = self.registry.ensure_model(key, kind, None if kind == "meta" else user, self.base_key)
+            version = model["current_version"]
+            learned = self.registry.concepts_of_model(key) if kind != "private" else []
+            taken = self.registry.identifiers_ever_used(key)
+            if kind == "private":  # keep a user's private identifiers unambiguous for /generate
+                taken |= {c["identifier"] for c in self.registry.list_concepts(owner=user) if c["target"] == "private"}
+            identifier = choose_identifier(self.identifier_pool, taken, seed=req.seed,
+                                           reserved_words=req.category.split())
+            instance_prompt = f"a {identifier} {req.category}"
+
+            plan = planner.plan_prior_batch(
+                req.num_class_images, req.category,
+                [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned],
+                metamodel=kind != "private")
+            log.info("job %s: %r into %s v%d; prior plan:\n%s", ctx.job_id, instance_prompt, key, version,
+                     planner.describe_plan(plan))
+            priors = self._prior_examples(plan)
+
+            unet, text_encoder = self._modules_at(key, version)
+            result = training.dreambooth(
+                vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=self.base_pipe.tokenizer, unet=unet,
+                noise_scheduler=self._noise_scheduler(),
+                instances=[training.TrainExample(im, instance_prompt) for im in images], priors=priors,
+                learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
+                train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
+                train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
+                progress=ctx.progress, should_stop=ctx.should_stop)
+
+            staging = self.ws.new_staging_dir()
+            try:
+                had_text = text_encoder is not self.base_pipe.text_encoder
+                new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
+                pipelines.save_version(staging, _as_dtype(result.unet, self.base_pipe.unet.dtype),
+                                       _as_dtype(new_text, self.base_pipe.text_encoder.dtype),
+                                       {"model_key_kind": kind, "base": self.base_key, "version": version + 1,
+                                        "identifier": identifier, "category": req.category,
+                                        "prior_plan": [dataclasses.asdict(s) for s in plan],
+                                        "train_seconds": result.seconds, "final_loss": result.final_loss})
+                self.ws.save_instances(concept_id, images)
+                path = self.ws.publish_version(staging, key, version + 1)
+                staging = None
+                self.registry.commit_version(key, version + 1, path, ctx.job_id, {
+                    "concept_id": concept_id, "owner": user, "target": kind, "identifier": identifier,
+                    "category": req.category, "n_images": len(images), "params": req.as_params()})
+            except Exception:
+                self.ws.discard(staging)
+                if self.registry.get_concept(concept_id) is None:
+                    self.ws.delete_instances(concept_id)
+                    self.ws.discard(self.ws.version_dir(key, version + 1))
+                raise
+        return {"concept_id": concept_id, "identifier": identifier, "model_version": version + 1,
+                "loss": result.final_loss}
+
+    def _noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.base_pipe.scheduler.config)
+
+    def _modules_at(self, key: str, version: int):
+        if version == 0:
+            return self.base_pipe.unet, self.base_pipe.text_encoder
+        pipe = self._pipeline_for(key, version)
+        return pipe.unet, pipe.text_encoder
+
+    def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> list[training.TrainExample]:
+        out: list[training.TrainExample] = []
+        defaults = self.generate_defaults
+        for slot in plan:
+            if slot.kind == "class":
+                imgs, _ = class_images.ensure_class_images(
+                    self.ws, self.base_key, self.base_pipe, slot.category, slot.count, size=self.size,
+                    steps=self.config.class_image_steps, guidance_scale=defaults["guidance_scale"])
+            else:
+                earlier = self.ws.load_instances(slot.concept_id)
+                imgs = [earlier[i % len(earlier)] for i in range(slot.count)] if earlier else []
+            out += [training.TrainExample(im, slot.prompt) for im in imgs]
+        return out
+
+    # ================================================================== generate
+    def resolve_model(self, user: str, target: str, identifier: str | None) -> tuple[str, int]:
+        """(model key, version) the caller may generate with; NotFound hides others' concepts."""
+        if target == "pretrained":
+            return "pretrained", 0
+        if target == "private":
+            if not identifier:
+                raise BadRequest("target_model 'private' needs the concept's `identifier`")
+            c = self.registry.find_concept(owner=user, target="private", identifier=identifier)
+            if c is None:
+                raise NotFound(f"you have no private concept {identifier!r}")
+            return c["model_key"], c["version"]
+        key = model_key(target, user)
+        m = self.registry.get_model(key)
+        return key, (m["current_version"] if m else 0)
+
+    def _pipeline_for(self, key: str, version: int):
+        if version == 0:
+            return self.base_pipe
+
+        def load():
+            path = self.registry.version_path(key, version)
+            if path is None:
+                raise NotFound("model version not found")
+            unet, text = pipelines.load_version_modules(path, self.base_pipe)
+            return pipelines.compose(self.base_pipe, unet=unet, text_encoder=text), pipelines.module_bytes(unet, text)
+
+        return self.cache.get(f"{key}@{version}", load)
+
+    def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[generation.GeneratedImage]:
+        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
+        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        if not prompts:
+            raise BadRequest("send at least one prompt document")
+        if len(prompts) * req.num_images > 4 * self.config.limits.max_num_images:
+            raise BadRequest("too many images in one request")
+        key, version = self.resolve_model(user, req.target, req.identifier)
+        pipe = pipelines.compose(self._pipeline_for(key, version))  # fresh scheduler: calls can overlap
+        return generation.generate(
+            pipe, prompts, num_images=req.num_images, num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, seed=req.seed,
+            height=req.height, width=req.width, model_label=req.target if req.target != "private" else
+            f"private:{req.identifier}", model_version=version)
+
+    # ================================================================== concepts, delete, jobs
+    def concepts(self, user: str) -> list[dict]:
+        out = []
+        for c in self.registry.list_concepts(owner=user):
+            out.append({"identifier": c["identifier"], "category": c["category"], "target_model": c["target"],
+                        "model_version": c["version"], "prompt": f"a {c['identifier']} {c['category']}",
+                        "mine": c["owner"] == user, "n_images": c["n_images"]})
+        return out
+
+    def delete(self, user: str, identifier: str) -> dict:
+        c = self.registry.find_concept(owner=user, target="private", identifier=identifier)
+        if c is None:
+            raise NotFound(f"you have no private concept {identifier!r} (metamodel concepts cannot be unlearned)")
+        with self._model_lock(c["model_key"]):
+            self.registry.mark_concept_deleted(c["concept_id"])
+            self.ws.discard(self.ws.model_dir(c["model_key"]))
+            self.ws.delete_instances(c["concept_id"])
+        return {"identifier": identifier, "deleted": True}
+
+    def job_view(self, job: dict) -> dict:
+        keys = ("job_id", "status", "step", "total_steps", "loss", "eta_s", "error", "identifier", "category",
+                "target", "model_version", "concept_id")
+        return {k: job.get(k) for k in keys}
+
+    def job(self, user: str, job_id: str, cancel: bool = False) -> dict:
+        job = self.registry.get_job(job_id)
+        if job is None or job["owner"] != user:
+            raise NotFound("no such job")
+        if cancel and job["status"] in ("queued", "running"):
+            self.jobs.cancel(job_id)
+            job = self.registry.get_job(job_id)
+        return self.job_view(job)
+
+    def list_jobs(self, user: str) -> list[dict]:
+        return [self.job_view(j) for j in self.registry.list_jobs(user)]
+
+
+def _as_dtype(module, dtype):
+    if module is None or next(module.parameters()).dtype == dtype:
+        return module
+    return module.to(dtype)
+
+
+def _job_error(job: dict) -> Exception:
+    from .errors import BIGError, JobCancelled
+
+    text = job.get("error") or "training failed"
+    if job["status"] == "cancelled":
+        return JobCancelled(text)
+    for cls in (BadRequest, Conflict, NotFound):
+        if text.startswith(f"[{cls.code}]"):
+            return cls(text.split("] ", 1)[1])
+    return BIGError(f"finetune failed: {text}")
+

@@ -1,0 +1,171 @@
+"""DreamBooth fine-tuning, as diffusers' train_dreambooth.py does it, with the frozen work done once.
+
+Per job, the VAE posteriors of every instance and prior image and (when the text encoder is
+frozen) the text states of every prompt are computed once, before the first step; each step then
+only samples a latent from its cached posterior, adds noise and trains the UNet. The loss is the
+instance MSE plus `prior_loss_weight` times the prior MSE, as in the DreamBooth paper.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import JobCancelled
+
+
+@dataclasses.dataclass
+class TrainExample:
+    image: Image.Image
+    prompt: str
+
+
+@dataclasses.dataclass
+class TrainResult:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    steps: int
+    final_loss: float
+    seconds: float
+    losses: list[float]
+
+
+def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """Centre crop to a square and resize to the model's resolution; [-1, 1] CHW float."""
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.Resampling.BICUBIC if s > size else Image.Resampling.NEAREST)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def _encode_posteriors(vae, images: Sequence[Image.Image], size: int, device, dtype, batch: int = 32):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        x = torch.stack([preprocess(im, size) for im in images[i : i + batch]]).to(device, dtype=vae.dtype)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.to(dtype))
+        stds.append(post.std.to(dtype))
+    return torch.cat(means), torch.cat(stds)
+
+
+def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def dreambooth(
+    *,
+    vae,
+    text_encoder,
+    tokenizer,
+    unet,
+    noise_scheduler,
+    instances: Sequence[TrainExample],
+    priors: Sequence[TrainExample],
+    learning_rate: float,
+    max_train_steps: int,
+    train_batch_size: int = 4,
+    prior_loss_weight: float = 1.0,
+    train_text_encoder: bool = False,
+    seed: int = 0,
+    size: int,
+    progress: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    mixed_precision: str | None = None,
+    gradient_checkpointing: bool | None = None,
+) -> TrainResult:
+    """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched."""
+    from accelerate import Accelerator
+
+    if not instances:
+        raise ValueError("no instance examples")
+    device = unet.device
+    cuda = device.type == "cuda"
+    accelerator = Accelerator(mixed_precision=mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
+    g = torch.Generator().manual_seed(seed)
+    t_start = time.time()
+
+    # Trainable copies in fp32 (the served modules stay as they are, possibly fp16).
+    unet_t = copy.deepcopy(unet).to(device, dtype=torch.float32).train()
+    text_t = copy.deepcopy(text_encoder).to(device, dtype=torch.float32).train() if train_text_encoder else None
+    if gradient_checkpointing if gradient_checkpointing is not None else cuda:
+        unet_t.enable_gradient_checkpointing()
+        if text_t is not None:
+            text_t.gradient_checkpointing_enable()
+
+    # ---- frozen work, once per job
+    lat_dtype = torch.float32
+    inst_mu, inst_sd = _encode_posteriors(vae, [e.image for e in instances], size, device, lat_dtype)
+    prior_mu = prior_sd = None
+    if priors:
+        prior_mu, prior_sd = _encode_posteriors(vae, [e.image for e in priors], size, device, lat_dtype)
+    scaling = float(vae.config.scaling_factor)
+    prompts = sorted({e.prompt for e in instances} | {e.prompt for e in priors})
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    all_ids = _token_ids(tokenizer, prompts, device)
+    frozen_states = None
+    if text_t is None:
+        with torch.no_grad():
+            frozen_states = text_encoder(all_ids)[0].to(torch.float32)
+    inst_p = torch.tensor([prompt_index[e.prompt] for e in instances])
+    prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
+
+    params = list(unet_t.parameters()) + (list(text_t.parameters()) if text_t is not None else [])
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
+    modules = accelerator.prepare(unet_t, opt) if text_t is None else accelerator.prepare(unet_t, text_t, opt)
+    unet_t, opt = modules[0], modules[-1]
+    if text_t is not None:
+        text_t = modules[1]
+
+    n_train = noise_scheduler.config.num_train_timesteps
+    losses: list[float] = []
+    for step in range(max_train_steps):
+        if should_stop and should_stop():
+            raise JobCancelled("training cancelled")
+        ii = torch.randint(0, len(instances), (train_batch_size,), generator=g)
+        mu, sd, pidx = inst_mu[ii], inst_sd[ii], inst_p[ii]
+        if priors:
+            pi = torch.randint(0, len(priors), (train_batch_size,), generator=g)
+            mu, sd = torch.cat([mu, prior_mu[pi]]), torch.cat([sd, prior_sd[pi]])
+            pidx = torch.cat([pidx, prior_p[pi]])
+        eps = torch.randn(mu.shape, generator=g).to(device)
+        latents = (mu + sd * eps) * scaling
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with accelerator.accumulate(unet_t):
+            states = frozen_states[pidx.to(device)] if text_t is None else text_t(all_ids[pidx.to(device)])[0]
+            pred = unet_t(noisy, t, states).sample
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, t)
+            if priors:
+                p_inst, p_prior = pred.float().chunk(2)
+                t_inst, t_prior = target.float().chunk(2)
+                loss = F.mse_loss(p_inst, t_inst) + prior_loss_weight * F.mse_loss(p_prior, t_prior)
+            else:
+                loss = F.mse_loss(pred.float(), target.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"loss became {lv} at step {step}; lower the learning rate")
+        losses.append(lv)
+        if progress:
+            progress(step + 1, lv)
+    unet_out = accelerator.unwrap_model(unet_t).eval()
+    text_out = accelerator.unwrap_model(text_t).eval() if text_t is not None else None
+    return TrainResult(unet=unet_out, text_encoder=text_out, steps=max_train_steps,
+                       final_loss=float(np.mean(losses[-10:])), seconds=time.time() - t_start, losses=losses)

@@ -1,0 +1,215 @@
+"""Turning request parameters and documents into checked values, or a clear BadRequest.
+
+Jina sends parameters as a protobuf Struct: every number arrives as a float, so integers are cast
+here (and a non-integral "integer" is an error, not a silent floor).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BadRequest
+
+TRAIN_TARGETS = ("private", "meta", "private_meta")
+GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
+_CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    min_images: int = 1
+    max_images: int = 32
+    min_image_side: int = 32
+    max_train_steps: int = 5000
+    min_learning_rate: float = 1e-8
+    max_learning_rate: float = 1e-2
+    max_num_images: int = 16
+    max_inference_steps: int = 150
+    max_guidance_scale: float = 50.0
+    max_side: int = 1024
+    max_num_class_images: int = 1000
+    max_prompt_chars: int = 1000
+
+
+def _number(params: dict, name: str, default, lo, hi, *, integer: bool):
+    v = params.get(name, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise BadRequest(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(v):
+        raise BadRequest(f"{name} must be finite")
+    if integer:
+        if float(v) != int(v):
+            raise BadRequest(f"{name} must be an integer, got {v}")
+        v = int(v)
+    if not lo <= v <= hi:
+        raise BadRequest(f"{name} must be within [{lo}, {hi}], got {v}")
+    return v
+
+
+def _bool(params: dict, name: str, default: bool) -> bool:
+    v = params.get(name, default)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    raise BadRequest(f"{name} must be true or false, got {v!r}")
+
+
+def category_of(params: dict) -> str:
+    cat = params.get("category")
+    if not isinstance(cat, str) or not cat.strip():
+        raise BadRequest("category is required (e.g. 'dog', 'bottle', 'painting')")
+    cat = " ".join(cat.lower().split())
+    if not _CATEGORY.match(cat):
+        raise BadRequest("category must be 1-32 characters of lowercase letters, digits, spaces or '-'")
+    return cat
+
+
+def target_of(params: dict, allowed: tuple[str, ...], default: str) -> str:
+    t = params.get("target_model", default)
+    if t not in allowed:
+        raise BadRequest(f"target_model must be one of {', '.join(allowed)}; got {t!r}")
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRequest:
+    target: str
+    category: str
+    learning_rate: float
+    max_train_steps: int
+    num_class_images: int
+    seed: int
+    train_text_encoder: bool
+    prior_loss_weight: float
+    train_batch_size: int
+    wait: bool
+
+    def as_params(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequest:
+    return FinetuneRequest(
+        target=target_of(params, TRAIN_TARGETS, "private"),
+        category=category_of(params),
+        learning_rate=_number(params, "learning_rate", defaults["learning_rate"], limits.min_learning_rate,
+                              limits.max_learning_rate, integer=False),
+        max_train_steps=_number(params, "max_train_steps", defaults["max_train_steps"], 1,
+                                limits.max_train_steps, integer=True),
+        num_class_images=_number(params, "num_class_images", defaults["num_class_images"], 0,
+                                 limits.max_num_class_images, integer=True),
+        seed=_number(params, "seed", 0, 0, 2**31 - 1, integer=True),
+        train_text_encoder=_bool(params, "train_text_encoder", defaults.get("train_text_encoder", False)),
+        prior_loss_weight=_number(params, "prior_loss_weight", 1.0, 0.0, 10.0, integer=False),
+        train_batch_size=_number(params, "train_batch_size", defaults.get("train_batch_size", 4), 1, 64,
+                                 integer=True),
+        wait=_bool(params, "wait", True),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    target: str
+    identifier: str | None
+    num_images: int
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None
+    seed: int | None
+    height: int
+    width: int
+
+
+def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequest:
+    neg = params.get("negative_prompt")
+    if neg is not None and not isinstance(neg, str):
+        raise BadRequest("negative_prompt must be a string")
+    ident = params.get("identifier")
+    if ident is not None and (not isinstance(ident, str) or not re.match(r"^[A-Za-z0-9_\-]{1,64}$", ident)):
+        raise BadRequest("identifier must be the word /finetune returned (letters and digits)")
+    h = _number(params, "height", defaults["height"], 8, limits.max_side, integer=True)
+    w = _number(params, "width", defaults["width"], 8, limits.max_side, integer=True)
+    if h % 8 or w % 8:
+        raise BadRequest("height and width must be multiples of 8")
+    return GenerateRequest(
+        target=target_of(params, GENERATE_TARGETS, "pretrained"),
+        identifier=ident,
+        num_images=_number(params, "num_images", 1, 1, limits.max_num_images, integer=True),
+        num_inference_steps=_number(params, "num_inference_steps", defaults["num_inference_steps"], 1,
+                                    limits.max_inference_steps, integer=True),
+        guidance_scale=_number(params, "guidance_scale", defaults["guidance_scale"], 0.0,
+                               limits.max_guidance_scale, integer=False),
+        negative_prompt=neg,
+        seed=_number(params, "seed", None, 0, 2**31 - 1, integer=True),
+        height=h,
+        width=w,
+    )
+
+
+def prompt_of(text: Any, limits: Limits) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("each document needs a non-empty `text` prompt")
+    if len(text) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt longer than {limits.max_prompt_chars} characters")
+    return text.strip()
+
+
+def decode_image(doc: Any, index: int, limits: Limits) -> Image.Image:
+    """An RGB PIL image from a docarray ImageDoc-like document (bytes_, blob, tensor); never a URL."""
+    data = getattr(doc, "bytes_", None) or getattr(doc, "blob", None)
+    tensor = getattr(doc, "tensor", None)
+    if data:
+        if len(data) > MAX_IMAGE_BYTES:
+            raise BadRequest(f"image {index}: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadRequest(f"image {index}: more than {MAX_IMAGE_PIXELS} pixels")
+                im.load()
+                img = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise BadRequest(f"image {index}: not a readable image ({type(e).__name__})") from None
+    elif tensor is not None:
+        arr = np.asarray(tensor)
+        if arr.ndim != 3:
+            raise BadRequest(f"image {index}: tensor must be HxWxC or CxHxW")
+        if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = np.transpose(arr, (1, 2, 0))
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        img = Image.fromarray(arr[..., :3], "RGB")
+    elif getattr(doc, "url", None) or getattr(doc, "uri", None):
+        raise BadRequest(f"image {index}: send the image bytes; remote URLs are not fetched")
+    else:
+        raise BadRequest(f"image {index}: no image data (set `bytes_` or `tensor`)")
+    if min(img.size) < limits.min_image_side:
+        raise BadRequest(f"image {index}: {img.width}x{img.height} is below the minimum side of "
+                         f"{limits.min_image_side} px")
+    return img
+
+
+def decode_instance_images(docs, limits: Limits) -> list[Image.Image]:
+    n = len(docs) if docs is not None else 0
+    if n < limits.min_images:
+        raise BadRequest("no instance images: send 3-10 images of your object or style as documents")
+    if n > limits.max_images:
+        raise BadRequest(f"too many images ({n}); at most {limits.max_images}")
+    return [decode_image(d, i, limits) for i, d in enumerate(docs)]

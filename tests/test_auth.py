@@ -1,0 +1,91 @@
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from executor.auth import DEV_USER, AuthConfig, Authenticator, mint_token
+from executor.errors import AuthError
+
+SECRET = "test-secret-with-enough-bytes-for-hs256!"
+
+
+def hs():
+    return Authenticator(AuthConfig(mode="hs256", secret=SECRET))
+
+
+def test_valid_token_gives_sub():
+    assert hs().user_from_parameters({"jwt": {"token": mint_token("alice", SECRET)}}) == "alice"
+
+
+@pytest.mark.parametrize("params", [{}, {"jwt": {}}, {"jwt": {"token": ""}}, {"jwt": {"token": 5}}])
+def test_missing_token(params):
+    with pytest.raises(AuthError, match="missing token"):
+        hs().user_from_parameters(params)
+
+
+def test_bad_signature_and_garbage():
+    with pytest.raises(AuthError, match="invalid token"):
+        hs().verify(mint_token("alice", "another-secret-another-secret-1234"))
+    with pytest.raises(AuthError, match="invalid token"):
+        hs().verify("not.a.jwt")
+
+
+def test_expired_token():
+    old = mint_token("alice", SECRET, days=1, now=time.time() - 3 * 86400)
+    with pytest.raises(AuthError, match="expired"):
+        hs().verify(old)
+
+
+def test_token_without_exp_or_sub_is_rejected():
+    no_exp = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+    no_sub = jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    for t in (no_exp, no_sub):
+        with pytest.raises(AuthError):
+            hs().verify(t)
+
+
+def test_alg_none_and_alg_confusion_are_rejected():
+    none_tok = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    with pytest.raises(AuthError):
+        hs().verify(none_tok)
+
+
+def test_audience_and_issuer_checked():
+    a = Authenticator(AuthConfig(mode="hs256", secret=SECRET, audience="big", issuer="me"))
+    assert a.verify(mint_token("bob", SECRET, audience="big", issuer="me")) == "bob"
+    with pytest.raises(AuthError):
+        a.verify(mint_token("bob", SECRET, audience="other", issuer="me"))
+
+
+def test_rs256_with_public_key():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    a = Authenticator(AuthConfig(mode="rs256", public_key=pub))
+    assert a.verify(mint_token("carol", priv, algorithm="RS256")) == "carol"
+    # An HS256 token signed with the public key as secret must not pass (algorithm confusion).
+    forged = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, "x" * 40, algorithm="HS256")
+    with pytest.raises(AuthError):
+        a.verify(forged)
+
+
+def test_config_from_env(monkeypatch):
+    monkeypatch.setenv("BIG_AUTH_MODE", "hs256")
+    monkeypatch.setenv("BIG_JWT_SECRET", SECRET)
+    a = Authenticator(AuthConfig.from_env())
+    assert a.verify(mint_token("dave", SECRET)) == "dave"
+
+
+def test_misconfiguration_fails_loudly():
+    with pytest.raises(ValueError, match="BIG_JWT_SECRET"):
+        Authenticator(AuthConfig(mode="hs256"))
+    with pytest.raises(ValueError):
+        Authenticator(AuthConfig(mode="sometimes"))
+
+
+def test_disabled_mode_is_explicit():
+    assert Authenticator(AuthConfig(mode="disabled")).user_from_parameters({}) == DEV_USER

@@ -1,0 +1,75 @@
+import io
+
+import numpy as np
+import pytest
+from docarray.documents import ImageDoc
+from PIL import Image
+
+from executor.errors import BadRequest
+from executor.validation import Limits, decode_instance_images, parse_finetune, parse_generate
+
+DEF_FT = dict(learning_rate=1e-4, max_train_steps=100, num_class_images=10)
+DEF_GEN = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)
+L = Limits()
+
+
+def png(size=(64, 64), colour=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_finetune_defaults_and_float_integers():
+    r = parse_finetune({"category": "Dog", "max_train_steps": 300.0}, DEF_FT, L)
+    assert (r.category, r.max_train_steps, r.target, r.wait) == ("dog", 300, "private", True)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({}, "category is required"),
+    ({"category": "../../etc"}, "category must be"),
+    ({"category": "dog", "target_model": "everyone"}, "target_model"),
+    ({"category": "dog", "max_train_steps": 0}, "max_train_steps"),
+    ({"category": "dog", "max_train_steps": 1e9}, "max_train_steps"),
+    ({"category": "dog", "max_train_steps": 10.5}, "integer"),
+    ({"category": "dog", "learning_rate": 5.0}, "learning_rate"),
+    ({"category": "dog", "learning_rate": float("nan")}, "finite"),
+    ({"category": "dog", "learning_rate": "fast"}, "number"),
+    ({"category": "dog", "wait": "maybe"}, "true or false"),
+])
+def test_finetune_rejects(params, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_finetune(params, DEF_FT, L)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"target_model": "nope"}, "target_model"),
+    ({"num_images": 1000}, "num_images"),
+    ({"height": 33}, "multiples of 8"),
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"identifier": "../x"}, "identifier"),
+])
+def test_generate_rejects(params, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_generate(params, DEF_GEN, L)
+
+
+def test_images_decode_from_bytes_and_tensors():
+    docs = [ImageDoc(bytes_=png()), ImageDoc(tensor=np.zeros((48, 48, 3), dtype=np.uint8))]
+    imgs = decode_instance_images(docs, L)
+    assert [im.size for im in imgs] == [(64, 64), (48, 48)]
+
+
+def test_image_errors_are_clear():
+    with pytest.raises(BadRequest, match="no instance images"):
+        decode_instance_images([], L)
+    with pytest.raises(BadRequest, match="not a readable image"):
+        decode_instance_images([ImageDoc(bytes_=b"definitely not a png")], L)
+    with pytest.raises(BadRequest, match="minimum side"):
+        decode_instance_images([ImageDoc(bytes_=png((16, 16)))], L)
+    with pytest.raises(BadRequest, match="too many"):
+        decode_instance_images([ImageDoc(bytes_=png())] * (L.max_images + 1), L)
+    with pytest.raises(BadRequest, match="remote URLs are not fetched"):
+        decode_instance_images([ImageDoc(url="http://example.com/dog.png")], L)
+    truncated = png()[:40]
+    with pytest.raises(BadRequest, match="not a readable image"):
+        decode_instance_images([ImageDoc(bytes_=truncated)], L)
