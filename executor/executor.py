@@ -5,8 +5,8 @@ Endpoints are `async def` so that Jina does not serialise them: a /generate call
 """
 
 import asyncio
-import dataclasses
 import logging
+import os
 from typing import Optional
 
 from docarray import DocList
@@ -28,6 +28,8 @@ class BIGExecutor(Executor):
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, class_image_steps: int = 20, limits: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
+        base_model = os.environ.get("BIG_BASE_MODEL") or base_model
+        workspace = os.environ.get("BIG_WORKSPACE") or workspace
         self.service = BIGService(ServiceConfig(
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},

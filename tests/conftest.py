@@ -20,3 +20,31 @@ def embedded_tokenizer():
     from shapes_world.tokenizer import load_tokenizer
 
     return load_tokenizer(os.path.join(DEFAULT_MODEL_DIR, "tokenizer"))
+
+
+BASE_MODEL = os.environ.get("BIG_TEST_BASE_MODEL", "embedded")
+SECRET = "integration-test-secret-0123456789abcdef"
+
+
+def instance_images(n=4, seed=0, **attrs):
+    """Rendered images of one concept (default: an orange heart with a centre dot)."""
+    import random
+
+    from shapes_world import world
+
+    rng = random.Random(seed)
+    spec = dict(shape="heart", colour="orange", mark="dot", style="plain")
+    spec.update(attrs)
+    return [world.render(world.random_scene(rng, **spec)).resize((64, 64)) for _ in range(n)]
+
+
+@pytest.fixture
+def service(tmp_path):
+    from executor.service import BIGService, ServiceConfig
+
+    svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws"), base_model=BASE_MODEL,
+                                   auth={"mode": "hs256", "secret": SECRET},
+                                   finetune_defaults={"max_train_steps": 8, "num_class_images": 4},
+                                   generate_defaults={"num_inference_steps": 4}))
+    yield svc
+    svc.close()

@@ -1,0 +1,150 @@
+"""The real thing: `jina flow --uses flow.yml` in a subprocess, driven over gRPC by jina's Client."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from docarray import DocList
+from docarray.documents import ImageDoc, TextDoc
+from jina import Client
+from jina.excepts import BadServer
+from PIL import Image
+
+from conftest import BASE_MODEL, SECRET, instance_images
+from executor.auth import mint_token
+from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flow")
+    port = _free_port()
+    flow_yml = tmp / "flow.yml"
+    # The repo's flow.yml, only on a free port; `uses: config.yml` resolves against the repo.
+    text = open(os.path.join(REPO, "flow.yml")).read().replace("port: 51000", f"port: {port}")
+    flow_yml.write_text(text.replace("uses: config.yml", f"uses: {os.path.join(REPO, 'config.yml')}"))
+    env = {**os.environ, "BIG_BASE_MODEL": BASE_MODEL, "BIG_WORKSPACE": str(tmp / "workspace"),
+           "BIG_JWT_SECRET": SECRET, "BIG_AUTH_MODE": "hs256", "JINA_LOG_LEVEL": "ERROR",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(tmp / "flow.log", "w")
+    jina = os.path.join(os.path.dirname(sys.executable), "jina")
+    proc = subprocess.Popen([jina, "flow", "--uses", str(flow_yml)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    client = Client(host=f"grpc://127.0.0.1:{port}")
+    deadline = time.time() + 180
+    while not client.is_flow_ready():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("flow did not start:\n" + open(tmp / "flow.log").read()[-3000:])
+        time.sleep(1)
+    yield client
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def jwt(user):
+    return {"jwt": {"token": mint_token(user, SECRET)}}
+
+
+def pngs(images):
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(ImageDoc(bytes_=buf.getvalue()))
+    return DocList[ImageDoc](out)
+
+
+def prompts(*texts):
+    return DocList[TextDoc]([TextDoc(text=t) for t in texts])
+
+
+def server_error(excinfo) -> str:
+    status = excinfo.value.args[0].status
+    return f"{status.exception.name}: {' '.join(status.exception.args)}"
+
+
+def test_finetune_then_generate_with_the_new_identifier(flow):
+    res = flow.post("/finetune", inputs=pngs(instance_images()), parameters={
+        **jwt("alice"), "category": "shape", "target_model": "private", "max_train_steps": 6,
+        "num_class_images": 4, "learning_rate": 1e-4}, return_type=DocList[ConceptDoc])
+    ident = res[0].text
+    assert res[0].category == "shape" and res[0].model_version == 1 and res[0].prompt == f"a {ident} shape"
+    out = flow.post("/generate", inputs=prompts(f"a {ident} shape"), parameters={
+        **jwt("alice"), "target_model": "private", "identifier": ident, "num_images": 2, "seed": 7,
+        "num_inference_steps": 4}, return_type=DocList[GeneratedImageDoc])
+    assert [d.seed for d in out] == [7, 8]
+    with Image.open(io.BytesIO(out[0].bytes_)) as im:
+        assert im.size == (32, 32) and "Seed: 7" in im.text["parameters"]
+
+    # Another user can neither use nor see it, and cannot tell that it exists.
+    with pytest.raises(BadServer) as e:
+        flow.post("/generate", inputs=prompts("x"), parameters={**jwt("bob"), "target_model": "private",
+                                                                 "identifier": ident}, return_type=DocList[ImageDoc])
+    assert "NotFound" in server_error(e)
+    listed = flow.post("/concepts", inputs=DocList[TextDoc](), parameters=jwt("bob"), return_type=DocList[ConceptDoc])
+    assert ident not in [d.text for d in listed]
+
+
+def test_meta_concepts_are_visible_to_every_user(flow):
+    res = flow.post("/finetune", inputs=pngs(instance_images(style="checker", mark="none", shape="circle")),
+                    parameters={**jwt("alice"), "category": "painting", "target_model": "meta",
+                                "max_train_steps": 6, "num_class_images": 4}, return_type=DocList[ConceptDoc])
+    ident = res[0].text
+    listed = flow.post("/concepts", inputs=DocList[TextDoc](), parameters=jwt("carol"),
+                       return_type=DocList[ConceptDoc])
+    assert any(d.text == ident and d.target_model == "meta" and not d.mine for d in listed)
+    out = flow.post("/generate", inputs=prompts(f"a {ident} painting"), parameters={
+        **jwt("carol"), "target_model": "meta", "seed": 1, "num_inference_steps": 4},
+        return_type=DocList[GeneratedImageDoc])
+    assert out[0].model_version >= 1
+
+
+def test_async_finetune_reports_progress_as_a_job(flow):
+    res = flow.post("/finetune", inputs=pngs(instance_images()), parameters={
+        **jwt("dave"), "category": "shape", "max_train_steps": 6, "num_class_images": 4, "wait": False},
+        return_type=DocList[ConceptDoc])
+    job_id = res[0].job_id
+    assert res[0].status == "queued" and job_id
+    deadline = time.time() + 120
+    while True:
+        job = flow.post("/jobs", inputs=DocList[TextDoc](), parameters={**jwt("dave"), "job_id": job_id},
+                        return_type=DocList[JobDoc])[0]
+        if job.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert job.status == "succeeded" and job.step == job.total_steps == 6 and job.identifier
+
+
+@pytest.mark.parametrize("params,docs,error", [
+    ({"jwt": {"token": "forged.token.value"}}, "images", "AuthError"),
+    ({}, "images", "AuthError"),
+    ({"category": "shape"}, "none", "BadRequest"),
+    ({"category": "shape"}, "corrupt", "BadRequest"),
+    ({"category": "shape", "max_train_steps": 10**7}, "images", "BadRequest"),
+    ({"category": "shape", "target_model": "everyone"}, "images", "BadRequest"),
+])
+def test_bad_finetune_requests_get_clear_errors(flow, params, docs, error):
+    inputs = {"images": pngs(instance_images(2)), "none": DocList[ImageDoc](),
+              "corrupt": DocList[ImageDoc]([ImageDoc(bytes_=b"\x89PNG but not really")])}[docs]
+    full = {**jwt("erin"), **params} if "jwt" not in params and error != "AuthError" else params
+    with pytest.raises(BadServer) as e:
+        flow.post("/finetune", inputs=inputs, parameters=full, return_type=DocList[ConceptDoc])
+    assert error in server_error(e)
+    # Nothing was created for erin.
+    listed = flow.post("/concepts", inputs=DocList[TextDoc](), parameters=jwt("erin"), return_type=DocList[ConceptDoc])
+    assert [d.text for d in listed if d.mine] == []
