@@ -1,0 +1,94 @@
+"""A small Python client for BIG, mirroring the original `client.post('/finetune', ...)` usage.
+
+    from client_examples.big_client import BIGClient
+    big = BIGClient("grpc://localhost:51000", token)
+    concept = big.finetune("client_examples/sample_concept", category="shape", target_model="private")
+    images = big.generate(f"a {concept.text} shape", target_model="private", identifier=concept.text)
+
+Only jina and docarray are needed on the client side; the documents sent are docarray's standard
+ImageDoc and TextDoc, and the answers extend them (see executor/documents.py).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+from typing import Iterable
+
+from docarray import DocList
+from docarray.documents import ImageDoc, TextDoc
+from jina import Client
+
+try:  # the response types; a client without this repo can use ImageDoc/TextDoc instead
+    from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
+except ImportError:  # pragma: no cover
+    ConceptDoc, GeneratedImageDoc, JobDoc = TextDoc, ImageDoc, TextDoc
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_docs(paths: Iterable[str]) -> DocList[ImageDoc]:
+    docs = []
+    for p in paths:
+        with open(p, "rb") as f:
+            docs.append(ImageDoc(bytes_=f.read()))
+    return DocList[ImageDoc](docs)
+
+
+def images_in(folder: str) -> list[str]:
+    files = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"no images in {folder}")
+    return files
+
+
+class BIGClient:
+    def __init__(self, host: str, token: str):
+        self.client = Client(host=host)
+        self.token = token
+
+    def _params(self, **kw) -> dict:
+        return {"jwt": {"token": self.token}, **{k: v for k, v in kw.items() if v is not None}}
+
+    def finetune(self, folder: str, category: str, target_model: str = "private", **kw) -> ConceptDoc:
+        docs = image_docs(images_in(folder))
+        return self.client.post("/finetune", inputs=docs, parameters=self._params(
+            category=category, target_model=target_model, **kw), return_type=DocList[ConceptDoc])[0]
+
+    def generate(self, prompts, target_model: str = "pretrained", **kw) -> DocList[GeneratedImageDoc]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.client.post("/generate", inputs=DocList[TextDoc]([TextDoc(text=p) for p in prompts]),
+                                parameters=self._params(target_model=target_model, **kw),
+                                return_type=DocList[GeneratedImageDoc])
+
+    def concepts(self) -> DocList[ConceptDoc]:
+        return self.client.post("/concepts", inputs=DocList[TextDoc](), parameters=self._params(),
+                                return_type=DocList[ConceptDoc])
+
+    def jobs(self, job_id: str | None = None, cancel: bool = False) -> DocList[JobDoc]:
+        return self.client.post("/jobs", inputs=DocList[TextDoc](), parameters=self._params(
+            job_id=job_id, cancel=cancel or None), return_type=DocList[JobDoc])
+
+    def delete(self, identifier: str) -> None:
+        self.client.post("/delete", inputs=DocList[TextDoc](), parameters=self._params(identifier=identifier),
+                         return_type=DocList[ConceptDoc])
+
+
+def save_images(docs, out_dir: str, sheet_name: str = "contact_sheet.png") -> list[str]:
+    """Write each PNG (its generation parameters stay in the file) and a captioned contact sheet."""
+    from PIL import Image
+
+    from shapes_world.sheets import contact_sheet
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths, images, captions = [], [], []
+    for i, d in enumerate(docs):
+        path = os.path.join(out_dir, f"{i:03d}_seed{getattr(d, 'seed', None)}.png")
+        with open(path, "wb") as f:
+            f.write(d.bytes_)
+        paths.append(path)
+        images.append(Image.open(io.BytesIO(d.bytes_)).convert("RGB"))
+        captions.append(f"{getattr(d, 'text', '')} (seed {getattr(d, 'seed', '?')})")
+    contact_sheet(images, captions, columns=min(8, len(images)), cell=128).save(os.path.join(out_dir, sheet_name))
+    return paths
