@@ -3,7 +3,8 @@
     python -m shapes_world.pretrain all --work work/pretrain --out models/shapes-sd
 
 Stages (each resumes from its last checkpoint under --work when rerun):
-  data   render the training set (seeded) and save it as uint8 arrays
+  data   render the training sets (seeded) and save them as uint8 arrays: the text-image set
+         (pretraining distribution only) and the VAE set (everything the world can render)
   vae    train the AutoencoderKL; set its scaling_factor from the measured latent std
   encode cache VAE posteriors of the training set (the VAE is frozen from here on)
   unet   train UNet + text encoder jointly on cached latents with caption dropout (for CFG),
@@ -50,22 +51,32 @@ def _load_ckpt(path: str):
 # ----------------------------------------------------------------------------- data
 
 
-def stage_data(work: str, n: int, seed: int) -> None:
-    path = os.path.join(work, "data.npz")
-    if os.path.exists(path):
-        print(f"[data] {path} exists, skipping")
-        return
-    rng = random.Random(seed)
-    scenes = [world.random_scene(rng) for _ in range(n)]
-    images = np.stack([np.asarray(world.render(s)) for s in tqdm(scenes, desc="render", mininterval=5)])
-    attrs = np.array([[s.shape, s.colour, s.background, s.style] for s in scenes])
-    np.savez(path + ".tmp.npz", images=images, attrs=attrs)
-    os.replace(path + ".tmp.npz", path)
-    print(f"[data] {n} images -> {path}")
+def _vae_scene(rng: random.Random) -> world.Scene:
+    # Like SD's VAE (trained on far more than its captioned data), ours is a general codec for the
+    # world: held-out pairs, concept styles and marks included. Only the text-conditioned UNet is
+    # kept away from them, so DreamBooth concepts stay new to the diffusion model but decodable.
+    return world.random_scene(rng, style=rng.choice(world.STYLES),
+                              mark=rng.choice(world.MARKS) if rng.random() < 0.5 else "none", allow_held_out=True)
 
 
-def _load_data(work: str):
-    d = np.load(os.path.join(work, "data.npz"))
+def stage_data(work: str, n: int, seed: int, n_vae: int) -> None:
+    for name, count, make, sub_seed in (("data.npz", n, world.random_scene, seed),
+                                        ("vae_data.npz", n_vae, _vae_scene, seed + 1)):
+        path = os.path.join(work, name)
+        if os.path.exists(path):
+            print(f"[data] {path} exists, skipping")
+            continue
+        rng = random.Random(sub_seed)
+        scenes = [make(rng) for _ in range(count)]
+        images = np.stack([np.asarray(world.render(s)) for s in tqdm(scenes, desc=name, mininterval=5)])
+        attrs = np.array([[s.shape, s.colour, s.background, s.style, s.mark] for s in scenes])
+        np.savez(path + ".tmp.npz", images=images, attrs=attrs)
+        os.replace(path + ".tmp.npz", path)
+        print(f"[data] {count} images -> {path}")
+
+
+def _load_data(work: str, name: str = "data.npz"):
+    d = np.load(os.path.join(work, name))
     return d["images"], d["attrs"]
 
 
@@ -79,7 +90,7 @@ def _to_tensor(images_u8: np.ndarray) -> torch.Tensor:
 def stage_vae(work: str, steps: int, batch: int, lr: float, seed: int) -> None:
     dev = _device()
     ckpt_path = os.path.join(work, "vae.pt")
-    images, _ = _load_data(work)
+    images, _ = _load_data(work, "vae_data.npz")
     vae = M.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     step = 0
@@ -101,6 +112,8 @@ def stage_vae(work: str, steps: int, batch: int, lr: float, seed: int) -> None:
         rec = vae.decode(post.sample()).sample
         # L1 keeps edges and stripes sharp; the KL term only keeps the latent well scaled.
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        for group in opt.param_groups:  # constant, then linear decay over the last 30%
+            group["lr"] = lr * min(1.0, max(0.05, (steps - step) / (0.3 * steps)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -163,7 +176,7 @@ def stage_unet(work: str, model_dir_for_tokenizer: str, steps: int, batch: int, 
     _, attrs = _load_data(work)
     lat = torch.load(os.path.join(work, "latents.pt"), weights_only=False)
     lat_mean, lat_std, scaling = lat["mean"].float(), lat["std"].float(), lat["scaling_factor"]
-    scenes = [world.Scene(shape=a[0], colour=a[1], background=a[2], style=a[3]) for a in attrs]
+    scenes = [world.Scene(shape=a[0], colour=a[1], background=a[2], style=a[3], mark=a[4]) for a in attrs]
 
     from .tokenizer import load_tokenizer
 
@@ -291,7 +304,8 @@ def main():
     ap.add_argument("--tokenizer", default=os.path.join(M.DEFAULT_MODEL_DIR, "tokenizer"),
                     help="folder with vocab.json/merges.txt (see shapes_world.tokenizer)")
     ap.add_argument("--n-images", type=int, default=50000)
-    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--n-vae-images", type=int, default=30000)
+    ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--unet-steps", type=int, default=7000)
     ap.add_argument("--unet-batch", type=int, default=64)
@@ -308,7 +322,7 @@ def main():
     for st in stages:
         ts = time.time()
         if st == "data":
-            stage_data(a.work, a.n_images, a.seed)
+            stage_data(a.work, a.n_images, a.seed, a.n_vae_images)
         elif st == "vae":
             stage_vae(a.work, a.vae_steps, a.vae_batch, 1e-3, a.seed)
         elif st == "encode":

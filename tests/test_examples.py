@@ -24,6 +24,9 @@ def test_quickstart_notebook_runs_end_to_end(tmp_path):
     script.write_text(notebook_code(os.path.join(REPO, "client_examples", "quickstart.ipynb")))
     env = {**os.environ, "BIG_WORKSPACE": str(tmp_path / "ws"), "BIG_BASE_MODEL": BASE_MODEL,
            "BIG_NOTEBOOK_STEPS": "5", "JINA_LOG_LEVEL": "ERROR"}
+    # A notebook is not a __main__ module that a spawned child could re-import: run it as Colab
+    # does, with jina's default (fork) start method.
+    env.pop("JINA_MP_START_METHOD", None)
     r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "identifier:" in r.stdout and "8 images" in r.stdout
