@@ -7,12 +7,12 @@ filter, flat colour from a broken run) are rejected and redrawn with another see
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import pipelines
 from .storage import Workspace
 
 log = logging.getLogger(__name__)
@@ -24,36 +24,36 @@ def is_blank(img: Image.Image) -> bool:
     return float(arr.std()) < 2.0 or float(arr.max()) < 8.0
 
 
-def ensure_class_images(ws: Workspace, base_key: str, base_pipe, category: str, n: int, *, size: int,
-                        steps: int, guidance_scale: float, batch: int = 16) -> tuple[list[Image.Image], int]:
-    """The first `n` class images of `category`; returns (images, how many were generated now)."""
-    have = ws.load_class_images(base_key, category, size, n)
+def ensure_class_images(ws: Workspace, base_key: str, make_pipe: Callable[[], object], category: str, n: int, *,
+                        size: int, steps: int, guidance_scale: float, batch: int = 16) -> tuple[list[Image.Image], int]:
+    """The first `n` class images of `category`; returns (images, how many were generated now).
+
+    `make_pipe` builds the base-model pipeline, and is only called when something is missing.
+    """
+    have = dict(enumerate(ws.load_class_images(base_key, category, size, n)))
     made = 0
     prompt = f"a {category}"
     pipe = None
-    index = len(have)
-    while index < n:
-        pipe = pipe or pipelines.compose(base_pipe)
-        todo = list(range(index, min(n, index + batch)))
-        pending = {i: 0 for i in todo}
-        while pending:
-            idx = sorted(pending)
-            seeds = [1_000_003 * pending[i] + i for i in idx]
+    for start in range(len(have), n, batch):
+        pipe = pipe or make_pipe()
+        redraws = {i: 0 for i in range(start, min(n, start + batch))}
+        while redraws:
+            idx = sorted(redraws)
+            seeds = [1_000_003 * redraws[i] + i for i in idx]
             with torch.no_grad():
                 imgs = pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance_scale,
                             height=size, width=size,
                             generator=[torch.Generator(device=pipe.device).manual_seed(s) for s in seeds]).images
             for i, img in zip(idx, imgs):
-                if is_blank(img) and pending[i] < MAX_REDRAWS:
-                    pending[i] += 1
-                    continue
                 if is_blank(img):
-                    raise RuntimeError(f"the base model keeps producing blank images for {prompt!r}")
+                    if redraws[i] >= MAX_REDRAWS:
+                        raise RuntimeError(f"the base model keeps producing blank images for {prompt!r}")
+                    redraws[i] += 1
+                    continue
                 ws.save_class_image(base_key, category, size, i, img)
-                have.append(img)
+                have[i] = img
                 made += 1
-                del pending[i]
-        index = len(have)
+                del redraws[i]
     if made:
         log.info("generated %d class images for %r (cache now %d)", made, prompt, len(have))
-    return have[:n], made
+    return [have[i] for i in range(n)], made

@@ -40,6 +40,11 @@ class PipelineCache:
                 self._loading.pop(key, None)
             return value
 
+    def drop(self, predicate: Callable[[str], bool]) -> None:
+        with self._lock:
+            for key in [k for k in self._items if predicate(k)]:
+                del self._items[key]
+
     def _evict(self) -> None:
         total = sum(s for _, s in self._items.values())
         while total > self.max_bytes and len(self._items) > 1:

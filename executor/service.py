@@ -186,7 +186,7 @@ class BIGService:
         for slot in plan:
             if slot.kind == "class":
                 imgs, _ = class_images.ensure_class_images(
-                    self.ws, self.base_key, self.base_pipe, slot.category, slot.count, size=self.size,
+                    self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), slot.category, slot.count, size=self.size,
                     steps=self.config.class_image_steps, guidance_scale=defaults["guidance_scale"])
             else:
                 earlier = self.ws.load_instances(slot.concept_id)
@@ -253,6 +253,7 @@ class BIGService:
             raise NotFound(f"you have no private concept {identifier!r} (metamodel concepts cannot be unlearned)")
         with self._model_lock(c["model_key"]):
             self.registry.mark_concept_deleted(c["concept_id"])
+            self.cache.drop(lambda k: k.startswith(f"{c['model_key']}@"))
             self.ws.discard(self.ws.model_dir(c["model_key"]))
             self.ws.delete_instances(c["concept_id"])
         return {"identifier": identifier, "deleted": True}

@@ -1,0 +1,78 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from executor.class_images import ensure_class_images, is_blank
+from executor.generation import PipelineCache
+from executor.storage import Workspace
+
+
+class FakePipe:
+    """Stands in for the base pipeline: black for chosen seeds, a coloured noise image otherwise."""
+
+    device = "cpu"
+
+    def __init__(self, black_seeds=()):
+        self.black_seeds = set(black_seeds)
+        self.calls = []
+
+    def __call__(self, prompts, *, generator, height, width, **kw):
+        seeds = [g.initial_seed() for g in generator]
+        self.calls.append(seeds)
+        imgs = []
+        for s in seeds:
+            if s in self.black_seeds:
+                imgs.append(Image.new("RGB", (width, height)))
+            else:
+                rng = np.random.default_rng(s)
+                imgs.append(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)))
+        return SimpleNamespace(images=imgs)
+
+
+def test_only_missing_class_images_are_generated_and_blank_ones_redrawn(tmp_path):
+    ws = Workspace(str(tmp_path))
+    pipe = FakePipe(black_seeds={1, 3})
+    imgs, made = ensure_class_images(ws, "base", lambda: pipe, "dog", 4, size=32, steps=2, guidance_scale=1.0)
+    assert made == 4 and not any(is_blank(i) for i in imgs)
+    assert pipe.calls[0] == [0, 1, 2, 3] and sorted(pipe.calls[1]) == [1_000_003 + 1, 1_000_003 + 3]
+
+    built = []
+    imgs2, made2 = ensure_class_images(ws, "base", lambda: built.append(1) or pipe, "dog", 4, size=32, steps=2,
+                                       guidance_scale=1.0)
+    assert made2 == 0 and built == [] and [i.tobytes() for i in imgs2] == [i.tobytes() for i in imgs]
+    imgs3, made3 = ensure_class_images(ws, "base", lambda: pipe, "dog", 6, size=32, steps=2, guidance_scale=1.0)
+    assert made3 == 2 and pipe.calls[-1] == [4, 5]
+    # Another base model or category has its own cache.
+    _, made4 = ensure_class_images(ws, "other-base", lambda: pipe, "dog", 1, size=32, steps=2, guidance_scale=1.0)
+    assert made4 == 1
+
+
+def test_a_model_that_only_makes_blank_images_is_an_error(tmp_path):
+    class Black(FakePipe):
+        def __call__(self, prompts, *, generator, height, width, **kw):
+            return SimpleNamespace(images=[Image.new("RGB", (width, height)) for _ in generator])
+
+    with pytest.raises(RuntimeError, match="blank"):
+        ensure_class_images(Workspace(str(tmp_path)), "b", Black, "dog", 2, size=32, steps=1, guidance_scale=1.0)
+
+
+def test_pipeline_cache_is_lru_bounded_by_bytes_and_loads_once():
+    cache = PipelineCache(max_bytes=100)
+    loads = []
+
+    def loader(name, size):
+        return lambda: (loads.append(name) or name, size)
+
+    assert cache.get("a", loader("a", 60)) == "a"
+    assert cache.get("a", loader("a", 60)) == "a" and loads == ["a"]
+    cache.get("b", loader("b", 30))
+    cache.get("a", loader("a", 60))  # a is now most recent
+    cache.get("c", loader("c", 30))  # 120 bytes: evict the least recent (b)
+    assert cache.get("a", loader("a", 60)) == "a" and loads == ["a", "b", "c"]
+    cache.get("b", loader("b", 30))
+    assert loads == ["a", "b", "c", "b"]
+    cache.drop(lambda k: k == "a")
+    cache.get("a", loader("a", 60))
+    assert loads[-1] == "a"
