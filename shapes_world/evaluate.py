@@ -27,7 +27,7 @@ import torch
 
 from . import world
 from .model import DEFAULT_MODEL_DIR, DEFAULT_SCORER_DIR
-from .scorer import Scorer
+from .scorer import Scorer, accuracy_on_rendered
 from .sheets import contact_sheet
 
 DEFAULT_STEPS = 20
@@ -150,6 +150,7 @@ def main():
     report = {
         "model": a.model, "seed": a.seed, "steps": a.steps, "guidance": a.guidance, "threads": a.threads,
         "timing_s": {"load_pipeline": round(t_load, 2), "generate_4_images_20_steps": round(t_four, 2)},
+        "scorer_on_rendered": {**accuracy_on_rendered(scorer, n=2000, seed=12345), "n": 2000, "seed": 12345},
         "base": base_accuracy(pipe, scorer, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
                               keep_images=sheet),
         "diversity": diversity(pipe, scorer, n=a.n, seed=a.seed + 2000, steps=a.steps, guidance=a.guidance),
