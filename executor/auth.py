@@ -101,18 +101,20 @@ class Authenticator:
         return _checked_user_id(claims.get("sub"))
 
     def _verify_hubble(self, token: str) -> str:
+        """A Jina Cloud token: hubble checks its signature against Jina's JWKS (cached in hubble's
+        config, else fetched) and, for a token without embedded user data, asks the Hubble API."""
         try:
             import hubble
         except ImportError as e:  # pragma: no cover - hubble is in requirements.txt
             raise AuthError("hubble auth selected but jina-hubble-sdk is not installed") from e
         try:
-            user = hubble.Client(token=token, max_retries=None, jsonify=True).get_user_info(log_error=False)
+            user = hubble.Client(token=token, max_retries=1, jsonify=True).get_user_info(log_error=False,
+                                                                                          variant="data")
         except Exception as e:  # hubble raises its own hierarchy; all mean "not a valid user"
             raise AuthError(f"Jina Cloud rejected the token ({type(e).__name__})") from None
-        data = user.get("data", user) if isinstance(user, dict) else {}
-        if data.get("status", "active") != "active":
+        if not isinstance(user, dict) or user.get("status") not in ("active", "deletion-in-progress"):
             raise AuthError("Jina Cloud user is not active")
-        return _checked_user_id(data.get("_id") or data.get("id") or data.get("sub"))
+        return _checked_user_id(user.get("_id") or user.get("id"))
 
 
 def _checked_user_id(sub) -> str:

@@ -1,6 +1,10 @@
 import os
+import tempfile
 
 import pytest
+
+# hubble keeps its config (and cached JWKS) under JINA_HUB_ROOT: keep tests away from ~/.jina.
+os.environ.setdefault("JINA_HUB_ROOT", tempfile.mkdtemp(prefix="big-test-hub-"))
 
 os.environ.setdefault("JINA_LOG_LEVEL", "ERROR")
 os.environ.setdefault("JINA_HIDE_SURVEY", "1")
