@@ -148,3 +148,23 @@ def test_bad_finetune_requests_get_clear_errors(flow, params, docs, error):
     # Nothing was created for erin.
     listed = flow.post("/concepts", inputs=DocList[TextDoc](), parameters=jwt("erin"), return_type=DocList[ConceptDoc])
     assert [d.text for d in listed if d.mine] == []
+
+
+def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_path, capsys):
+    from client_examples import cli
+
+    host = f"grpc://{flow.args.host}:{flow.args.port}"
+    token = mint_token("frank", SECRET)
+    sample = os.path.join(REPO, "client_examples", "sample_concept")
+    assert cli.main(["--host", host, "--token", token, "finetune", sample, "--category", "shape", "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    ident = printed.split('identifier is "')[1].split('"')[0]
+    out = tmp_path / "out"
+    assert cli.main(["--host", host, "--token", token, "generate", f"a {ident} shape", "--target", "private",
+                     "--identifier", ident, "--num-images", "3", "--steps", "4", "--seed", "2", "--out", str(out)]) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["000_seed2.png", "001_seed3.png", "002_seed4.png", "contact_sheet.png"]
+    with Image.open(out / "000_seed2.png") as im:
+        assert "Seed: 2" in im.text["parameters"]
+    assert cli.main(["--host", host, "--token", token, "concepts"]) == 0
+    assert ident in capsys.readouterr().out

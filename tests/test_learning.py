@@ -1,0 +1,41 @@
+"""Does fine-tuning teach the concept? Measured with the scorer on the embedded model.
+
+The slow case is the DreamBooth smoke bar (fidelity of an unseen concept); its always-on twin trains
+a few steps and checks the direction of the effect on the concept's most visible attribute.
+"""
+import numpy as np
+import pytest
+
+from conftest import instance_images
+from shapes_world import evaluate
+from shapes_world.scorer import Scorer
+
+CONCEPT = {"shape": "heart", "colour": "orange", "mark": "dot"}
+
+
+def _orange_share(pipe, prompt, n=24):
+    reads = Scorer().read(evaluate.generate(pipe, [prompt] * n, seed=123, steps=20))
+    return float(np.mean([r["colour"] == "orange" for r in reads]))
+
+
+def test_a_short_finetune_moves_the_identifier_towards_the_concept(service):
+    r = service.finetune("alice", instance_images(5, style="plain"), {
+        "category": "shape", "max_train_steps": 60, "num_class_images": 8, "seed": 1})
+    tuned = service._pipeline_for(r["concept_id"] and f"private:{r['concept_id']}", 1)
+    prompt = f"a {r['identifier']} shape"
+    before, after = _orange_share(service.base_pipe, prompt), _orange_share(tuned, prompt)
+    assert after > before + 0.2, (before, after)
+
+
+@pytest.mark.slow
+def test_dreambooth_learns_an_unseen_concept_with_default_settings(tmp_path):
+    from executor.service import BIGService, ServiceConfig
+
+    svc = BIGService(ServiceConfig(workspace=str(tmp_path), auth={"mode": "disabled"}))
+    r = svc.finetune("u", instance_images(5, style="plain"), {"category": "shape"})
+    tuned = svc._pipeline_for(f"private:{r['concept_id']}", 1)
+    scores = evaluate.concept_scores(tuned, Scorer(), identifier=r["identifier"], category="shape",
+                                     attrs=CONCEPT, n=48)
+    svc.close()
+    assert scores["fidelity"] >= 0.85, scores
+    assert scores["prior_leak"] <= 0.1, scores
