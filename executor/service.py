@@ -28,7 +28,7 @@ from .storage import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
-                        train_text_encoder=False)
+                        train_text_encoder=False, metamodel_strategy="seed_split", anchor_weight=0.0)
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 
 
@@ -129,7 +129,7 @@ class BIGService:
             plan = planner.plan_prior_batch(
                 req.num_class_images, req.category,
                 [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned],
-                metamodel=kind != "private")
+                metamodel=kind != "private" and req.metamodel_strategy != "naive")
             log.info("job %s: %r into %s v%d; prior plan:\n%s", ctx.job_id, instance_prompt, key, version,
                      planner.describe_plan(plan))
             priors = self._prior_examples(plan)
@@ -142,6 +142,7 @@ class BIGService:
                 learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
                 train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
+                anchor_weight=req.anchor_weight if kind != "private" and req.metamodel_strategy == "anchored" else 0.0,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()

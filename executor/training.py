@@ -83,6 +83,7 @@ def dreambooth(
     should_stop: Callable[[], bool] | None = None,
     mixed_precision: str | None = None,
     gradient_checkpointing: bool | None = None,
+    anchor_weight: float = 0.0,
 ) -> TrainResult:
     """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched."""
     from accelerate import Accelerator
@@ -121,6 +122,8 @@ def dreambooth(
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
 
     params = list(unet_t.parameters()) + (list(text_t.parameters()) if text_t is not None else [])
+    # L2-SP: a pull towards the starting weights, which hold what earlier concepts need.
+    anchors = [p.detach().clone() for p in params] if anchor_weight > 0 else None
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
     modules = accelerator.prepare(unet_t, opt) if text_t is None else accelerator.prepare(unet_t, text_t, opt)
     unet_t, opt = modules[0], modules[-1]
@@ -154,6 +157,9 @@ def dreambooth(
                 loss = F.mse_loss(p_inst, t_inst) + prior_loss_weight * F.mse_loss(p_prior, t_prior)
             else:
                 loss = F.mse_loss(pred.float(), target.float())
+            if anchors is not None:
+                drift = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
+                loss = loss + anchor_weight * drift
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, 1.0)

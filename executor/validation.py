@@ -17,6 +17,11 @@ from PIL import Image, UnidentifiedImageError
 from .errors import BadRequest
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
+# How a metamodel keeps earlier concepts (benchmarks/continual.py compares them):
+#   naive       plain sequential DreamBooth: class images of the current category only
+#   seed_split  the BIG recipe: prior batch split over categories and earlier instances (planner.py)
+#   anchored    seed_split plus an L2 pull towards the weights before this concept (L2-SP)
+METAMODEL_STRATEGIES = ("naive", "seed_split", "anchored")
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -99,6 +104,8 @@ class FinetuneRequest:
     prior_loss_weight: float
     train_batch_size: int
     wait: bool
+    metamodel_strategy: str
+    anchor_weight: float
 
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,7 +127,18 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         train_batch_size=_number(params, "train_batch_size", defaults.get("train_batch_size", 4), 1, 64,
                                  integer=True),
         wait=_bool(params, "wait", True),
+        metamodel_strategy=_choice(params, "metamodel_strategy", METAMODEL_STRATEGIES,
+                                   defaults.get("metamodel_strategy", "seed_split")),
+        anchor_weight=_number(params, "anchor_weight", defaults.get("anchor_weight", 0.0), 0.0, 1e6,
+                              integer=False),
     )
+
+
+def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str) -> str:
+    v = params.get(name, default)
+    if v not in allowed:
+        raise BadRequest(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
+    return v
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,3 +55,39 @@ def animated_gif(frames: Sequence[Image.Image], labels: Sequence[str], path, *, 
         raise ValueError("animated_gif needs at least one frame")
     out = [labelled_frame(f, l, size) for f, l in zip(frames, labels)]
     out[0].save(path, save_all=True, append_images=out[1:], duration=duration_ms, loop=0)
+
+
+_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127)]
+
+
+def line_chart(series: dict, x_labels: Sequence[str], *, title: str = "", y_label: str = "",
+               width: int = 560, height: int = 320, y_range: tuple[float, float] = (0.0, 1.0)) -> Image.Image:
+    """A small line chart (values may be None where a series has no point yet)."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    font = _font(11)
+    left, right, top, bottom = 44, width - 150, 24, height - 34
+    d.text((left, 4), title, fill="black", font=font)
+    d.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+    lo, hi = y_range
+    for k in range(6):
+        v = lo + (hi - lo) * k / 5
+        y = bottom - (bottom - top) * k / 5
+        d.line([(left - 3, y), (right, y)], fill=(225, 225, 225))
+        d.text((4, y - 6), f"{v:.1f}", fill="black", font=font)
+    n = max(1, len(x_labels) - 1)
+    xs = [left + (right - left) * i / n for i in range(len(x_labels))]
+    for x, lab in zip(xs, x_labels):
+        d.text((x - 12, bottom + 6), str(lab)[:14], fill="black", font=font)
+    if y_label:
+        d.text((left + 4, top + 2), y_label, fill=(90, 90, 90), font=font)
+    for i, (name, values) in enumerate(series.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        pts = [(xs[j], bottom - (bottom - top) * (v - lo) / (hi - lo)) for j, v in enumerate(values) if v is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.text((right + 10, top + 14 * i), name[:22], fill=colour, font=font)
+    return img

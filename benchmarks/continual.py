@@ -1,0 +1,140 @@
+"""Does the metamodel forget? A sequence of concepts taught to one metamodel, scored after each step.
+
+    python benchmarks/continual.py [--strategies naive seed_split anchored] [--steps 200] [--n 32]
+    python benchmarks/continual.py --preset smoke      # the small version the test suite runs
+
+Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker,
+"painting"), a second object of the same category (a red star with a ring: the seed's hard case), a
+second style (hollow). After each step every concept learned so far is scored (fidelity), the base
+prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
+compositions ("a {style} painting of a {object} shape", both attributes right). Writes a JSON table,
+a PNG line chart per strategy and a contact sheet per step to --out.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from executor.service import BIGService, ServiceConfig  # noqa: E402
+from shapes_world import evaluate, world  # noqa: E402
+from shapes_world.scorer import Scorer  # noqa: E402
+from shapes_world.sheets import contact_sheet, line_chart  # noqa: E402
+
+SEQUENCE = [
+    ("heart-dot", "shape", {"shape": "heart", "colour": "orange", "mark": "dot"}),
+    ("checker", "painting", {"style": "checker"}),
+    ("star-ring", "shape", {"shape": "star", "colour": "red", "mark": "ring"}),
+    ("hollow", "painting", {"style": "hollow"}),
+]
+PRESETS = {
+    "full": dict(steps=None, n=32, base_n=64, concepts=4),
+    "smoke": dict(steps=40, n=8, base_n=16, concepts=2),
+}
+
+
+def instance_images(attrs: dict, n: int, seed: int):
+    rng = random.Random(seed)
+    if "style" in attrs:  # a style: many subjects, all in that style
+        return [world.render(world.random_scene(rng, style=attrs["style"])) for _ in range(n)]
+    return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)]
+
+
+def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
+        base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed)
+        learned = []
+        for i, (name, category, attrs) in enumerate(SEQUENCE[:concepts]):
+            params = {"category": category, "target_model": "meta", "metamodel_strategy": strategy, "seed": seed + i}
+            if steps:
+                params["max_train_steps"] = steps
+            if strategy == "anchored":
+                params.setdefault("anchor_weight", svc.finetune_defaults.get("anchor_weight") or 1e-3)
+            t0 = time.time()
+            r = svc.finetune("bench", instance_images(attrs, 5, seed + 100 * i), params)
+            train_s = time.time() - t0
+            learned.append((name, category, attrs, r["identifier"]))
+            pipe = svc._pipeline_for("meta", r["model_version"])
+            sheet = []
+            fid = {}
+            leak = []
+            for (cname, ccat, cattrs, ident) in learned:
+                sc = evaluate.concept_scores(pipe, scorer, identifier=ident, category=ccat, attrs=cattrs, n=n,
+                                             seed=seed + 7, keep_images=sheet)
+                fid[cname] = sc["fidelity"]
+                leak.append(sc["prior_leak"])
+            comps = {}
+            styles = [c for c in learned if c[1] == "painting"]
+            objects = [c for c in learned if c[1] == "shape"]
+            for (sname, _, sattrs, sid) in styles:
+                for (oname, _, oattrs, oid) in objects:
+                    prompt = f"a {sid} painting of a {oid} shape"
+                    imgs = evaluate.generate(pipe, [prompt] * n, seed=seed + 11)
+                    reads = scorer.read(imgs)
+                    comps[f"{sname}x{oname}"] = float(np.mean([evaluate.shows(rd, {**sattrs, **oattrs}) for rd in reads]))
+                    sheet += [(im, prompt) for im in imgs[:4]]
+            acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed)
+            row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
+                   "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
+                   "base_both_seen": acc["seen"]["both"],
+                   "base_drift_points": round(100 * (base["seen"]["both"] - acc["seen"]["both"]), 1)}
+            rows.append(row)
+            print(json.dumps({"strategy": strategy, **row}), flush=True)
+            contact_sheet([im for im, _ in sheet], [c for _, c in sheet], columns=8,
+                          title=f"{strategy} after {i + 1}: {name}").save(
+                os.path.join(out_dir, f"{strategy}_step{i + 1}.png"))
+        svc.close()
+    return {"base": base["seen"], "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "anchored"])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-model", default="embedded")
+    ap.add_argument("--out", default="reports/continual")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    preset = dict(PRESETS[a.preset])
+    if a.steps:
+        preset["steps"] = a.steps
+    if a.n:
+        preset["n"] = a.n
+    os.makedirs(a.out, exist_ok=True)
+    scorer = Scorer()
+    t0 = time.time()
+    results = {s: run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model, **preset)
+               for s in a.strategies}
+    report = {"preset": a.preset, "seed": a.seed, "threads": a.threads, **preset, "strategies": results,
+              "wall_s": round(time.time() - t0, 1)}
+    with open(os.path.join(a.out, "continual.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    for s, res in results.items():
+        names = [r["concept"] for r in res["rows"]]
+        series = {c: [r["fidelity"].get(c) for r in res["rows"]] for c in names}
+        line_chart(series, [f"+{c}" for c in names], title=f"{s}: fidelity of each concept as more are learned",
+                   y_label="fidelity").save(os.path.join(a.out, f"{s}_fidelity.png"))
+    print("\nstrategy     first-concept fidelity after each step        drift(pts)  max leak  compositions")
+    for s, res in results.items():
+        first = SEQUENCE[0][0]
+        print(f"{s:12s} {[round(r['fidelity'][first], 2) for r in res['rows']]!s:45s} "
+              f"{res['rows'][-1]['base_drift_points']:>9}  {max(r['class_leak_max'] for r in res['rows']):.2f}  "
+              f"{res['rows'][-1]['compositions']}")
+    print(f"wall {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
