@@ -47,9 +47,13 @@ class BIGExecutor(Executor):
         user = self._user(parameters)
         limits = self.service.config.limits
         images = validation.decode_instance_images(docs, limits)
-        r = await asyncio.to_thread(self.service.finetune, user, images, parameters)
-        if "identifier" not in r or r.get("identifier") is None:
-            return DocList[ConceptDoc]([ConceptDoc(text="", job_id=r["job_id"], status=r["status"])])
+        job_id, wait = await asyncio.to_thread(self.service.submit_finetune, user, images, parameters)
+        if not wait:
+            return DocList[ConceptDoc]([ConceptDoc(text="", job_id=job_id, status="queued")])
+        # Await the job without holding a thread: the default pool also serves /generate.
+        while not self.service.jobs.is_done(job_id):
+            await asyncio.sleep(0.1)
+        r = self.service.finetune_result(job_id)
         return DocList[ConceptDoc]([ConceptDoc(
             text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],
             target_model=r["target"], model_version=r["model_version"], job_id=r["job_id"], status=r["status"],

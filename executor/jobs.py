@@ -66,6 +66,9 @@ class JobManager:
             ev.wait(timeout)
         return self.registry.get_job(job_id)
 
+    def is_done(self, job_id: str) -> bool:
+        return job_id not in self._done
+
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancel.add(job_id)

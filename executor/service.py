@@ -97,18 +97,29 @@ class BIGService:
             return self._model_locks.setdefault(key, threading.Lock())
 
     # ================================================================== finetune
-    def finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> dict:
+    def submit_finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> tuple[str, bool]:
+        """Validate and queue a finetune; returns (job id, whether the caller asked to wait)."""
         req = validation.parse_finetune(params, self.finetune_defaults, self.config.limits)
         if not images:
             raise BadRequest("no instance images")
         job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
         self.jobs.submit(job_id, lambda ctx: self._run_finetune(ctx, user, list(images), req))
-        if not req.wait:
-            return {"job_id": job_id, "status": "queued"}
-        job = self.jobs.wait(job_id)
+        return job_id, req.wait
+
+    def finetune_result(self, job_id: str) -> dict:
+        """The finished job's view, or the error it failed with."""
+        job = self.registry.get_job(job_id)
         if job["status"] != "succeeded":
             raise _job_error(job)
         return self.job_view(job)
+
+    def finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> dict:
+        """Blocking finetune (in-process use); with `wait: false` returns the queued job at once."""
+        job_id, wait = self.submit_finetune(user, images, params)
+        if not wait:
+            return {"job_id": job_id, "status": "queued"}
+        self.jobs.wait(job_id)
+        return self.finetune_result(job_id)
 
     def _run_finetune(self, ctx: JobContext, user: str, images: list[Image.Image],
                       req: validation.FinetuneRequest) -> dict:
