@@ -278,10 +278,7 @@ def stage_export(work: str, out: str, tokenizer_dir: str) -> None:
     for extra in os.listdir(tokenizer_dir):  # keep the identifier pool beside the tokenizer files
         if not os.path.exists(os.path.join(tmp, "tokenizer", extra)):
             shutil.copy(os.path.join(tokenizer_dir, extra), os.path.join(tmp, "tokenizer", extra))
-    with open(os.path.join(tmp, "shapes_world.json"), "w") as f:
-        json.dump({"unet_steps": ck["step"], "image_size": world.IMAGE_SIZE,
-                   "default_guidance_scale": DEFAULT_GUIDANCE, "default_steps": 20,
-                   "categories": list(world.CATEGORIES)}, f, indent=1)
+    write_model_card(tmp, ck["step"])
     if os.path.exists(out):
         old = out.rstrip("/") + ".old-export"
         shutil.rmtree(old, ignore_errors=True)
@@ -294,6 +291,16 @@ def stage_export(work: str, out: str, tokenizer_dir: str) -> None:
 
 
 DEFAULT_GUIDANCE = 4.0
+# DreamBooth settings measured on this model (benchmarks/dreambooth_smoke.py); the service reads them.
+FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 200, "num_class_images": 48, "train_batch_size": 4}
+
+
+def write_model_card(model_dir: str, unet_steps: int) -> None:
+    """shapes_world.json: what the model is and the defaults the service should use with it."""
+    with open(os.path.join(model_dir, "shapes_world.json"), "w") as f:
+        json.dump({"unet_steps": unet_steps, "image_size": world.IMAGE_SIZE,
+                   "default_guidance_scale": DEFAULT_GUIDANCE, "default_steps": 20,
+                   "finetune_defaults": FINETUNE_DEFAULTS, "categories": list(world.CATEGORIES)}, f, indent=1)
 
 
 def main():
