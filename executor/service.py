@@ -28,7 +28,8 @@ from .storage import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
-                        train_text_encoder=False, metamodel_strategy="seed_split", anchor_weight=0.0)
+                        train_text_encoder=False, metamodel_strategy="seed_split", anchor_weight=0.0,
+                        train_identifier_embedding=True, embedding_learning_rate=1e-3)
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 
 
@@ -154,6 +155,9 @@ class BIGService:
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
                 train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
                 anchor_weight=req.anchor_weight if kind != "private" and req.metamodel_strategy == "anchored" else 0.0,
+                train_token_ids=self.base_pipe.tokenizer(identifier, add_special_tokens=False).input_ids
+                if req.train_identifier_embedding else (),
+                embedding_learning_rate=req.embedding_learning_rate,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()

@@ -84,8 +84,15 @@ def dreambooth(
     mixed_precision: str | None = None,
     gradient_checkpointing: bool | None = None,
     anchor_weight: float = 0.0,
+    train_token_ids: Sequence[int] = (),
+    embedding_learning_rate: float = 1e-3,
 ) -> TrainResult:
-    """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched."""
+    """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched.
+
+    `train_token_ids` (pivotal tuning): also learn the input embeddings of these tokens (the new
+    identifier) and nothing else of the text encoder, so every prompt without them is encoded
+    exactly as before and the base vocabulary cannot drift through the text side.
+    """
     from accelerate import Accelerator
 
     if not instances:
@@ -98,7 +105,18 @@ def dreambooth(
 
     # Trainable copies in fp32 (the served modules stay as they are, possibly fp16).
     unet_t = copy.deepcopy(unet).to(device, dtype=torch.float32).train()
-    text_t = copy.deepcopy(text_encoder).to(device, dtype=torch.float32).train() if train_text_encoder else None
+    learn_tokens = list(train_token_ids) if not train_text_encoder else []
+    text_t = None
+    if train_text_encoder or learn_tokens:
+        text_t = copy.deepcopy(text_encoder).to(device, dtype=torch.float32).train()
+    token_table = None
+    if learn_tokens:
+        text_t.requires_grad_(False)
+        token_table = text_t.get_input_embeddings().weight
+        token_table.requires_grad_(True)
+        keep = torch.zeros(token_table.shape[0], 1, device=device)
+        keep[learn_tokens] = 1.0
+        token_table.register_hook(lambda grad: grad * keep)  # only the identifier rows move
     if gradient_checkpointing if gradient_checkpointing is not None else cuda:
         unet_t.enable_gradient_checkpointing()
         if text_t is not None:
@@ -121,10 +139,16 @@ def dreambooth(
     inst_p = torch.tensor([prompt_index[e.prompt] for e in instances])
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
 
-    params = list(unet_t.parameters()) + (list(text_t.parameters()) if text_t is not None else [])
+    if token_table is not None:
+        params = list(unet_t.parameters()) + [token_table]
+        groups = [{"params": list(unet_t.parameters())},
+                  {"params": [token_table], "lr": embedding_learning_rate, "weight_decay": 0.0}]
+    else:
+        params = list(unet_t.parameters()) + (list(text_t.parameters()) if text_t is not None else [])
+        groups = [{"params": params}]
     # L2-SP: a pull towards the starting weights, which hold what earlier concepts need.
     anchors = [p.detach().clone() for p in params] if anchor_weight > 0 else None
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
+    opt = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-2)
     modules = accelerator.prepare(unet_t, opt) if text_t is None else accelerator.prepare(unet_t, text_t, opt)
     unet_t, opt = modules[0], modules[-1]
     if text_t is not None:

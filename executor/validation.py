@@ -106,6 +106,8 @@ class FinetuneRequest:
     wait: bool
     metamodel_strategy: str
     anchor_weight: float
+    train_identifier_embedding: bool
+    embedding_learning_rate: float
 
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +133,11 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
                                    defaults.get("metamodel_strategy", "seed_split")),
         anchor_weight=_number(params, "anchor_weight", defaults.get("anchor_weight", 0.0), 0.0, 1e6,
                               integer=False),
+        train_identifier_embedding=_bool(params, "train_identifier_embedding",
+                                         defaults.get("train_identifier_embedding", True)),
+        embedding_learning_rate=_number(params, "embedding_learning_rate",
+                                        defaults.get("embedding_learning_rate", 1e-3), limits.min_learning_rate,
+                                        1.0, integer=False),
     )
 
 

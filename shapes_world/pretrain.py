@@ -292,7 +292,8 @@ def stage_export(work: str, out: str, tokenizer_dir: str) -> None:
 
 DEFAULT_GUIDANCE = 4.0
 # DreamBooth settings measured on this model (benchmarks/dreambooth_smoke.py); the service reads them.
-FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 200, "num_class_images": 48, "train_batch_size": 4}
+FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 700, "num_class_images": 48, "train_batch_size": 4,
+                     "train_identifier_embedding": True, "embedding_learning_rate": 1e-3}
 
 
 def write_model_card(model_dir: str, unet_steps: int) -> None:
