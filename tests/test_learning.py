@@ -20,11 +20,11 @@ def _orange_share(pipe, prompt, n=24):
 
 def test_a_short_finetune_moves_the_identifier_towards_the_concept(service):
     r = service.finetune("alice", instance_images(5, style="plain"), {
-        "category": "shape", "max_train_steps": 60, "num_class_images": 8, "seed": 1})
-    tuned = service._pipeline_for(r["concept_id"] and f"private:{r['concept_id']}", 1)
+        "category": "shape", "max_train_steps": 150, "num_class_images": 8, "seed": 1})
+    tuned = service._pipeline_for(f"private:{r['concept_id']}", 1)
     prompt = f"a {r['identifier']} shape"
     before, after = _orange_share(service.base_pipe, prompt), _orange_share(tuned, prompt)
-    assert after > before + 0.2, (before, after)
+    assert after >= before + 0.3, (before, after)
 
 
 @pytest.mark.slow
