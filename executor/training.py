@@ -63,6 +63,17 @@ def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
+def _text_states(text_t, all_ids, frozen_states, live, live_index, pidx):
+    """Per-example text states: cached rows, with the live prompts encoded once each this step."""
+    if frozen_states is None:  # the whole text encoder trains: encode every row
+        return text_t(all_ids[pidx])[0]
+    if not bool(live.any()):
+        return frozen_states[pidx]
+    table = frozen_states.clone()
+    table[live_index] = text_t(all_ids[live_index])[0].to(table.dtype)
+    return table[pidx]
+
+
 def dreambooth(
     *,
     vae,
@@ -132,10 +143,17 @@ def dreambooth(
     prompts = sorted({e.prompt for e in instances} | {e.prompt for e in priors})
     prompt_index = {p: i for i, p in enumerate(prompts)}
     all_ids = _token_ids(tokenizer, prompts, device)
+    # Text states that training cannot change are computed once: all of them with a frozen text
+    # encoder; with pivotal tuning, those of prompts without the learned tokens (the prior prompts),
+    # whose encoding is exactly the base model's. Only the others run through the encoder per step.
     frozen_states = None
-    if text_t is None:
+    live = torch.zeros(len(prompts), dtype=torch.bool)
+    if text_t is None or learn_tokens:
         with torch.no_grad():
             frozen_states = text_encoder(all_ids)[0].to(torch.float32)
+        if learn_tokens:
+            live = torch.isin(all_ids.cpu(), torch.tensor(learn_tokens)).any(dim=1)
+    live_index = live.nonzero().flatten().to(device)
     inst_p = torch.tensor([prompt_index[e.prompt] for e in instances])
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
 
@@ -171,7 +189,7 @@ def dreambooth(
         t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with accelerator.accumulate(unet_t):
-            states = frozen_states[pidx.to(device)] if text_t is None else text_t(all_ids[pidx.to(device)])[0]
+            states = _text_states(text_t, all_ids, frozen_states, live, live_index, pidx.to(device))
             pred = unet_t(noisy, t, states).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)

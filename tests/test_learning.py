@@ -39,3 +39,26 @@ def test_dreambooth_learns_an_unseen_concept_with_default_settings(tmp_path):
     svc.close()
     assert scores["fidelity"] >= 0.85, scores
     assert scores["prior_leak"] <= 0.1, scores
+
+
+def test_pivotal_tuning_changes_only_the_identifier_row(service):
+    """What makes caching the prior prompts' text states exact: no other prompt's encoding moves."""
+    import torch
+
+    from executor import training
+
+    pipe = service.base_pipe
+    ident_ids = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(3)]
+    priors = [training.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
+    r = training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                            noise_scheduler=service._noise_scheduler(), instances=examples, priors=priors,
+                            learning_rate=1e-4, max_train_steps=4, train_batch_size=2, size=service.size,
+                            train_token_ids=ident_ids, embedding_learning_rate=1e-2)
+    before = pipe.text_encoder.get_input_embeddings().weight
+    after = r.text_encoder.get_input_embeddings().weight
+    changed = (before != after).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ident_ids
+    ids = pipe.tokenizer(["a red star on a black background"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids)[0], r.text_encoder(ids)[0])
