@@ -13,7 +13,7 @@ import traceback
 from typing import Callable
 
 from .errors import BIGError, JobCancelled
-from .registry import JOB_DONE, Registry
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ class JobContext:
 
     def should_stop(self) -> bool:
         return self._m.is_cancel_requested(self.job_id)
-
-    def phase(self, text: str) -> None:
-        self._m.registry.update_job(self.job_id, error=None, status="running")
-        log.info("job %s: %s", self.job_id, text)
 
 
 class JobManager:
@@ -110,5 +106,3 @@ class JobManager:
                 if ev:
                     ev.set()
 
-
-__all__ = ["JobManager", "JobContext", "JOB_DONE"]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import class_images, generation, pipelines, planner, training, validation
 from .auth import AuthConfig, Authenticator
-from .errors import BadRequest, Conflict, NotFound
+from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
 from .jobs import JobContext, JobManager
 from .registry import Registry
@@ -299,8 +299,6 @@ def _as_dtype(module, dtype):
 
 
 def _job_error(job: dict) -> Exception:
-    from .errors import BIGError, JobCancelled
-
     text = job.get("error") or "training failed"
     if job["status"] == "cancelled":
         return JobCancelled(text)
