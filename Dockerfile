@@ -11,4 +11,6 @@ RUN useradd -m big && mkdir -p /app/workspace && chown -R big /app/workspace
 USER big
 EXPOSE 51000
 VOLUME /app/workspace
+# jina flow stops its executor processes on SIGINT; on SIGTERM (docker stop's default) it orphans them.
+STOPSIGNAL SIGINT
 CMD ["jina", "flow", "--uses", "flow.yml"]

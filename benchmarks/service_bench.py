@@ -4,7 +4,7 @@
 
 1. finetune throughput: executor.training.dreambooth (VAE latents and text states computed once per
    job) vs the plain diffusers DreamBooth loop (VAE encode + text encoder every step), same model,
-   data, batch and steps. Ratio = plain time / ours.
+   data, batch and steps. Ratio = plain time / ours. Also the milliseconds of each part of a plain step.
 2. class images: a second finetune in a known category generates none (counts printed).
 3. /generate overhead: BIGService.generate (validation, cache lookup, PNG metadata) vs a bare
    pipeline call with the same prompt, steps and seeds; and the same over gRPC through a real flow.
@@ -58,9 +58,42 @@ def plain_diffusers_loop(pipe, instances, priors, *, steps, batch, lr, seed, siz
         na, nb = noise.chunk(2)
         loss = F.mse_loss(a, na) + F.mse_loss(b, nb)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # train_dreambooth.py's max_grad_norm
         opt.step()
         opt.zero_grad()
     return unet
+
+
+def step_breakdown(pipe, instances, priors, batch, size, repeat=10):
+    """Milliseconds of each part of one plain DreamBooth step: what caching and the fused AdamW can save."""
+    import copy
+
+    px = torch.stack([training.preprocess(e.image, size) for e in (instances * batch)[:batch] + priors[:batch]])
+    texts = [e.prompt for e in (instances * batch)[:batch] + priors[:batch]]
+    tok = pipe.tokenizer
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    unet = copy.deepcopy(pipe.unet).train()
+    with torch.no_grad():
+        vae_s = timed(lambda: pipe.vae.encode(px).latent_dist.sample(), repeat)
+        text_s = timed(lambda: pipe.text_encoder(ids)[0], repeat)
+        latents = pipe.vae.encode(px).latent_dist.sample() * pipe.vae.config.scaling_factor
+        states = pipe.text_encoder(ids)[0]
+    t = torch.randint(0, 1000, (latents.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def forward_backward():
+        F.mse_loss(unet(latents, t, states).sample, latents).backward()
+
+    forward_backward()
+    unet_s = timed(forward_backward, repeat)
+    out = {"vae_encode": vae_s, "text_encoder": text_s, "unet_forward_backward": unet_s}
+    for name, kw in (("adamw_default", {}), ("adamw_fused", {"fused": True})):
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-6, **kw)
+        opt.step()
+        out[name] = timed(opt.step, repeat)
+    out = {k: round(v * 1000, 1) for k, v in out.items()}
+    plain = out["vae_encode"] + out["text_encoder"] + out["unet_forward_backward"] + out["adamw_default"]
+    out["frozen_share_of_plain_step"] = round((out["vae_encode"] + out["text_encoder"]) / plain, 3)
+    return out
 
 
 def timed(fn, repeat=1):
@@ -111,6 +144,7 @@ def main():
             max_train_steps=a.steps, train_batch_size=a.batch, seed=0, size=svc.size), a.repeat)
         report["finetune_throughput"] = {"plain_diffusers_s": round(plain, 3), "big_s": round(ours, 3),
                                          "speedup": round(plain / ours, 2)}
+        report["plain_step_breakdown_ms"] = step_breakdown(pipe, instances, priors, a.batch, svc.size)
 
         # 3. generate overhead, in process
         gen_kw = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)
@@ -122,43 +156,46 @@ def main():
         svc.close()
 
     if not a.no_grpc:
-        report["generate_grpc"] = grpc_overhead(a.repeat * 2)
+        report["generate_grpc"] = grpc_overhead(a.repeat * 2, a.threads)
     print(json.dumps(report, indent=1))
     os.makedirs("reports", exist_ok=True)
     with open("reports/service_bench.json", "w") as f:
         json.dump(report, f, indent=1)
 
 
-def grpc_overhead(repeat):
-    """/generate through a real Flow vs the bare pipeline call, same process machine."""
-    import socket
+def grpc_overhead(repeat, threads):
+    """/generate through a real `jina flow` (a child process, as a user starts it) vs the bare pipeline call.
 
+    The flow's executor gets the same torch thread count (OMP_NUM_THREADS) as the bare call here.
+    """
     from docarray import DocList
     from docarray.documents import ImageDoc, TextDoc
-    from jina import Flow
 
     from executor.auth import mint_token
     from executor.pipelines import load_base_pipeline
+    from executor.serving import FlowProcess
 
     secret = "bench-secret-0123456789-abcdefghijkl"
-    os.environ["BIG_JWT_SECRET"] = secret
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     pipe = load_base_pipeline("embedded", torch.device("cpu"))
     gen_kw = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)
+    bare_call = lambda: pipe(["a red star"] * 4, generator=[torch.Generator().manual_seed(s) for s in range(4)],  # noqa: E731
+                             **gen_kw)
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["BIG_WORKSPACE"] = tmp
-        f = Flow(port=port).add(uses=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                  "config.yml"))
-        with f:
+        env = {"BIG_WORKSPACE": os.path.join(tmp, "ws"), "BIG_BASE_MODEL": "embedded", "BIG_AUTH_MODE": "hs256",
+               "BIG_JWT_SECRET": secret, "OMP_NUM_THREADS": str(threads), "JINA_LOG_LEVEL": "ERROR"}
+        with FlowProcess(tmp, env=env) as flow:
+            client = flow.wait_ready()
             params = {"jwt": {"token": mint_token("bench", secret)}, "num_images": 4, "seed": 0, **gen_kw}
-            call = lambda: f.post("/generate", inputs=DocList[TextDoc]([TextDoc(text="a red star")]),  # noqa: E731
-                                  parameters=params, return_type=DocList[ImageDoc])
+            call = lambda: client.post("/generate", inputs=DocList[TextDoc]([TextDoc(text="a red star")]),  # noqa: E731
+                                       parameters=params, return_type=DocList[ImageDoc])
             call()
-            grpc_t = timed(call, repeat)
-            bare = timed(lambda: pipe(["a red star"] * 4, generator=[torch.Generator().manual_seed(s) for s in range(4)],
-                                      **gen_kw), repeat)
+            bare_call()
+            # Interleave so that drift in machine load hits both sides alike.
+            grpc_times, bare_times = [], []
+            for _ in range(repeat):
+                grpc_times.append(timed(call))
+                bare_times.append(timed(bare_call))
+    grpc_t, bare = statistics.median(grpc_times), statistics.median(bare_times)
     return {"bare_pipeline_s": round(bare, 4), "grpc_generate_s": round(grpc_t, 4), "overhead": round(grpc_t / bare - 1, 3)}
 
 

@@ -7,6 +7,7 @@ Endpoints are `async def` so that Jina does not serialise them: a /generate call
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from docarray import DocList
@@ -30,12 +31,16 @@ class BIGExecutor(Executor):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
-        self.service = BIGService(ServiceConfig(
+        # All of /generate's torch work, and loading, runs on this one thread. On a CPU, torch's OpenMP team
+        # belongs to the thread that calls it: a second team (main thread's, from loading) left idle beside
+        # the serving thread's cost 10-25% of generation speed here (benchmarks/service_bench.py).
+        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="big-generate")
+        self.service = self._generate_thread.submit(BIGService, ServiceConfig(
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             class_image_steps=int(class_image_steps),
-            limits=validation.Limits(**(limits or {}))))
+            limits=validation.Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s, workspace %s", base_model, self.service.device,
                  self.service.ws.root)
 
@@ -63,7 +68,8 @@ class BIGExecutor(Executor):
     async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
         user = self._user(parameters)
         prompts = [d.text for d in docs]
-        images = await asyncio.to_thread(self.service.generate, user, prompts, parameters)
+        images = await asyncio.get_running_loop().run_in_executor(
+            self._generate_thread, self.service.generate, user, prompts, parameters)
         return DocList[GeneratedImageDoc]([
             GeneratedImageDoc(bytes_=png_bytes(g.image, g.png_info()), text=g.prompt, seed=g.seed,
                               parameters=g.parameters_text(), target_model=g.parameters["model"],
@@ -102,4 +108,5 @@ class BIGExecutor(Executor):
 
     def close(self) -> None:
         self.service.close()
+        self._generate_thread.shutdown(wait=False, cancel_futures=True)
         super().close()

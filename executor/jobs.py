@@ -82,27 +82,33 @@ class JobManager:
             item = self._queue.get()
             if item is None:
                 return
-            job_id, fn = item
-            job = self.registry.get_job(job_id)
-            try:
-                if self.is_cancel_requested(job_id):
-                    raise JobCancelled("cancelled before it started")
-                self.registry.update_job(job_id, status="running", started=time.time())
-                result = fn(JobContext(self, job_id, job["total_steps"]))
-                self.registry.update_job(job_id, status="succeeded", finished=time.time(), eta_s=0.0,
-                                         step=job["total_steps"], **result)
-            except JobCancelled as e:
-                self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time())
-            except BIGError as e:
-                self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time())
-            except Exception as e:  # a crash in training must not take the server down
-                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-                self.registry.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}",
-                                         finished=time.time())
-            finally:
-                with self._lock:
-                    self._cancel.discard(job_id)
-                    ev = self._done.pop(job_id, None)
-                if ev:
-                    ev.set()
+            # Each job runs on a thread of its own that ends with the job. On a CPU, torch's OpenMP team
+            # belongs to the calling thread and lives as long as that thread does; an idle team left behind
+            # by a long-lived worker slowed every later /generate by ~10% (benchmarks/service_bench.py).
+            runner = threading.Thread(target=self._run, args=item, name=f"big-job-{item[0][:8]}", daemon=True)
+            runner.start()
+            runner.join()
 
+    def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
+        job = self.registry.get_job(job_id)
+        try:
+            if self.is_cancel_requested(job_id):
+                raise JobCancelled("cancelled before it started")
+            self.registry.update_job(job_id, status="running", started=time.time())
+            result = fn(JobContext(self, job_id, job["total_steps"]))
+            self.registry.update_job(job_id, status="succeeded", finished=time.time(), eta_s=0.0,
+                                     step=job["total_steps"], **result)
+        except JobCancelled as e:
+            self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time())
+        except BIGError as e:
+            self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time())
+        except Exception as e:  # a crash in training must not take the server down
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            self.registry.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}",
+                                     finished=time.time())
+        finally:
+            with self._lock:
+                self._cancel.discard(job_id)
+                ev = self._done.pop(job_id, None)
+            if ev:
+                ev.set()

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import BASE_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +19,6 @@ def notebook_code(path: str) -> str:
     return "\n".join(lines)
 
 
-# Slow and not in the default run: in a fresh clone with a fresh .venv this hung (flow started from a
-# forked notebook process) although it passes in 17 s in a developer checkout; under investigation.
-@pytest.mark.slow
 def test_quickstart_notebook_runs_end_to_end(tmp_path):
     script = tmp_path / "nb.py"
     script.write_text(notebook_code(os.path.join(REPO, "client_examples", "quickstart.ipynb")))

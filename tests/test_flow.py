@@ -1,63 +1,30 @@
 """The real thing: `jina flow --uses flow.yml` in a subprocess, driven over gRPC by jina's Client."""
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
-from jina import Client
 from jina.excepts import BadServer
 from PIL import Image
 
 from conftest import BASE_MODEL, SECRET, instance_images
 from executor.auth import mint_token
 from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Not in the default run for now: these pass in ~40 s in a developer checkout, but in a fresh clone
-# with a fresh .venv the flow's executor never became ready (cause not yet found; see issue 3).
-pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from executor.serving import REPO, FlowProcess
 
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flow")
-    port = _free_port()
-    flow_yml = tmp / "flow.yml"
-    # The repo's flow.yml, only on a free port; `uses: config.yml` resolves against the repo.
-    text = open(os.path.join(REPO, "flow.yml")).read().replace("port: 51000", f"port: {port}")
-    flow_yml.write_text(text.replace("uses: config.yml", f"uses: {os.path.join(REPO, 'config.yml')}"))
-    env = {**os.environ, "BIG_BASE_MODEL": BASE_MODEL, "BIG_WORKSPACE": str(tmp / "workspace"),
-           "BIG_JWT_SECRET": SECRET, "BIG_AUTH_MODE": "hs256", "JINA_LOG_LEVEL": "ERROR",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = open(tmp / "flow.log", "w")
-    jina = os.path.join(os.path.dirname(sys.executable), "jina")
-    proc = subprocess.Popen([jina, "flow", "--uses", str(flow_yml)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    client = Client(host=f"grpc://127.0.0.1:{port}")
-    deadline = time.time() + 180
-    while not client.is_flow_ready():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("flow did not start:\n" + open(tmp / "flow.log").read()[-3000:])
-        time.sleep(1)
-    yield client
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+    env = {"BIG_BASE_MODEL": BASE_MODEL, "BIG_WORKSPACE": str(tmp / "workspace"), "BIG_JWT_SECRET": SECRET,
+           "BIG_AUTH_MODE": "hs256", "JINA_LOG_LEVEL": "ERROR"}
+    with FlowProcess(str(tmp), env=env) as proc:
+        try:
+            yield proc.wait_ready(timeout=180)
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"flow did not start: {e}")
 
 
 def jwt(user):

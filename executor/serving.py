@@ -1,0 +1,99 @@
+"""Run `jina flow --uses flow.yml` as a child process and stop it without leaving executors behind.
+
+Used by the integration tests and the gRPC benchmark, and usable from a notebook or a script that wants the
+service in a separate process. Stopping matters: `jina flow` shuts its executor processes down on SIGINT,
+but on SIGTERM the main process exits and leaves them running (checked with jina 3.33.1), still holding
+memory, CPU and the model. So `stop()` sends SIGINT and then kills whatever is left of the process group.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flow_yaml_on_port(port: int, flow_yml: str = os.path.join(REPO, "flow.yml")) -> str:
+    """The repo's flow.yml with another gRPC port and an absolute `uses:` path, as YAML text."""
+    text = open(flow_yml).read()
+    if "port: 51000" not in text or "uses: config.yml" not in text:
+        raise ValueError(f"{flow_yml} no longer has 'port: 51000' and 'uses: config.yml' to rewrite")
+    return text.replace("port: 51000", f"port: {port}").replace(
+        "uses: config.yml", f"uses: {os.path.join(REPO, 'config.yml')}")
+
+
+class FlowProcess:
+    """`jina flow` in its own session (process group), with its output in a log file."""
+
+    def __init__(self, workdir: str, env: Optional[Dict[str, str]] = None, port: Optional[int] = None):
+        os.makedirs(workdir, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = os.path.join(workdir, "flow.log")
+        flow_yml = os.path.join(workdir, "flow.yml")
+        with open(flow_yml, "w") as f:
+            f.write(flow_yaml_on_port(self.port))
+        full_env = {**os.environ, **(env or {})}
+        # The child imports config.yml's py_modules and executor/ from the repo, wherever it was started.
+        full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+        # A spawn start method set by a parent (our tests set it) is fine for jina; leave it to the caller.
+        jina = os.path.join(os.path.dirname(sys.executable), "jina")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([jina, "flow", "--uses", flow_yml], cwd=REPO, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def host(self) -> str:
+        return f"grpc://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 3000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-n:]
+
+    def wait_ready(self, timeout: float = 300.0):
+        from jina import Client
+
+        client = Client(host=self.host)
+        deadline = time.time() + timeout
+        # Wait for the port first: jina's readiness probe logs an error for every refused connection.
+        while not self._port_open() or not client.is_flow_ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jina flow exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.time() > deadline:
+                self.stop()
+                raise TimeoutError(f"jina flow not ready after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+        return client
+
+    def _port_open(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self, grace: float = 20.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # executors the main process did not take down
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
