@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import pipelines
+from .infotext import format_infotext
+from .prompting import encode_prompts
+from .schedulers import label_of_scheduler
 
 
 class PipelineCache:
@@ -63,17 +65,12 @@ class GeneratedImage:
     parameters: dict
 
     def parameters_text(self) -> str:
-        """AUTOMATIC1111-style 'parameters' text, so other tools can read how the image was made."""
+        """AUTOMATIC1111-style 'parameters' text: other tools read it, and /generate reproduces from it."""
         p = self.parameters
-        lines = [self.prompt]
-        if p.get("negative_prompt"):
-            lines.append(f"Negative prompt: {p['negative_prompt']}")
-        lines.append(
-            f"Steps: {p['num_inference_steps']}, Sampler: {p['scheduler']}, CFG scale: {p['guidance_scale']}, "
-            f"Seed: {self.seed}, Size: {p['width']}x{p['height']}, Model: {p['model']}, "
-            f"Model version: {p['model_version']}"
-        )
-        return "\n".join(lines)
+        return format_infotext(self.prompt, p.get("negative_prompt"), {
+            "Steps": p["num_inference_steps"], "Sampler": p["scheduler"], "CFG scale": p["guidance_scale"],
+            "Seed": self.seed, "Size": f"{p['width']}x{p['height']}", "Model": p["model"],
+            "Model version": p["model_version"]})
 
     def png_info(self) -> PngInfo:
         info = PngInfo()
@@ -96,14 +93,18 @@ def generate(pipe, prompts: list[str], *, num_images: int, num_inference_steps: 
     out: list[GeneratedImage] = []
     params = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   negative_prompt=negative_prompt, height=height, width=width, model=model_label,
-                  model_version=model_version, scheduler=type(pipe.scheduler).__name__)
+                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler))
     # A generator per image makes each image depend on its own seed only, not on its batch-mates.
     gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     for start in range(0, len(jobs), max_batch):
         chunk = jobs[start : start + max_batch]
         gens = [torch.Generator(device=gen_device).manual_seed(s) for _, s in chunk]
+        # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
+        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [p for p, _ in chunk],
+                                                 [negative_prompt or ""] * len(chunk), pipe.device,
+                                                 dtype=pipe.text_encoder.dtype)
         images = pipe(
-            [p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
             generator=gens,
         ).images

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from . import class_images, generation, pipelines, planner, training, validation
+from . import class_images, generation, infotext, pipelines, planner, schedulers, training, validation
 from .auth import AuthConfig, Authenticator
 from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
@@ -211,20 +211,33 @@ class BIGService:
         return out
 
     # ================================================================== generate
-    def resolve_model(self, user: str, target: str, identifier: str | None) -> tuple[str, int]:
-        """(model key, version) the caller may generate with; NotFound hides others' concepts."""
+    def resolve_model(self, user: str, target: str, identifier: str | None,
+                      version: int | None = None) -> tuple[str, int]:
+        """(model key, version) the caller may generate with; NotFound hides others' concepts.
+
+        `version` picks an earlier version of a metamodel (every committed version is kept), e.g. to
+        reproduce an image; by default the current one.
+        """
         if target == "pretrained":
+            if version:
+                raise NotFound("the pretrained model has no versions")
             return "pretrained", 0
         if target == "private":
             if not identifier:
                 raise BadRequest("target_model 'private' needs the concept's `identifier`")
             c = self.registry.find_concept(owner=user, target="private", identifier=identifier)
-            if c is None:
-                raise NotFound(f"you have no private concept {identifier!r}")
+            if c is None or (version is not None and version != c["version"]):
+                raise NotFound(f"you have no private concept {identifier!r}" +
+                               (f" at version {version}" if c is not None else ""))
             return c["model_key"], c["version"]
         key = model_key(target, user)
         m = self.registry.get_model(key)
-        return key, (m["current_version"] if m else 0)
+        current = m["current_version"] if m else 0
+        if version is None or version == current:
+            return key, current
+        if version > current or (version > 0 and self.registry.version_path(key, version) is None):
+            raise NotFound(f"{target} has no version {version} (current: {current})")
+        return key, version
 
     def _pipeline_for(self, key: str, version: int):
         if version == 0:
@@ -240,14 +253,23 @@ class BIGService:
         return self.cache.get(f"{key}@{version}", load)
 
     def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[generation.GeneratedImage]:
+        """Images for the prompts; `parameters` (a generated PNG's text) reproduces that image, and any
+        parameter passed beside it overrides the text's value."""
+        if params.get("parameters"):
+            text_prompt, from_text = infotext.request_from_infotext(params["parameters"])
+            params = {**from_text, **{k: v for k, v in params.items() if k != "parameters"}}
+            prompts = list(prompts) or [text_prompt]
         req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
         prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
         if not prompts:
             raise BadRequest("send at least one prompt document")
         if len(prompts) * req.num_images > 4 * self.config.limits.max_num_images:
             raise BadRequest("too many images in one request")
-        key, version = self.resolve_model(user, req.target, req.identifier)
-        pipe = pipelines.compose(self._pipeline_for(key, version))  # fresh scheduler: calls can overlap
+        key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
+        model = self._pipeline_for(key, version)
+        # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
+        scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
+        pipe = pipelines.compose(model, scheduler=scheduler)
         return generation.generate(
             pipe, prompts, num_images=req.num_images, num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, seed=req.seed,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import schedulers
 from .errors import BadRequest
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
@@ -159,6 +160,8 @@ class GenerateRequest:
     seed: int | None
     height: int
     width: int
+    scheduler: str | None  # a key of schedulers.SAMPLERS; None: the model's own
+    model_version: int | None  # None: the model's current version
 
 
 def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequest:
@@ -184,6 +187,9 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
         seed=_number(params, "seed", None, 0, 2**31 - 1, integer=True),
         height=h,
         width=w,
+        scheduler=schedulers.resolve(sched).key if (sched := params.get("scheduler", defaults.get("scheduler")))
+        else None,
+        model_version=_number(params, "model_version", None, 0, 2**31 - 1, integer=True),
     )
 
 

@@ -1,0 +1,89 @@
+"""Samplers by name, the PNG parameters text, and reproducing an image from that text alone."""
+import numpy as np
+import pytest
+
+from conftest import instance_images
+from executor import infotext, schedulers
+from executor.errors import BadRequest, NotFound
+
+
+@pytest.mark.parametrize("name,key", [
+    ("ddim", "ddim"), ("DDIM", "ddim"), ("DPM++ 2M", "dpmpp_2m"), ("dpmpp_2m_karras", "dpmpp_2m_karras"),
+    ("Euler a", "euler_a"), ("EulerAncestralDiscreteScheduler", "euler_a"), ("euler", "euler"),
+    ("PLMS", "pndm"), ("PNDMScheduler", "pndm"), ("heun", "heun"),
+])
+def test_sampler_names_people_use_resolve(name, key):
+    assert schedulers.resolve(name).key == key
+
+
+def test_an_unknown_sampler_is_a_clear_error():
+    with pytest.raises(BadRequest, match="unknown scheduler"):
+        schedulers.resolve("warp-drive")
+
+
+def test_every_sampler_builds_from_the_model_config_and_names_itself(service):
+    for s in schedulers.SAMPLERS.values():
+        made = schedulers.make(s, service.base_pipe.scheduler.config)
+        assert schedulers.label_of_scheduler(made) == s.label
+        assert made.config.num_train_timesteps == service.base_pipe.scheduler.config.num_train_timesteps
+
+
+def test_infotext_round_trips_with_awkward_prompts():
+    fields = {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": 4.0, "Seed": 7, "Size": "32x32",
+              "Model": "private:sks", "Model version": 1}
+    text = infotext.format_infotext("a (sks:1.2) shape,\nsecond line", "blurry, \"odd\": yes", fields)
+    prompt, neg, parsed = infotext.parse_infotext(text)
+    assert prompt == "a (sks:1.2) shape,\nsecond line" and neg == "blurry, \"odd\": yes"
+    assert parsed == {k: str(v) for k, v in fields.items()}
+    p, params = infotext.request_from_infotext(text)
+    assert params == {"num_inference_steps": 20, "seed": 7, "num_images": 1, "guidance_scale": 4.0, "width": 32,
+                      "height": 32, "negative_prompt": "blurry, \"odd\": yes", "scheduler": "DPM++ 2M",
+                      "target_model": "private", "identifier": "sks", "model_version": 1}
+
+
+@pytest.mark.parametrize("text", ["", "just a prompt", "a prompt\nSteps: many, Seed: 1"])
+def test_malformed_parameters_text_is_a_bad_request(text):
+    with pytest.raises(BadRequest):
+        infotext.request_from_infotext(text)
+
+
+def _pixels(img):
+    return np.asarray(img.image)
+
+
+def test_an_image_is_reproduced_from_its_own_png_text(service):
+    out = service.generate("alice", ["a (red:1.3) star, on a [black] background"], {
+        "num_images": 2, "seed": 11, "num_inference_steps": 5, "scheduler": "euler_a",
+        "negative_prompt": "blue", "guidance_scale": 3.5})
+    text = out[1].parameters_text()
+    assert "Sampler: Euler a" in text and "Seed: 12" in text and "Negative prompt: blue" in text
+    again = service.generate("alice", [], {"parameters": text})
+    assert len(again) == 1 and again[0].seed == 12
+    assert np.array_equal(_pixels(again[0]), _pixels(out[1]))
+    # A parameter passed beside the text overrides it.
+    other = service.generate("alice", [], {"parameters": text, "scheduler": "ddim"})
+    assert "Sampler: DDIM" in other[0].parameters_text()
+    assert not np.array_equal(_pixels(other[0]), _pixels(out[1]))
+
+
+def test_a_metamodel_image_is_reproduced_after_the_metamodel_moved_on(service):
+    service.finetune("alice", instance_images(4), {"category": "shape", "target_model": "meta"})
+    first = service.generate("bob", ["a red star"], {"target_model": "meta", "seed": 3, "num_inference_steps": 4})
+    assert first[0].parameters["model_version"] == 1
+    service.finetune("carol", instance_images(4, shape="star", mark="ring"), {"category": "shape",
+                                                                              "target_model": "meta"})
+    again = service.generate("bob", [], {"parameters": first[0].parameters_text()})
+    assert again[0].parameters["model_version"] == 1
+    assert np.array_equal(_pixels(again[0]), _pixels(first[0]))
+    with pytest.raises(NotFound):
+        service.generate("bob", ["x"], {"target_model": "meta", "model_version": 9})
+
+
+def test_samplers_differ_and_each_is_deterministic(service):
+    imgs = {}
+    for key in ("ddim", "dpmpp_2m", "euler", "euler_a", "pndm"):
+        a = service.generate("u", ["a green heart"], {"seed": 5, "num_inference_steps": 6, "scheduler": key})
+        b = service.generate("u", ["a green heart"], {"seed": 5, "num_inference_steps": 6, "scheduler": key})
+        assert np.array_equal(_pixels(a[0]), _pixels(b[0])), key
+        imgs[key] = _pixels(a[0]).astype(int)
+    assert np.abs(imgs["ddim"] - imgs["euler_a"]).mean() > 1
