@@ -29,6 +29,7 @@ class GeneratedImageDoc(ImageDoc):
     parameters: Optional[str] = None  # AUTOMATIC1111-style parameters text
     target_model: Optional[str] = None
     model_version: Optional[int] = None
+    kind: Optional[str] = None  # "image"; from /sweep also one "animation" (GIF), from /grid one "contact_sheet"
 
 
 class JobDoc(TextDoc):

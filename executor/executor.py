@@ -68,13 +68,30 @@ class BIGExecutor(Executor):
     async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
         user = self._user(parameters)
         prompts = [d.text for d in docs]
-        images = await asyncio.get_running_loop().run_in_executor(
-            self._generate_thread, self.service.generate, user, prompts, parameters)
-        return DocList[GeneratedImageDoc]([
-            GeneratedImageDoc(bytes_=png_bytes(g.image, g.png_info()), text=g.prompt, seed=g.seed,
-                              parameters=g.parameters_text(), target_model=g.parameters["model"],
-                              model_version=g.parameters["model_version"])
-            for g in images])
+        images = await self._on_generate_thread(self.service.generate, user, prompts, parameters)
+        return DocList[GeneratedImageDoc]([_image_doc(g) for g in images])
+
+    @requests(on="/sweep")
+    async def sweep(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
+        """Frames of one prompt and seed with `sweep` (guidance_scale, num_inference_steps) moved over
+        `values` or `start`/`stop`/`num`; the last document is the animated GIF."""
+        user = self._user(parameters)
+        frames, gif = await self._on_generate_thread(self.service.sweep, user, [d.text for d in docs], parameters)
+        parameter = parameters.get("sweep", "guidance_scale")
+        return DocList[GeneratedImageDoc]([_image_doc(g) for g in frames] + [GeneratedImageDoc(
+            bytes_=gif, kind="animation", text=f"{parameter} sweep: {frames[0].prompt}", seed=frames[0].seed)])
+
+    @requests(on="/grid")
+    async def grid(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
+        """Prompts x `guidance_scales` x `steps` x `seeds`/`num_seeds` (or `random_samples`); the last
+        document is the captioned contact sheet."""
+        user = self._user(parameters)
+        images, sheet = await self._on_generate_thread(self.service.grid, user, [d.text for d in docs], parameters)
+        return DocList[GeneratedImageDoc]([_image_doc(g) for g in images] + [GeneratedImageDoc(
+            bytes_=sheet, kind="contact_sheet", text=f"grid of {len(images)} images")])
+
+    async def _on_generate_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._generate_thread, fn, *args)
 
     @requests(on="/concepts")
     async def concepts(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
@@ -110,3 +127,9 @@ class BIGExecutor(Executor):
         self.service.close()
         self._generate_thread.shutdown(wait=False, cancel_futures=True)
         super().close()
+
+
+def _image_doc(g) -> GeneratedImageDoc:
+    return GeneratedImageDoc(bytes_=png_bytes(g.image, g.png_info()), text=g.prompt, seed=g.seed, kind="image",
+                             parameters=g.parameters_text(), target_model=g.parameters["model"],
+                             model_version=g.parameters["model_version"])

@@ -57,6 +57,16 @@ class PipelineCache:
         return len(self._items)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """Everything that decides one image, besides the model, the sampler and the size."""
+
+    prompt: str
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+
+
 @dataclasses.dataclass
 class GeneratedImage:
     image: Image.Image
@@ -83,30 +93,54 @@ def seeds_for(seed: int | None, n: int) -> list[int]:
     return [base + i for i in range(n)]
 
 
+def batches(specs: list[ImageSpec], max_batch: int) -> list[list[int]]:
+    """Indices of specs that can share one pipeline call, each list at most `max_batch` long.
+
+    One call needs one step count; guidance may differ per image when classifier-free guidance is on for
+    all of them (> 1), while a scale at or below 1 (guidance off) batches only with the same scale.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(specs):
+        cfg_on = s.guidance_scale > 1
+        groups.setdefault((s.num_inference_steps, cfg_on, None if cfg_on else s.guidance_scale), []).append(i)
+    return [idx[k : k + max_batch] for idx in groups.values() for k in range(0, len(idx), max_batch)]
+
+
 @torch.no_grad()
+def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height: int, width: int,
+           model_label: str, model_version: int, max_batch: int = 16) -> list[GeneratedImage]:
+    """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
+    out: list[GeneratedImage | None] = [None] * len(specs)
+    common = dict(negative_prompt=negative_prompt, height=height, width=width, model=model_label,
+                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler))
+    # A generator per image makes each image depend on its own seed only, not on its batch-mates.
+    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
+    for idx in batches(specs, max_batch):
+        chunk = [specs[i] for i in idx]
+        gens = [torch.Generator(device=gen_device).manual_seed(s.seed) for s in chunk]
+        # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
+        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.prompt for s in chunk],
+                                                 [negative_prompt or ""] * len(chunk), pipe.device,
+                                                 dtype=pipe.text_encoder.dtype)
+        scales = {s.guidance_scale for s in chunk}
+        guidance = chunk[0].guidance_scale if len(scales) == 1 else torch.tensor(
+            [s.guidance_scale for s in chunk], device=pipe.device, dtype=pipe.unet.dtype).view(-1, 1, 1, 1)
+        images = pipe(
+            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+            num_inference_steps=chunk[0].num_inference_steps, guidance_scale=guidance, height=height, width=width,
+            generator=gens,
+        ).images
+        for i, s, im in zip(idx, chunk, images):
+            out[i] = GeneratedImage(im, s.prompt, s.seed, {
+                **common, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps})
+    return out
+
+
 def generate(pipe, prompts: list[str], *, num_images: int, num_inference_steps: int, guidance_scale: float,
              negative_prompt: str | None, seed: int | None, height: int, width: int, model_label: str,
              model_version: int, max_batch: int = 16) -> list[GeneratedImage]:
     """`num_images` per prompt; image k of prompt i uses seed `seed + i*num_images + k`."""
-    jobs = [(p, s) for i, p in enumerate(prompts)
-            for s in seeds_for(None if seed is None else seed + i * num_images, num_images)]
-    out: list[GeneratedImage] = []
-    params = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                  negative_prompt=negative_prompt, height=height, width=width, model=model_label,
-                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler))
-    # A generator per image makes each image depend on its own seed only, not on its batch-mates.
-    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
-    for start in range(0, len(jobs), max_batch):
-        chunk = jobs[start : start + max_batch]
-        gens = [torch.Generator(device=gen_device).manual_seed(s) for _, s in chunk]
-        # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
-        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [p for p, _ in chunk],
-                                                 [negative_prompt or ""] * len(chunk), pipe.device,
-                                                 dtype=pipe.text_encoder.dtype)
-        images = pipe(
-            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-            generator=gens,
-        ).images
-        out += [GeneratedImage(im, p, s, params) for im, (p, s) in zip(images, chunk)]
-    return out
+    specs = [ImageSpec(p, s, guidance_scale, num_inference_steps) for i, p in enumerate(prompts)
+             for s in seeds_for(None if seed is None else seed + i * num_images, num_images)]
+    return render(pipe, specs, negative_prompt=negative_prompt, height=height, width=width,
+                  model_label=model_label, model_version=model_version, max_batch=max_batch)

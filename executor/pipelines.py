@@ -6,6 +6,7 @@ pipeline, so a version costs the memory of its UNet, not of a whole pipeline.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -94,17 +95,37 @@ def load_version_modules(version_dir: str, like_pipe):
     return unet.eval(), (text.eval() if text is not None else None)
 
 
-def compose(base_pipe, unet=None, text_encoder=None, scheduler=None):
-    """A pipeline object over the base's modules with some replaced (no weights are copied)."""
+@functools.lru_cache(maxsize=None)
+def _per_image_guidance_pipeline_class():
     from diffusers import StableDiffusionPipeline
 
+    class PerImageGuidancePipeline(StableDiffusionPipeline):
+        """Stable Diffusion whose `guidance_scale` may also be one value per image (a [batch] tensor).
+
+        diffusers applies `uncond + guidance_scale * (cond - uncond)` with whatever `guidance_scale` is, so a
+        [batch, 1, 1, 1] tensor gives every image its own scale in one batched call (a guidance sweep or a
+        grid is one call, not one per value). Only the on/off test needs to know about tensors; all values
+        must then be > 1, as CFG is off at or below 1 (callers batch those separately).
+        """
+
+        @property
+        def do_classifier_free_guidance(self):
+            g = self._guidance_scale
+            on = bool((g > 1).all()) if isinstance(g, torch.Tensor) else g > 1
+            return on and self.unet.config.time_cond_proj_dim is None
+
+    return PerImageGuidancePipeline
+
+
+def compose(base_pipe, unet=None, text_encoder=None, scheduler=None):
+    """A pipeline object over the base's modules with some replaced (no weights are copied)."""
     comps = dict(base_pipe.components)
     if unet is not None:
         comps["unet"] = unet
     if text_encoder is not None:
         comps["text_encoder"] = text_encoder
     comps["scheduler"] = scheduler or type(base_pipe.scheduler).from_config(base_pipe.scheduler.config)
-    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+    pipe = _per_image_guidance_pipeline_class()(**comps, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from . import class_images, generation, infotext, pipelines, planner, schedulers, training, validation
+from . import class_images, generation, infotext, pipelines, planner, schedulers, studio, training, validation
 from .auth import AuthConfig, Authenticator
 from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
@@ -265,16 +265,73 @@ class BIGService:
             raise BadRequest("send at least one prompt document")
         if len(prompts) * req.num_images > 4 * self.config.limits.max_num_images:
             raise BadRequest("too many images in one request")
+        pipe, version = self._pipe_for(user, req)
+        return generation.generate(
+            pipe, prompts, num_images=req.num_images, num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, seed=req.seed,
+            **self._render_args(req, version))
+
+    def _pipe_for(self, user: str, req: validation.GenerateRequest):
         key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
         model = self._pipeline_for(key, version)
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
-        pipe = pipelines.compose(model, scheduler=scheduler)
-        return generation.generate(
-            pipe, prompts, num_images=req.num_images, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, seed=req.seed,
-            height=req.height, width=req.width, model_label=req.target if req.target != "private" else
-            f"private:{req.identifier}", model_version=version)
+        return pipelines.compose(model, scheduler=scheduler), version
+
+    @staticmethod
+    def _render_args(req: validation.GenerateRequest, version: int) -> dict:
+        return dict(height=req.height, width=req.width, model_version=version,
+                    model_label=req.target if req.target != "private" else f"private:{req.identifier}")
+
+    def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
+        """One prompt, one seed, one parameter over a range: the frames and an animated GIF of them."""
+        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
+        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        if len(prompts) != 1:
+            raise BadRequest("a sweep takes exactly one prompt document")
+        lim = self.config.limits
+        parameter = params.get("sweep", "guidance_scale")
+        values = studio.sweep_values(parameter, params.get("values"), params.get("start"), params.get("stop"),
+                                     params.get("num"), max_frames=lim.max_grid_images,
+                                     max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
+        seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
+        specs = studio.sweep_specs(prompts[0], seed, parameter, values, guidance_scale=req.guidance_scale,
+                                   num_inference_steps=req.num_inference_steps)
+        pipe, version = self._pipe_for(user, req)
+        frames = generation.render(pipe, specs, negative_prompt=req.negative_prompt, **self._render_args(req, version))
+        return frames, studio.gif_bytes(frames, [studio.frame_label(parameter, v) for v in values])
+
+    def grid(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
+        """Prompts x guidance scales x steps x seeds (or `random_samples` around the setting): the images
+        and a captioned contact sheet, a row per prompt."""
+        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
+        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        if not prompts:
+            raise BadRequest("send at least one prompt document")
+        lim = self.config.limits
+        seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
+        n_random = validation.number(params, "random_samples", None, 1, lim.max_grid_images, integer=True)
+        if n_random:
+            specs = studio.random_specs(
+                prompts, n_random, seed=seed, guidance_scale=req.guidance_scale,
+                num_inference_steps=req.num_inference_steps,
+                guidance_spread=validation.number(params, "guidance_spread", 0.5, 0.0, 1.0, integer=False),
+                steps_spread=validation.number(params, "steps_spread", 0.5, 0.0, 1.0, integer=False),
+                max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
+        else:
+            guidance = validation.number_list(params, "guidance_scales", [req.guidance_scale], 0.0,
+                                              lim.max_guidance_scale, integer=False)
+            steps = validation.number_list(params, "steps", [req.num_inference_steps], 1, lim.max_inference_steps,
+                                           integer=True)
+            seeds = validation.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
+                generation.seeds_for(seed, validation.number(params, "num_seeds", 1, 1, lim.max_grid_images,
+                                                             integer=True))
+            specs = studio.grid_specs(prompts, guidance, steps, seeds)
+        if len(specs) > lim.max_grid_images:
+            raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {len(specs)})")
+        pipe, version = self._pipe_for(user, req)
+        images = generation.render(pipe, specs, negative_prompt=req.negative_prompt, **self._render_args(req, version))
+        return images, studio.sheet_png(images, columns=len(specs) // len(prompts))
 
     # ================================================================== concepts, delete, jobs
     def concepts(self, user: str) -> list[dict]:

@@ -43,9 +43,10 @@ class Limits:
     max_side: int = 1024
     max_num_class_images: int = 1000
     max_prompt_chars: int = 1000
+    max_grid_images: int = 256  # /grid and /sweep: images in one request
 
 
-def _number(params: dict, name: str, default, lo, hi, *, integer: bool):
+def number(params: dict, name: str, default, lo, hi, *, integer: bool):
     v = params.get(name, default)
     if v is None:
         return None
@@ -63,6 +64,17 @@ def _number(params: dict, name: str, default, lo, hi, *, integer: bool):
     if not lo <= v <= hi:
         raise BadRequest(f"{name} must be within [{lo}, {hi}], got {v}")
     return v
+
+
+def number_list(params: dict, name: str, default, lo, hi, *, integer: bool) -> list | None:
+    """A list of numbers (or one number, taken as a list of one), each within [lo, hi]."""
+    v = params.get(name, default)
+    if v is None:
+        return None
+    items = v if isinstance(v, (list, tuple)) else [v]
+    if not items:
+        raise BadRequest(f"{name} must not be empty")
+    return [number({name: x}, name, None, lo, hi, integer=integer) for x in items]
 
 
 def _bool(params: dict, name: str, default: bool) -> bool:
@@ -118,25 +130,25 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
     return FinetuneRequest(
         target=target_of(params, TRAIN_TARGETS, "private"),
         category=category_of(params),
-        learning_rate=_number(params, "learning_rate", defaults["learning_rate"], limits.min_learning_rate,
+        learning_rate=number(params, "learning_rate", defaults["learning_rate"], limits.min_learning_rate,
                               limits.max_learning_rate, integer=False),
-        max_train_steps=_number(params, "max_train_steps", defaults["max_train_steps"], 1,
+        max_train_steps=number(params, "max_train_steps", defaults["max_train_steps"], 1,
                                 limits.max_train_steps, integer=True),
-        num_class_images=_number(params, "num_class_images", defaults["num_class_images"], 0,
+        num_class_images=number(params, "num_class_images", defaults["num_class_images"], 0,
                                  limits.max_num_class_images, integer=True),
-        seed=_number(params, "seed", 0, 0, 2**31 - 1, integer=True),
+        seed=number(params, "seed", 0, 0, 2**31 - 1, integer=True),
         train_text_encoder=_bool(params, "train_text_encoder", defaults.get("train_text_encoder", False)),
-        prior_loss_weight=_number(params, "prior_loss_weight", 1.0, 0.0, 10.0, integer=False),
-        train_batch_size=_number(params, "train_batch_size", defaults.get("train_batch_size", 4), 1, 64,
+        prior_loss_weight=number(params, "prior_loss_weight", 1.0, 0.0, 10.0, integer=False),
+        train_batch_size=number(params, "train_batch_size", defaults.get("train_batch_size", 4), 1, 64,
                                  integer=True),
         wait=_bool(params, "wait", True),
         metamodel_strategy=_choice(params, "metamodel_strategy", METAMODEL_STRATEGIES,
                                    defaults.get("metamodel_strategy", "seed_split")),
-        anchor_weight=_number(params, "anchor_weight", defaults.get("anchor_weight", 0.0), 0.0, 1e6,
+        anchor_weight=number(params, "anchor_weight", defaults.get("anchor_weight", 0.0), 0.0, 1e6,
                               integer=False),
         train_identifier_embedding=_bool(params, "train_identifier_embedding",
                                          defaults.get("train_identifier_embedding", True)),
-        embedding_learning_rate=_number(params, "embedding_learning_rate",
+        embedding_learning_rate=number(params, "embedding_learning_rate",
                                         defaults.get("embedding_learning_rate", 1e-3), limits.min_learning_rate,
                                         1.0, integer=False),
     )
@@ -171,25 +183,25 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
     ident = params.get("identifier")
     if ident is not None and (not isinstance(ident, str) or not re.match(r"^[A-Za-z0-9_\-]{1,64}$", ident)):
         raise BadRequest("identifier must be the word /finetune returned (letters and digits)")
-    h = _number(params, "height", defaults["height"], 8, limits.max_side, integer=True)
-    w = _number(params, "width", defaults["width"], 8, limits.max_side, integer=True)
+    h = number(params, "height", defaults["height"], 8, limits.max_side, integer=True)
+    w = number(params, "width", defaults["width"], 8, limits.max_side, integer=True)
     if h % 8 or w % 8:
         raise BadRequest("height and width must be multiples of 8")
     return GenerateRequest(
         target=target_of(params, GENERATE_TARGETS, "pretrained"),
         identifier=ident,
-        num_images=_number(params, "num_images", 1, 1, limits.max_num_images, integer=True),
-        num_inference_steps=_number(params, "num_inference_steps", defaults["num_inference_steps"], 1,
+        num_images=number(params, "num_images", 1, 1, limits.max_num_images, integer=True),
+        num_inference_steps=number(params, "num_inference_steps", defaults["num_inference_steps"], 1,
                                     limits.max_inference_steps, integer=True),
-        guidance_scale=_number(params, "guidance_scale", defaults["guidance_scale"], 0.0,
+        guidance_scale=number(params, "guidance_scale", defaults["guidance_scale"], 0.0,
                                limits.max_guidance_scale, integer=False),
         negative_prompt=neg,
-        seed=_number(params, "seed", None, 0, 2**31 - 1, integer=True),
+        seed=number(params, "seed", None, 0, 2**31 - 1, integer=True),
         height=h,
         width=w,
         scheduler=schedulers.resolve(sched).key if (sched := params.get("scheduler", defaults.get("scheduler")))
         else None,
-        model_version=_number(params, "model_version", None, 0, 2**31 - 1, integer=True),
+        model_version=number(params, "model_version", None, 0, 2**31 - 1, integer=True),
     )
 
 

@@ -54,7 +54,7 @@ def animated_gif(frames: Sequence[Image.Image], labels: Sequence[str], path, *, 
     if not frames:
         raise ValueError("animated_gif needs at least one frame")
     out = [labelled_frame(f, l, size) for f, l in zip(frames, labels)]
-    out[0].save(path, save_all=True, append_images=out[1:], duration=duration_ms, loop=0)
+    out[0].save(path, format="GIF", save_all=True, append_images=out[1:], duration=duration_ms, loop=0)
 
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),

@@ -1,0 +1,77 @@
+"""Sweeps and grids: planning (pure), batching, and that every frame is an ordinary reproducible image."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from executor import studio
+from executor.errors import BadRequest
+from executor.generation import ImageSpec, batches
+
+LIMITS = dict(max_frames=64, max_steps=150, max_guidance=50.0)
+
+
+def test_default_guidance_sweep_is_0_to_30_in_31_frames():
+    assert studio.sweep_values("guidance_scale", **LIMITS) == [float(v) for v in range(31)]
+
+
+def test_steps_sweep_rounds_to_whole_steps():
+    assert studio.sweep_values("num_inference_steps", start=5, stop=20, num=4, **LIMITS) == [5, 10, 15, 20]
+    assert studio.sweep_values("num_inference_steps", values=[3, 7.0], **LIMITS) == [3, 7]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(parameter="seed"), dict(parameter="guidance_scale", values=[]),
+    dict(parameter="guidance_scale", values=["x"]), dict(parameter="guidance_scale", num=0),
+    dict(parameter="guidance_scale", num=100), dict(parameter="guidance_scale", values=[60]),
+    dict(parameter="num_inference_steps", values=[0]),
+])
+def test_bad_sweeps_are_clear_errors(kw):
+    with pytest.raises(BadRequest):
+        studio.sweep_values(**kw, **LIMITS)
+
+
+def test_grid_is_every_combination_prompt_major():
+    specs = studio.grid_specs(["a", "b"], [2.0, 4.0], [5], [1, 2])
+    assert len(specs) == 8
+    assert [s.prompt for s in specs] == ["a"] * 4 + ["b"] * 4
+    assert specs[:4] == [ImageSpec("a", 1, 2.0, 5), ImageSpec("a", 2, 2.0, 5), ImageSpec("a", 1, 4.0, 5),
+                         ImageSpec("a", 2, 4.0, 5)]
+
+
+def test_random_samples_stay_around_the_setting_and_repeat_with_the_seed():
+    a = studio.random_specs(["p"], 50, seed=3, guidance_scale=4.0, num_inference_steps=20, max_steps=150,
+                            max_guidance=50.0)
+    assert a == studio.random_specs(["p"], 50, seed=3, guidance_scale=4.0, num_inference_steps=20, max_steps=150,
+                                    max_guidance=50.0)
+    assert all(2.0 <= s.guidance_scale <= 6.0 and 10 <= s.num_inference_steps <= 30 for s in a)
+    assert len({s.seed for s in a}) == 50 and len({s.guidance_scale for s in a}) > 10
+
+
+def test_batches_share_steps_and_mix_guidance_only_when_it_is_on():
+    specs = [ImageSpec("p", 0, g, n) for g, n in [(0.0, 5), (1.0, 5), (2.0, 5), (7.0, 5), (3.0, 9), (0.0, 5)]]
+    groups = sorted(sorted(b) for b in batches(specs, max_batch=16))
+    assert groups == [[0, 5], [1], [2, 3], [4]]
+    assert all(len(b) <= 2 for b in batches([ImageSpec("p", i, 3.0, 5) for i in range(5)], max_batch=2))
+
+
+def test_a_guidance_sweep_is_batched_and_each_frame_reproduces_alone(service):
+    frames, gif = service.sweep("alice", ["a blue star"], {"seed": 4, "num_inference_steps": 4, "values": [0, 1, 3, 9]})
+    assert [f.parameters["guidance_scale"] for f in frames] == [0, 1, 3, 9] and {f.seed for f in frames} == {4}
+    with Image.open(io.BytesIO(gif)) as im:
+        assert im.format == "GIF" and im.n_frames == 4
+    for f in frames:  # frames 3 and 9 were made in one call with per-image guidance
+        again = service.generate("alice", [], {"parameters": f.parameters_text()})[0]
+        assert np.array_equal(np.asarray(again.image), np.asarray(f.image)), f.parameters["guidance_scale"]
+    assert not np.array_equal(np.asarray(frames[2].image), np.asarray(frames[3].image))
+
+
+def test_a_grid_returns_every_image_and_a_captioned_sheet(service):
+    images, sheet = service.grid("alice", ["a red heart", "a green cross"], {
+        "guidance_scales": [2, 5], "steps": [3], "num_seeds": 2, "seed": 10})
+    assert len(images) == 8 and [i.seed for i in images[:4]] == [10, 11, 10, 11]
+    with Image.open(io.BytesIO(sheet)) as im:
+        assert im.format == "PNG" and im.width > 4 * 32
+    with pytest.raises(BadRequest, match="at most"):
+        service.grid("alice", ["x"], {"num_seeds": 200, "guidance_scales": [1, 2]})
