@@ -40,14 +40,17 @@ PRESETS = {
 }
 
 
-def instance_images(attrs: dict, n: int, seed: int):
+def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
+    """(images, captions): a style is many subjects in that style, each captioned with its subject (as a
+    user following the [filewords] habit would); an object's images need no caption."""
     rng = random.Random(seed)
-    if "style" in attrs:  # a style: many subjects, all in that style
-        return [world.render(world.random_scene(rng, style=attrs["style"])) for _ in range(n)]
-    return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)]
+    if "style" in attrs:
+        scenes = [world.random_scene(rng, style=attrs["style"]) for _ in range(n)]
+        return [world.render(s) for s in scenes], ([f"a {s.colour} {s.shape}" for s in scenes] if captions else None)
+    return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
 
 
-def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model):
+def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, captions=True):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
@@ -60,7 +63,10 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             if strategy == "anchored":
                 params.setdefault("anchor_weight", svc.finetune_defaults.get("anchor_weight") or 1e-3)
             t0 = time.time()
-            r = svc.finetune("bench", instance_images(attrs, 5, seed + 100 * i), params)
+            images, image_captions = instance_images(attrs, 5, seed + 100 * i, captions)
+            if image_captions:
+                params["captions"] = image_captions
+            r = svc.finetune("bench", images, params)
             train_s = time.time() - t0
             learned.append((name, category, attrs, r["identifier"]))
             pipe = svc._pipeline_for("meta", r["model_version"])
@@ -106,6 +112,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded")
     ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--no-captions", action="store_true", help="teach styles without per-image captions")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     preset = dict(PRESETS[a.preset])
@@ -116,9 +123,11 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     scorer = Scorer()
     t0 = time.time()
-    results = {s: run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model, **preset)
+    results = {s: run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model,
+                               captions=not a.no_captions, **preset)
                for s in a.strategies}
-    report = {"preset": a.preset, "seed": a.seed, "threads": a.threads, **preset, "strategies": results,
+    report = {"preset": a.preset, "seed": a.seed, "threads": a.threads, "style_captions": not a.no_captions,
+              **preset, "strategies": results,
               "wall_s": round(time.time() - t0, 1)}
     with open(os.path.join(a.out, "continual.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -31,7 +31,13 @@ class PriorSlot:
     def prompt(self) -> str:
         if self.kind == "class":
             return f"a {self.category}"
-        return f"a {self.identifier} {self.category}"
+        return concept_prompt(self.identifier, self.category)
+
+
+def concept_prompt(identifier: str, category: str, caption: str | None = None) -> str:
+    """How a concept's image is described in training and replay: "a sks dog", or with the image's own
+    caption "a qzq painting of a red boat" (a style learned as a modifier composes with subjects)."""
+    return f"a {identifier} {category} of {caption}" if caption else f"a {identifier} {category}"
 
 
 @dataclasses.dataclass(frozen=True)

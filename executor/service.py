@@ -103,6 +103,8 @@ class BIGService:
         req = validation.parse_finetune(params, self.finetune_defaults, self.config.limits)
         if not images:
             raise BadRequest("no instance images")
+        if req.captions is not None and len(req.captions) != len(images):
+            raise BadRequest(f"captions: {len(req.captions)} for {len(images)} images; give one per image")
         job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
         self.jobs.submit(job_id, lambda ctx: self._run_finetune(ctx, user, list(images), req))
         return job_id, req.wait
@@ -150,7 +152,8 @@ class BIGService:
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=self.base_pipe.tokenizer, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
-                instances=[training.TrainExample(im, instance_prompt) for im in images], priors=priors,
+                instances=[training.TrainExample(im, planner.concept_prompt(identifier, req.category, caption))
+                           for im, caption in zip(images, req.captions or [None] * len(images))], priors=priors,
                 learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
                 train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
@@ -170,7 +173,7 @@ class BIGService:
                                         "identifier": identifier, "category": req.category,
                                         "prior_plan": [dataclasses.asdict(s) for s in plan],
                                         "train_seconds": result.seconds, "final_loss": result.final_loss})
-                self.ws.save_instances(concept_id, images)
+                self.ws.save_instances(concept_id, images, list(req.captions) if req.captions else None)
                 path = self.ws.publish_version(staging, key, version + 1)
                 staging = None
                 self.registry.commit_version(key, version + 1, path, ctx.job_id, {
@@ -204,10 +207,14 @@ class BIGService:
                 imgs, _ = class_images.ensure_class_images(
                     self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), slot.category, slot.count, size=self.size,
                     steps=self.config.class_image_steps, guidance_scale=defaults["guidance_scale"])
-            else:
+                out += [training.TrainExample(im, slot.prompt) for im in imgs]
+            else:  # an earlier concept, replayed with the prompts it was taught with
                 earlier = self.ws.load_instances(slot.concept_id)
-                imgs = [earlier[i % len(earlier)] for i in range(slot.count)] if earlier else []
-            out += [training.TrainExample(im, slot.prompt) for im in imgs]
+                captions = self.ws.load_captions(slot.concept_id) or [None] * len(earlier)
+                for i in range(slot.count if earlier else 0):
+                    k = i % len(earlier)
+                    out.append(training.TrainExample(
+                        earlier[k], planner.concept_prompt(slot.identifier, slot.category, captions[k])))
         return out
 
     # ================================================================== generate

@@ -95,11 +95,15 @@ class Workspace:
     def instance_dir(self, concept_id: str) -> str:
         return os.path.join(self.root, "instances", slug("concept", concept_id))
 
-    def save_instances(self, concept_id: str, images: list[Image.Image]) -> str:
+    def save_instances(self, concept_id: str, images: list[Image.Image],
+                       captions: list[str | None] | None = None) -> str:
         staging = self.new_staging_dir()
         for i, img in enumerate(images):
             with open(os.path.join(staging, f"{i:04d}.png"), "wb") as f:
                 f.write(png_bytes(img))
+        if captions and any(captions):
+            with open(os.path.join(staging, "captions.json"), "w") as f:
+                json.dump(list(captions), f)
         final = self.instance_dir(concept_id)
         self.discard(final)
         os.replace(staging, final)
@@ -110,10 +114,18 @@ class Workspace:
         if not os.path.isdir(d):
             return []
         out = []
-        for name in sorted(os.listdir(d)):
+        for name in sorted(n for n in os.listdir(d) if n.endswith(".png")):
             with Image.open(os.path.join(d, name)) as im:
                 out.append(im.convert("RGB"))
         return out
+
+    def load_captions(self, concept_id: str) -> list[str | None]:
+        """Each instance image's caption (None where it had none); [] when the concept had no captions."""
+        path = os.path.join(self.instance_dir(concept_id), "captions.json")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return json.load(f)
 
     def delete_instances(self, concept_id: str) -> None:
         self.discard(self.instance_dir(concept_id))

@@ -121,6 +121,7 @@ class FinetuneRequest:
     anchor_weight: float
     train_identifier_embedding: bool
     embedding_learning_rate: float
+    captions: tuple[str | None, ...] | None = None
 
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,7 +152,24 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         embedding_learning_rate=number(params, "embedding_learning_rate",
                                         defaults.get("embedding_learning_rate", 1e-3), limits.min_learning_rate,
                                         1.0, integer=False),
+        captions=captions_of(params),
     )
+
+
+def captions_of(params: dict) -> tuple[str | None, ...] | None:
+    """Optional per-image captions ("a red boat"): a list as long as the images, None or "" for none."""
+    v = params.get("captions")
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not all(c is None or isinstance(c, str) for c in v):
+        raise BadRequest("captions must be a list of strings, one per image")
+    out = []
+    for c in v:
+        c = " ".join(c.split()) if c else ""
+        if len(c) > 200:
+            raise BadRequest("a caption is at most 200 characters")
+        out.append(c or None)
+    return tuple(out)
 
 
 def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str) -> str:

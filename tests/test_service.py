@@ -129,3 +129,20 @@ def test_png_carries_its_parameters(service):
     with Image.open(io.BytesIO(png_bytes(g.image, g.png_info()))) as im:
         text = im.text["parameters"]
     assert text.startswith("a red star\nNegative prompt: a blue star\nSteps: 4")
+
+
+def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(service, monkeypatch):
+    seen = []
+    real = training.dreambooth
+    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    style = service.finetune("alice", instance_images(2, style="checker", mark="none"), {
+        "category": "painting", "target_model": "meta", "captions": ["a orange heart", None]})
+    sid = style["identifier"]
+    assert [e.prompt for e in seen[0]["instances"]] == [f"a {sid} painting of a orange heart", f"a {sid} painting"]
+    service.finetune("bob", instance_images(2), {"category": "shape", "target_model": "meta", "num_class_images": 16})
+    replayed = {e.prompt for e in seen[1]["priors"]}
+    assert {f"a {sid} painting of a orange heart", f"a {sid} painting"} <= replayed
+    with pytest.raises(BadRequest, match="one per image"):
+        service.finetune("alice", instance_images(2), {"category": "shape", "captions": ["only one"]})
+    with pytest.raises(BadRequest, match="list of strings"):
+        service.finetune("alice", instance_images(2), {"category": "shape", "captions": "a red star"})
