@@ -36,7 +36,7 @@ SEQUENCE = [
 ]
 PRESETS = {
     "full": dict(steps=None, n=32, base_n=64, concepts=4),
-    "smoke": dict(steps=40, n=8, base_n=16, concepts=2),
+    "smoke": dict(steps=250, n=12, base_n=16, concepts=2),
 }
 
 
@@ -60,8 +60,6 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             params = {"category": category, "target_model": "meta", "metamodel_strategy": strategy, "seed": seed + i}
             if steps:
                 params["max_train_steps"] = steps
-            if strategy == "anchored":
-                params.setdefault("anchor_weight", svc.finetune_defaults.get("anchor_weight") or 1e-3)
             t0 = time.time()
             images, image_captions = instance_images(attrs, 5, seed + 100 * i, captions)
             if image_captions:
@@ -104,7 +102,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "anchored"])
+    ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "replay"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--n", type=int)

@@ -28,7 +28,7 @@ from .storage import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
-                        train_text_encoder=False, metamodel_strategy="seed_split", anchor_weight=0.0,
+                        train_text_encoder=False, metamodel_strategy="seed_split",
                         train_identifier_embedding=True, embedding_learning_rate=1e-3)
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 
@@ -140,10 +140,15 @@ class BIGService:
                                            reserved_words=req.category.split())
             instance_prompt = f"a {identifier} {req.category}"
 
+            # A private model learns one concept from the base: nothing earlier to keep.
+            strategy = validation.METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy] if kind != "private" else \
+                validation.METAMODEL_STRATEGY_SETTINGS["naive"]
+            anchor_weight = req.anchor_weight if req.anchor_weight is not None and kind != "private" \
+                else strategy["anchor_weight"]
             plan = planner.plan_prior_batch(
                 req.num_class_images, req.category,
                 [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned],
-                metamodel=kind != "private" and req.metamodel_strategy != "naive")
+                metamodel=strategy["replay_earlier"])
             log.info("job %s: %r into %s v%d; prior plan:\n%s", ctx.job_id, instance_prompt, key, version,
                      planner.describe_plan(plan))
             priors = self._prior_examples(plan)
@@ -157,7 +162,7 @@ class BIGService:
                 learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
                 train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
-                anchor_weight=req.anchor_weight if kind != "private" and req.metamodel_strategy == "anchored" else 0.0,
+                prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
                 train_token_ids=self.base_pipe.tokenizer(identifier, add_special_tokens=False).input_ids
                 if req.train_identifier_embedding else (),
                 embedding_learning_rate=req.embedding_learning_rate,

@@ -90,6 +90,7 @@ def dreambooth(
     learning_rate: float,
     max_train_steps: int,
     train_batch_size: int = 4,
+    prior_batch_size: int | None = None,
     prior_loss_weight: float = 1.0,
     train_text_encoder: bool = False,
     seed: int = 0,
@@ -186,7 +187,7 @@ def dreambooth(
         ii = torch.randint(0, len(instances), (train_batch_size,), generator=g)
         mu, sd, pidx = inst_mu[ii], inst_sd[ii], inst_p[ii]
         if priors:
-            pi = torch.randint(0, len(priors), (train_batch_size,), generator=g)
+            pi = torch.randint(0, len(priors), (prior_batch_size or train_batch_size,), generator=g)
             mu, sd = torch.cat([mu, prior_mu[pi]]), torch.cat([sd, prior_sd[pi]])
             pidx = torch.cat([pidx, prior_p[pi]])
         eps = torch.randn(mu.shape, generator=g).to(device)
@@ -200,13 +201,15 @@ def dreambooth(
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
             if priors:
-                p_inst, p_prior = pred.float().chunk(2)
-                t_inst, t_prior = target.float().chunk(2)
+                n_inst = len(ii)
+                p_inst, p_prior = pred.float()[:n_inst], pred.float()[n_inst:]
+                t_inst, t_prior = target.float()[:n_inst], target.float()[n_inst:]
                 loss = F.mse_loss(p_inst, t_inst) + prior_loss_weight * F.mse_loss(p_prior, t_prior)
             else:
                 loss = F.mse_loss(pred.float(), target.float())
             if anchors is not None:
-                drift = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
+                # One fused kernel per op over all tensors, not a Python loop over hundreds of them.
+                drift = torch.stack(torch._foreach_norm(torch._foreach_sub(params, anchors))).pow(2).sum()
                 loss = loss + anchor_weight * drift
             accelerator.backward(loss)
             if accelerator.sync_gradients:

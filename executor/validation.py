@@ -18,11 +18,22 @@ from . import schedulers
 from .errors import BadRequest
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
-# How a metamodel keeps earlier concepts (benchmarks/continual.py compares them):
+# How a metamodel keeps earlier concepts (benchmarks/continual.py compares them), as data:
 #   naive       plain sequential DreamBooth: class images of the current category only
 #   seed_split  the BIG recipe: prior batch split over categories and earlier instances (planner.py)
 #   anchored    seed_split plus an L2 pull towards the weights before this concept (L2-SP)
-METAMODEL_STRATEGIES = ("naive", "seed_split", "anchored")
+#   replay      seed_split with twice the prior batch per step (more replay of earlier concepts and of
+#               class images) and a light L2-SP anchor
+# `replay_earlier`: plan earlier concepts and other categories into the prior batch; `prior_batch_factor`:
+# prior images per step as a multiple of the instance batch; `anchor_weight`: the L2-SP weight, which a
+# request's own `anchor_weight` overrides.
+METAMODEL_STRATEGY_SETTINGS = {
+    "naive": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0),
+    "seed_split": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=0.0),
+    "anchored": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=1e-3),
+    "replay": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4),
+}
+METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -118,7 +129,7 @@ class FinetuneRequest:
     train_batch_size: int
     wait: bool
     metamodel_strategy: str
-    anchor_weight: float
+    anchor_weight: float | None  # None: the strategy's own
     train_identifier_embedding: bool
     embedding_learning_rate: float
     captions: tuple[str | None, ...] | None = None
@@ -145,7 +156,7 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         wait=_bool(params, "wait", True),
         metamodel_strategy=_choice(params, "metamodel_strategy", METAMODEL_STRATEGIES,
                                    defaults.get("metamodel_strategy", "seed_split")),
-        anchor_weight=number(params, "anchor_weight", defaults.get("anchor_weight", 0.0), 0.0, 1e6,
+        anchor_weight=number(params, "anchor_weight", defaults.get("anchor_weight"), 0.0, 1e6,
                               integer=False),
         train_identifier_embedding=_bool(params, "train_identifier_embedding",
                                          defaults.get("train_identifier_embedding", True)),

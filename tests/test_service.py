@@ -146,3 +146,23 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
         service.finetune("alice", instance_images(2), {"category": "shape", "captions": ["only one"]})
     with pytest.raises(BadRequest, match="list of strings"):
         service.finetune("alice", instance_images(2), {"category": "shape", "captions": "a red star"})
+
+
+@pytest.mark.parametrize("target,strategy,prior_batch,anchor", [
+    ("meta", "naive", 4, 0.0), ("meta", "seed_split", 4, 0.0), ("meta", "anchored", 4, 1e-3),
+    ("meta", "replay", 8, 2e-4), ("private_meta", "replay", 8, 2e-4), ("private", "replay", 4, 0.0),
+])
+def test_metamodel_strategies_are_configs_the_training_receives(service, monkeypatch, target, strategy,
+                                                                 prior_batch, anchor):
+    seen = []
+    real = training.dreambooth
+    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    params = {"target_model": target, "metamodel_strategy": strategy, "num_class_images": 8}
+    service.finetune("alice", instance_images(2), {**params, "category": "shape"})
+    service.finetune("alice", instance_images(2, style="checker"), {**params, "category": "painting"})
+    kw = seen[1]
+    assert kw["prior_batch_size"] == prior_batch and kw["anchor_weight"] == anchor
+    prompts = {e.prompt for e in kw["priors"]}
+    replays_earlier = target != "private" and strategy != "naive"
+    assert ("a shape" in prompts) == replays_earlier
+    assert any(p.endswith(" shape") and p != "a shape" for p in prompts) == replays_earlier
