@@ -45,6 +45,7 @@ def images_in(folder: str) -> list[str]:
 
 class BIGClient:
     def __init__(self, host: str, token: str):
+        self.host = host
         self.client = Client(host=host)
         self.token = token
 
@@ -52,8 +53,12 @@ class BIGClient:
         return {"jwt": {"token": self.token}, **{k: v for k, v in kw.items() if v is not None}}
 
     def finetune(self, folder: str, category: str, target_model: str = "private", **kw) -> ConceptDoc:
-        docs = image_docs(images_in(folder))
-        return self.client.post("/finetune", inputs=docs, parameters=self._params(
+        """Teach the images in `folder`; an image's sidecar `.txt` (same name) is its caption."""
+        paths = images_in(folder)
+        captions = [sidecar_caption(p) for p in paths]
+        if any(captions) and "captions" not in kw:
+            kw["captions"] = captions
+        return self.client.post("/finetune", inputs=image_docs(paths), parameters=self._params(
             category=category, target_model=target_model, **kw), return_type=DocList[ConceptDoc])[0]
 
     def generate(self, prompts, target_model: str = "pretrained", **kw) -> DocList[GeneratedImageDoc]:
@@ -61,6 +66,42 @@ class BIGClient:
         return self.client.post("/generate", inputs=DocList[TextDoc]([TextDoc(text=p) for p in prompts]),
                                 parameters=self._params(target_model=target_model, **kw),
                                 return_type=DocList[GeneratedImageDoc])
+
+    def sweep(self, prompt: str, sweep: str = "guidance_scale", target_model: str = "pretrained",
+              **kw) -> DocList[GeneratedImageDoc]:
+        """Frames of one prompt and seed with one parameter moved (values=[...] or start/stop/num); the last
+        document is the animated GIF (kind "animation")."""
+        return self.client.post("/sweep", inputs=DocList[TextDoc]([TextDoc(text=prompt)]), parameters=self._params(
+            sweep=sweep, target_model=target_model, **kw), return_type=DocList[GeneratedImageDoc])
+
+    def grid(self, prompts, target_model: str = "pretrained", split: int = 1, **kw) -> DocList[GeneratedImageDoc]:
+        """Prompts x guidance_scales x steps x seeds; the last document is the contact sheet.
+
+        `split` > 1 sends the prompts as that many concurrent requests, which a flow with several replicas
+        of the executor serves in parallel; the sheet is then assembled here.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        parts = [prompts[i::split] for i in range(split) if prompts[i::split]]
+        params = self._params(target_model=target_model, **kw)
+
+        def post(part):
+            return Client(host=self.host).post("/grid", inputs=DocList[TextDoc]([TextDoc(text=p) for p in part]),
+                                               parameters=params, return_type=DocList[GeneratedImageDoc])
+
+        if len(parts) == 1:
+            return post(parts[0])
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            answers = list(pool.map(post, parts))
+        by_prompt = {}
+        for answer in answers:
+            for d in answer:
+                if d.kind == "image":
+                    by_prompt.setdefault(d.text, []).append(d)
+        images = [d for p in prompts for d in by_prompt.get(p, [])]
+        sheet = contact_sheet_doc(images, columns=len(images) // len(prompts))
+        return DocList[GeneratedImageDoc](images + [sheet])
 
     def concepts(self) -> DocList[ConceptDoc]:
         return self.client.post("/concepts", inputs=DocList[TextDoc](), parameters=self._params(),
@@ -75,8 +116,30 @@ class BIGClient:
                          return_type=DocList[ConceptDoc])
 
 
+def sidecar_caption(image_path: str) -> str | None:
+    txt = os.path.splitext(image_path)[0] + ".txt"
+    if os.path.exists(txt):
+        with open(txt) as f:
+            return " ".join(f.read().split()) or None
+    return None
+
+
+def contact_sheet_doc(images, columns: int):
+    """A captioned PNG grid of generated-image documents, as a document of kind "contact_sheet"."""
+    from PIL import Image
+
+    from shapes_world.sheets import contact_sheet
+
+    pil = [Image.open(io.BytesIO(d.bytes_)).convert("RGB") for d in images]
+    captions = [f"{d.text}\n{(d.parameters or '').splitlines()[-1][:60]}" for d in images]
+    buf = io.BytesIO()
+    contact_sheet(pil, captions, columns=max(1, columns)).save(buf, format="PNG")
+    return GeneratedImageDoc(bytes_=buf.getvalue(), kind="contact_sheet", text=f"grid of {len(images)} images")
+
+
 def save_images(docs, out_dir: str, sheet_name: str = "contact_sheet.png") -> list[str]:
-    """Write each PNG (its generation parameters stay in the file) and a captioned contact sheet."""
+    """Write each PNG (its generation parameters stay in the file) and a captioned contact sheet; a GIF or
+    a sheet the server made (/sweep, /grid) is written as sweep.gif / grid.png beside them."""
     from PIL import Image
 
     from shapes_world.sheets import contact_sheet
@@ -84,11 +147,19 @@ def save_images(docs, out_dir: str, sheet_name: str = "contact_sheet.png") -> li
     os.makedirs(out_dir, exist_ok=True)
     paths, images, captions = [], [], []
     for i, d in enumerate(docs):
+        kind = getattr(d, "kind", None) or "image"
+        if kind != "image":
+            path = os.path.join(out_dir, "sweep.gif" if kind == "animation" else "grid.png")
+            with open(path, "wb") as f:
+                f.write(d.bytes_)
+            paths.append(path)
+            continue
         path = os.path.join(out_dir, f"{i:03d}_seed{getattr(d, 'seed', None)}.png")
         with open(path, "wb") as f:
             f.write(d.bytes_)
         paths.append(path)
         images.append(Image.open(io.BytesIO(d.bytes_)).convert("RGB"))
         captions.append(f"{getattr(d, 'text', '')} (seed {getattr(d, 'seed', '?')})")
-    contact_sheet(images, captions, columns=min(8, len(images)), cell=128).save(os.path.join(out_dir, sheet_name))
+    if images:
+        contact_sheet(images, captions, columns=min(8, len(images)), cell=128).save(os.path.join(out_dir, sheet_name))
     return paths

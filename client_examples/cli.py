@@ -3,10 +3,14 @@
     export BIG_HOST=grpc://localhost:51000 BIG_TOKEN=$(python -m executor.auth mint alice)
     python -m client_examples.cli finetune client_examples/sample_concept --category shape [--target meta]
     python -m client_examples.cli generate "a sks shape" --target private --identifier sks --out out/
+    python -m client_examples.cli sweep "a red star" --start 0 --stop 30 --num 31 --seed 7 --out sweep/
+    python -m client_examples.cli grid "a red star" "a blue heart" --guidance-scales 2 4 8 --num-seeds 4 --out grid/
     python -m client_examples.cli concepts
     python -m client_examples.cli jobs [JOB_ID] [--cancel]
     python -m client_examples.cli delete sks
-`generate` writes one PNG per image (with its parameters inside) and a captioned contact_sheet.png.
+`generate` writes one PNG per image (with its parameters inside) and a captioned contact_sheet.png;
+`sweep` also writes the server's sweep.gif, `grid` the server's grid.png. `finetune` sends an image's
+sidecar .txt (same name) as its caption.
 """
 from __future__ import annotations
 
@@ -39,6 +43,30 @@ def main(argv=None) -> int:
     g.add_argument("--negative")
     g.add_argument("--seed", type=int)
     g.add_argument("--out", default="big_out")
+    for name, help_text in (("sweep", "one prompt and seed, one parameter over a range: frames + sweep.gif"),
+                            ("grid", "prompts x guidance scales x steps x seeds: images + grid.png")):
+        w = sub.add_parser(name, help=help_text)
+        w.add_argument("prompts", nargs="+" if name == "grid" else 1)
+        w.add_argument("--target", default="pretrained", choices=["pretrained", "private", "meta", "private_meta"])
+        w.add_argument("--identifier")
+        w.add_argument("--steps", type=int)
+        w.add_argument("--guidance", type=float)
+        w.add_argument("--negative")
+        w.add_argument("--scheduler")
+        w.add_argument("--seed", type=int)
+        w.add_argument("--out", default="big_out")
+        if name == "sweep":
+            w.add_argument("--param", default="guidance_scale", choices=["guidance_scale", "num_inference_steps"])
+            w.add_argument("--values", type=float, nargs="+")
+            w.add_argument("--start", type=float)
+            w.add_argument("--stop", type=float)
+            w.add_argument("--num", type=int)
+        else:
+            w.add_argument("--guidance-scales", type=float, nargs="+")
+            w.add_argument("--steps-list", type=int, nargs="+")
+            w.add_argument("--num-seeds", type=int)
+            w.add_argument("--random-samples", type=int)
+            w.add_argument("--split", type=int, default=1, help="concurrent requests (for a flow with replicas)")
     sub.add_parser("concepts", help="list the concepts you can use")
     j = sub.add_parser("jobs", help="list your jobs, or show/cancel one")
     j.add_argument("job_id", nargs="?")
@@ -63,6 +91,17 @@ def main(argv=None) -> int:
                             seed=a.seed)
         paths = save_images(docs, a.out)
         print(f"wrote {len(paths)} images and {os.path.join(a.out, 'contact_sheet.png')}")
+    elif a.cmd in ("sweep", "grid"):
+        common = dict(identifier=a.identifier, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                      negative_prompt=a.negative, scheduler=a.scheduler, seed=a.seed)
+        if a.cmd == "sweep":
+            docs = big.sweep(a.prompts[0], a.param, a.target, values=a.values, start=a.start, stop=a.stop,
+                             num=a.num, **common)
+        else:
+            docs = big.grid(a.prompts, a.target, split=a.split, guidance_scales=a.guidance_scales,
+                            steps=a.steps_list, num_seeds=a.num_seeds, random_samples=a.random_samples, **common)
+        paths = save_images(docs, a.out)
+        print(f"wrote {len(paths)} files to {a.out} ({'sweep.gif' if a.cmd == 'sweep' else 'grid.png'} included)")
     elif a.cmd == "concepts":
         for c in big.concepts():
             print(f"{c.text:8s} {c.category:12s} {c.target_model:13s} v{c.model_version}  {c.prompt!r}")

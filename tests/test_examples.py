@@ -23,7 +23,7 @@ def test_quickstart_notebook_runs_end_to_end(tmp_path):
     script = tmp_path / "nb.py"
     script.write_text(notebook_code(os.path.join(REPO, "client_examples", "quickstart.ipynb")))
     env = {**os.environ, "BIG_WORKSPACE": str(tmp_path / "ws"), "BIG_BASE_MODEL": BASE_MODEL,
-           "BIG_NOTEBOOK_STEPS": "5", "JINA_LOG_LEVEL": "ERROR"}
+           "BIG_NOTEBOOK_STEPS": "5", "BIG_NOTEBOOK_FRAMES": "5", "JINA_LOG_LEVEL": "ERROR"}
     # A notebook is not a __main__ module that a spawned child could re-import: run it as Colab
     # does, with jina's default (fork) start method.
     env.pop("JINA_MP_START_METHOD", None)
@@ -31,3 +31,6 @@ def test_quickstart_notebook_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "identifier:" in r.stdout and "8 images" in r.stdout
     assert os.path.exists(tmp_path / "ws" / "notebook_out" / "contact_sheet.png")
+    assert "sweep frames: 5 | grid images: 12" in r.stdout
+    studio = tmp_path / "ws" / "notebook_studio"
+    assert (studio / "sweep.gif").exists() and (studio / "grid.png").exists()

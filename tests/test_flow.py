@@ -139,3 +139,22 @@ def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_pa
         assert "Seed: 2" in im.text["parameters"]
     assert cli.main(["--host", host, "--token", token, "concepts"]) == 0
     assert ident in capsys.readouterr().out
+
+
+def test_cli_sweep_and_grid_write_frames_a_gif_and_a_sheet(flow, tmp_path):
+    from client_examples import cli
+
+    host = f"grpc://{flow.args.host}:{flow.args.port}"
+    token = mint_token("gina", SECRET)
+    out = tmp_path / "sweep"
+    assert cli.main(["--host", host, "--token", token, "sweep", "a red star", "--values", "1", "4", "8",
+                     "--steps", "3", "--seed", "5", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["000_seed5.png", "001_seed5.png", "002_seed5.png", "contact_sheet.png",
+                                       "sweep.gif"]
+    with Image.open(out / "sweep.gif") as im:
+        assert im.n_frames == 3
+    out = tmp_path / "grid"
+    assert cli.main(["--host", host, "--token", token, "grid", "a red star", "a blue heart", "--guidance-scales",
+                     "2", "6", "--steps", "3", "--num-seeds", "2", "--split", "2", "--out", str(out)]) == 0
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if f.endswith("png") and f[:3].isdigit()]) == 8 and "grid.png" in files
