@@ -4,7 +4,8 @@
 
 1. Emphasis: prompts that name two colours ("a red blue star") leave the colour to the model; the scorer
    reads n images per prompt (seeds fixed, printed) without and with "(red:1.5)" / "(blue:1.5)", and the
-   share of images in the emphasised colour is printed before and after.
+   share of images in the emphasised colour is printed before and after; and "a (red:0) star", the colour
+   word's own states zeroed, shows where the model reads the colour from.
 2. Cost: a 0..30 guidance sweep (31 frames) and a 4x4 grid (4 prompts x 4 guidance scales), wall time and
    time per image, against a single-image /generate call in the same run (median of repeats).
 Writes the sweep GIF, the grid sheet, an emphasis sheet and a JSON report to --out.
@@ -65,8 +66,18 @@ def main():
                 print(f"{emphasised:32s} {target:7s} share {before:.2f} -> {after:.2f}", flush=True)
                 sheet += [g.image for g in imgs[:6]]
                 captions += [emphasised] * 6
+        # Where does the model read a colour from? Zero the colour word's own states: if the colour stays,
+        # it is read from the later (shape, end-of-text) states that causal attention filled with it, and
+        # per-token emphasis has little to act on.
+        for colour, shape in (("red", "star"), ("green", "circle")):
+            plain, zeroed = f"a {colour} {shape}", f"a ({colour}:0) {shape}"
+            before, _ = colour_share(svc, scorer, plain, colour, a.n, a.seed, a.steps)
+            after, _ = colour_share(svc, scorer, zeroed, colour, a.n, a.seed, a.steps)
+            rows.append({"prompt": plain, "emphasised": zeroed, "colour": colour,
+                         "share_before": round(before, 3), "share_after": round(after, 3)})
+            print(f"{zeroed:32s} {colour:7s} share {before:.2f} -> {after:.2f}", flush=True)
         report["emphasis"] = {"rows": rows, "mean_gain_points": round(
-            100 * float(np.mean([r["share_after"] - r["share_before"] for r in rows])), 1)}
+            100 * float(np.mean([r["share_after"] - r["share_before"] for r in rows if ":0)" not in r["emphasised"]])), 1)}
         contact_sheet(sheet, captions, columns=6, title="emphasis").save(os.path.join(a.out, "emphasis.png"))
 
         # 2. cost: single-image /generate vs sweep and grid, same process

@@ -157,8 +157,7 @@ class BIGService:
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=self.base_pipe.tokenizer, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
-                instances=[training.TrainExample(im, planner.concept_prompt(identifier, req.category, caption))
-                           for im, caption in zip(images, req.captions or [None] * len(images))], priors=priors,
+                instances=_examples(images, identifier, req.category, req.captions), priors=priors,
                 learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
                 train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
@@ -214,12 +213,9 @@ class BIGService:
                     steps=self.config.class_image_steps, guidance_scale=defaults["guidance_scale"])
                 out += [training.TrainExample(im, slot.prompt) for im in imgs]
             else:  # an earlier concept, replayed with the prompts it was taught with
-                earlier = self.ws.load_instances(slot.concept_id)
-                captions = self.ws.load_captions(slot.concept_id) or [None] * len(earlier)
-                for i in range(slot.count if earlier else 0):
-                    k = i % len(earlier)
-                    out.append(training.TrainExample(
-                        earlier[k], planner.concept_prompt(slot.identifier, slot.category, captions[k])))
+                earlier = _examples(self.ws.load_instances(slot.concept_id), slot.identifier, slot.category,
+                                    self.ws.load_captions(slot.concept_id))
+                out += [earlier[i % len(earlier)] for i in range(slot.count if earlier else 0)]
         return out
 
     # ================================================================== generate
@@ -387,6 +383,17 @@ def _as_dtype(module, dtype):
     if module is None or next(module.parameters()).dtype == dtype:
         return module
     return module.to(dtype)
+
+
+def _examples(images, identifier: str, category: str, captions) -> list[training.TrainExample]:
+    """A concept's training examples: every image with "a {id} {category}", and a captioned image also with
+    "a {id} {category} of {caption}", so both the bare and the composed use are taught."""
+    out = []
+    for im, caption in zip(images, captions or [None] * len(images)):
+        out.append(training.TrainExample(im, planner.concept_prompt(identifier, category)))
+        if caption:
+            out.append(training.TrainExample(im, planner.concept_prompt(identifier, category, caption)))
+    return out
 
 
 def _job_error(job: dict) -> Exception:

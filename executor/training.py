@@ -108,6 +108,8 @@ def dreambooth(
     `train_token_ids` (pivotal tuning): also learn the input embeddings of these tokens (the new
     identifier) and nothing else of the text encoder, so every prompt without them is encoded
     exactly as before and the base vocabulary cannot drift through the text side.
+    Each step draws `train_batch_size` instance and `prior_batch_size` (default: the same) prior examples;
+    `anchor_weight` adds an L2 pull of every trained weight towards where it started (L2-SP).
     """
     from accelerate import Accelerator
 

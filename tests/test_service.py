@@ -138,7 +138,8 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
     style = service.finetune("alice", instance_images(2, style="checker", mark="none"), {
         "category": "painting", "target_model": "meta", "captions": ["a orange heart", None]})
     sid = style["identifier"]
-    assert [e.prompt for e in seen[0]["instances"]] == [f"a {sid} painting of a orange heart", f"a {sid} painting"]
+    assert [e.prompt for e in seen[0]["instances"]] == [f"a {sid} painting", f"a {sid} painting of a orange heart",
+                                                        f"a {sid} painting"]
     service.finetune("bob", instance_images(2), {"category": "shape", "target_model": "meta", "num_class_images": 16})
     replayed = {e.prompt for e in seen[1]["priors"]}
     assert {f"a {sid} painting of a orange heart", f"a {sid} painting"} <= replayed
