@@ -1,10 +1,10 @@
 """Does the metamodel forget? A sequence of concepts taught to one metamodel, scored after each step.
 
-    python benchmarks/continual.py [--strategies naive seed_split anchored] [--steps 200] [--n 32]
+    python benchmarks/continual.py [--strategies naive seed_split replay] [--steps 200] [--n 32] [--no-captions]
     python benchmarks/continual.py --preset smoke      # the small version the test suite runs
 
 Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker,
-"painting"), a second object of the same category (a red star with a ring: the seed's hard case), a
+"painting", each image captioned with its subject unless --no-captions), a second object of the same category (a red star with a ring: the seed's hard case), a
 second style (hollow). After each step every concept learned so far is scored (fidelity), the base
 prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
 compositions ("a {style} painting of a {object} shape", both attributes right). Writes a JSON table,

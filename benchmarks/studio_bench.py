@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from executor.service import BIGService, ServiceConfig  # noqa: E402
+from executor.validation import Limits  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 from shapes_world.sheets import contact_sheet  # noqa: E402
 
@@ -51,7 +52,8 @@ def main():
     scorer = Scorer()
     report = {"threads": a.threads, "n": a.n, "seed": a.seed, "steps": a.steps, "weight": a.weight}
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
+                                       limits=Limits(max_num_images=max(16, a.n))))
 
         # 1. emphasis
         rows, sheet, captions = [], [], []
