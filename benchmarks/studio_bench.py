@@ -13,7 +13,6 @@ Writes the sweep GIF, the grid sheet, an emphasis sheet and a JSON report to --o
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.service_bench import timed  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from executor.validation import Limits  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
@@ -85,8 +85,7 @@ def main():
         # 2. cost: single-image /generate vs sweep and grid, same process
         gen = {"num_inference_steps": a.steps, "seed": 1}
         svc.generate("bench", ["a red star"], gen)  # warm up
-        single = statistics.median(
-            _timed(lambda: svc.generate("bench", ["a red star"], gen)) for _ in range(a.repeat))
+        single = timed(lambda: svc.generate("bench", ["a red star"], gen), a.repeat)
         t0 = time.perf_counter()
         frames, gif = svc.sweep("bench", ["a red star on a black background"], {**gen, "seed": 7})
         sweep_s = time.perf_counter() - t0
@@ -108,12 +107,6 @@ def main():
     print(json.dumps(report, indent=1))
     with open(os.path.join(a.out, "studio.json"), "w") as f:
         json.dump(report, f, indent=1)
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -71,10 +71,6 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged if t] or [("", 1.0)]
 
 
-def has_emphasis(prompt: str) -> bool:
-    return any(c in prompt for c in "()[]\\")
-
-
 def weighted_tokens(tokenizer, prompt: str) -> tuple[list[int], list[float]]:
     """Token ids of the prompt without BOS/EOS, and each token's weight."""
     ids: list[int] = []
