@@ -136,11 +136,8 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
     return out
 
 
-def generate(pipe, prompts: list[str], *, num_images: int, num_inference_steps: int, guidance_scale: float,
-             negative_prompt: str | None, seed: int | None, height: int, width: int, model_label: str,
-             model_version: int, max_batch: int = 16) -> list[GeneratedImage]:
+def prompt_specs(prompts: list[str], *, num_images: int, seed: int | None, guidance_scale: float,
+                 num_inference_steps: int) -> list[ImageSpec]:
     """`num_images` per prompt; image k of prompt i uses seed `seed + i*num_images + k`."""
-    specs = [ImageSpec(p, s, guidance_scale, num_inference_steps) for i, p in enumerate(prompts)
-             for s in seeds_for(None if seed is None else seed + i * num_images, num_images)]
-    return render(pipe, specs, negative_prompt=negative_prompt, height=height, width=width,
-                  model_label=model_label, model_version=model_version, max_batch=max_batch)
+    return [ImageSpec(p, s, guidance_scale, num_inference_steps) for i, p in enumerate(prompts)
+            for s in seeds_for(None if seed is None else seed + i * num_images, num_images)]

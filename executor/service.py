@@ -267,34 +267,34 @@ class BIGService:
             text_prompt, from_text = infotext.request_from_infotext(params["parameters"])
             params = {**from_text, **{k: v for k, v in params.items() if k != "parameters"}}
             prompts = list(prompts) or [text_prompt]
-        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
-        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        req, prompts = self._generate_request(params, prompts)
         if not prompts:
             raise BadRequest("send at least one prompt document")
         if len(prompts) * req.num_images > 4 * self.config.limits.max_num_images:
             raise BadRequest("too many images in one request")
-        pipe, version = self._pipe_for(user, req)
-        return generation.generate(
-            pipe, prompts, num_images=req.num_images, num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, seed=req.seed,
-            **self._render_args(req, version))
+        return self._render(user, req, generation.prompt_specs(
+            prompts, num_images=req.num_images, seed=req.seed, guidance_scale=req.guidance_scale,
+            num_inference_steps=req.num_inference_steps))
 
-    def _pipe_for(self, user: str, req: validation.GenerateRequest):
+    def _generate_request(self, params: dict, prompts: Sequence[str]):
+        """The parsed generation parameters and the checked prompts, shared by /generate, /sweep and /grid."""
+        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
+        return req, [validation.prompt_of(p, self.config.limits) for p in prompts]
+
+    def _render(self, user: str, req: validation.GenerateRequest,
+                specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
         key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
         model = self._pipeline_for(key, version)
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
-        return pipelines.compose(model, scheduler=scheduler), version
-
-    @staticmethod
-    def _render_args(req: validation.GenerateRequest, version: int) -> dict:
-        return dict(height=req.height, width=req.width, model_version=version,
-                    model_label=req.target if req.target != "private" else f"private:{req.identifier}")
+        return generation.render(
+            pipelines.compose(model, scheduler=scheduler), specs, negative_prompt=req.negative_prompt,
+            height=req.height, width=req.width, model_version=version,
+            model_label=req.target if req.target != "private" else f"private:{req.identifier}")
 
     def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
         """One prompt, one seed, one parameter over a range: the frames and an animated GIF of them."""
-        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
-        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        req, prompts = self._generate_request(params, prompts)
         if len(prompts) != 1:
             raise BadRequest("a sweep takes exactly one prompt document")
         lim = self.config.limits
@@ -305,15 +305,13 @@ class BIGService:
         seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
         specs = studio.sweep_specs(prompts[0], seed, parameter, values, guidance_scale=req.guidance_scale,
                                    num_inference_steps=req.num_inference_steps)
-        pipe, version = self._pipe_for(user, req)
-        frames = generation.render(pipe, specs, negative_prompt=req.negative_prompt, **self._render_args(req, version))
+        frames = self._render(user, req, specs)
         return frames, studio.gif_bytes(frames, [studio.frame_label(parameter, v) for v in values])
 
     def grid(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
         """Prompts x guidance scales x steps x seeds (or `random_samples` around the setting): the images
         and a captioned contact sheet, a row per prompt."""
-        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
-        prompts = [validation.prompt_of(p, self.config.limits) for p in prompts]
+        req, prompts = self._generate_request(params, prompts)
         if not prompts:
             raise BadRequest("send at least one prompt document")
         lim = self.config.limits
@@ -337,8 +335,7 @@ class BIGService:
             specs = studio.grid_specs(prompts, guidance, steps, seeds)
         if len(specs) > lim.max_grid_images:
             raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {len(specs)})")
-        pipe, version = self._pipe_for(user, req)
-        images = generation.render(pipe, specs, negative_prompt=req.negative_prompt, **self._render_args(req, version))
+        images = self._render(user, req, specs)
         return images, studio.sheet_png(images, columns=len(specs) // len(prompts))
 
     # ================================================================== concepts, delete, jobs
