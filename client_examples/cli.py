@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)
     g.add_argument("--negative")
+    g.add_argument("--scheduler")
+    g.add_argument("--emphasis", choices=["context", "original", "none"])
     g.add_argument("--seed", type=int)
     g.add_argument("--out", default="big_out")
     for name, help_text in (("sweep", "one prompt and seed, one parameter over a range: frames + sweep.gif"),
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
         w.add_argument("--guidance", type=float)
         w.add_argument("--negative")
         w.add_argument("--scheduler")
+        w.add_argument("--emphasis", choices=["context", "original", "none"])
         w.add_argument("--seed", type=int)
         w.add_argument("--out", default="big_out")
         if name == "sweep":
@@ -88,12 +91,12 @@ def main(argv=None) -> int:
     elif a.cmd == "generate":
         docs = big.generate(a.prompts, a.target, identifier=a.identifier, num_images=a.num_images,
                             num_inference_steps=a.steps, guidance_scale=a.guidance, negative_prompt=a.negative,
-                            seed=a.seed)
+                            scheduler=a.scheduler, emphasis=a.emphasis, seed=a.seed)
         paths = save_images(docs, a.out)
         print(f"wrote {len(paths)} images and {os.path.join(a.out, 'contact_sheet.png')}")
     elif a.cmd in ("sweep", "grid"):
         common = dict(identifier=a.identifier, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                      negative_prompt=a.negative, scheduler=a.scheduler, seed=a.seed)
+                      negative_prompt=a.negative, scheduler=a.scheduler, emphasis=a.emphasis, seed=a.seed)
         if a.cmd == "sweep":
             docs = big.sweep(a.prompts[0], a.param, a.target, values=a.values, start=a.start, stop=a.stop,
                              num=a.num, **common)

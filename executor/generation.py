@@ -12,7 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .infotext import format_infotext
-from .prompting import encode_prompts
+from .prompting import DEFAULT_EMPHASIS, encode_prompts
 from .schedulers import label_of_scheduler
 
 
@@ -80,7 +80,7 @@ class GeneratedImage:
         return format_infotext(self.prompt, p.get("negative_prompt"), {
             "Steps": p["num_inference_steps"], "Sampler": p["scheduler"], "CFG scale": p["guidance_scale"],
             "Seed": self.seed, "Size": f"{p['width']}x{p['height']}", "Model": p["model"],
-            "Model version": p["model_version"]})
+            "Model version": p["model_version"], "Emphasis": p.get("emphasis", DEFAULT_EMPHASIS)})
 
     def png_info(self) -> PngInfo:
         info = PngInfo()
@@ -108,11 +108,12 @@ def batches(specs: list[ImageSpec], max_batch: int) -> list[list[int]]:
 
 @torch.no_grad()
 def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height: int, width: int,
-           model_label: str, model_version: int, max_batch: int = 16) -> list[GeneratedImage]:
+           model_label: str, model_version: int, max_batch: int = 16,
+           emphasis: str = DEFAULT_EMPHASIS) -> list[GeneratedImage]:
     """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
     out: list[GeneratedImage | None] = [None] * len(specs)
     common = dict(negative_prompt=negative_prompt, height=height, width=width, model=model_label,
-                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler))
+                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler), emphasis=emphasis)
     # A generator per image makes each image depend on its own seed only, not on its batch-mates.
     gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     for idx in batches(specs, max_batch):
@@ -121,7 +122,7 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
         embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.prompt for s in chunk],
                                                  [negative_prompt or ""] * len(chunk), pipe.device,
-                                                 dtype=pipe.text_encoder.dtype)
+                                                 dtype=pipe.text_encoder.dtype, emphasis=emphasis)
         scales = {s.guidance_scale for s in chunk}
         guidance = chunk[0].guidance_scale if len(scales) == 1 else torch.tensor(
             [s.guidance_scale for s in chunk], device=pipe.device, dtype=pipe.unet.dtype).view(-1, 1, 1, 1)

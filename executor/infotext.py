@@ -2,10 +2,11 @@
 
     a (sks:1.2) dog on a beach
     Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M, CFG scale: 4.0, Seed: 7, Size: 32x32, Model: meta, Model version: 3
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 4.0, Seed: 7, Size: 32x32, Model: meta, Model version: 3, Emphasis: context
 
 `/generate` accepts this text as its `parameters` parameter and makes the same image again (same model
-version, sampler, seed and size give the same pixels).
+version, sampler, seed, size and emphasis mode give the same pixels). A text without an "Emphasis" field (from
+AUTOMATIC1111, which writes it only when it is not its default) means AUTOMATIC1111's `original` emphasis.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def request_from_infotext(text: str) -> tuple[str, dict]:
         params.update(width=width, height=height)
     if negative:
         params["negative_prompt"] = negative
+    params["emphasis"] = f.get("Emphasis", "original")
     if "Sampler" in f:
         params["scheduler"] = f["Sampler"]
     model = f.get("Model")

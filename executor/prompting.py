@@ -2,10 +2,20 @@
 
 Syntax: `(word)` multiplies the attention to `word` by 1.1, `((word))` by 1.21, `[word]` divides it by 1.1,
 `(word:1.5)` sets it to 1.5 times the surrounding weight; groups nest; `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are
-literal characters; an unclosed group runs to the end of the prompt. The weights scale the text encoder's
-output states token by token, and the result is rescaled so that its mean is what it was unweighted (the usual
-rescale, which keeps the overall magnitude the UNet was trained on; see `apply_weights` for when the mean
-magnitude is kept instead). A prompt longer than the encoder window is
+literal characters; an unclosed group runs to the end of the prompt.
+
+How a weight acts on the text encoder's states (`EMPHASIS_MODES`, per request):
+- `original`: AUTOMATIC1111's: each token's own output states are multiplied by its weight, then the sequence
+  is rescaled to its unweighted mean (`apply_weights`).
+- `context` (default): the same on the token's own states, and also on what the word contributed to every
+  other token. A causal text encoder copies a word into every later state (the end-of-text and padding states
+  above all), and a UNet may read the word from there: the embedded model does, so `original` emphasis moves
+  nothing on it ("a (red:0) star" stays red). For each weighted fragment the prompt is encoded once more with
+  the fragment hidden from the encoder's attention, and the other states are moved by (weight - 1) times the
+  difference; weight 0 is then the prompt without the word, 2 doubles its effect.
+- `none`: the brackets are parsed and dropped; every weight is 1.
+
+A prompt longer than the encoder window is
 encoded in window-sized chunks that are concatenated along the sequence axis (cross-attention accepts any
 length), never truncated; prompt and negative prompt are padded with empty chunks to the same length.
 """
@@ -17,6 +27,8 @@ from typing import Sequence
 import torch
 
 EMPHASIS = 1.1
+EMPHASIS_MODES = ("context", "original", "none")
+DEFAULT_EMPHASIS = "context"
 
 _PIECE = re.compile(r"""
     \\[()\[\]\\]              # an escaped bracket or backslash
@@ -101,32 +113,78 @@ def _empty_chunk(tokenizer) -> tuple[list[int], list[float]]:
 
 
 def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale each token's states [batch, tokens, dim] by its weight [batch, tokens], then restore the scale.
-
-    The usual rescale restores each sequence's mean. That is only meaningful when the mean is not ~0: a text
-    encoder ending in a LayerNorm (the embedded model's; SD's CLIP is saved by a few large outlier features)
-    can have a mean of 1e-4 against values of 0.5, and dividing by the weighted mean would then multiply the
-    states by an arbitrary large factor. There the mean magnitude is restored instead.
-    """
+    """Scale each token's states [batch, tokens, dim] by its weight [batch, tokens], then restore the scale."""
     if bool(torch.all(weights == 1)):
         return states
-    w = weights.to(states.dtype).unsqueeze(-1)
-    scaled = states * w
-    mean, new_mean = states.mean(dim=(1, 2), keepdim=True), scaled.mean(dim=(1, 2), keepdim=True)
-    magnitude, new_magnitude = states.abs().mean(dim=(1, 2), keepdim=True), scaled.abs().mean(dim=(1, 2), keepdim=True)
+    return restore_scale(states * weights.to(states.dtype).unsqueeze(-1), states)
+
+
+def restore_scale(weighted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`weighted` rescaled so each sequence has `reference`'s mean: the usual rescale, which keeps the overall
+    magnitude the UNet was trained on.
+
+    That is only meaningful when the mean is not ~0: a text encoder ending in a LayerNorm (the embedded
+    model's; SD's CLIP is saved by a few large outlier features) can have a mean of 1e-4 against values of 0.5,
+    and dividing by the weighted mean would then multiply the states by an arbitrary large factor. There the
+    mean magnitude is restored instead.
+    """
+    dims = tuple(range(1, weighted.dim()))
+    mean, new_mean = reference.mean(dim=dims, keepdim=True), weighted.mean(dim=dims, keepdim=True)
+    magnitude, new_magnitude = reference.abs().mean(dim=dims, keepdim=True), weighted.abs().mean(dim=dims, keepdim=True)
     stable = mean.abs() >= 0.05 * magnitude
     factor = torch.where(stable, mean / torch.where(stable, new_mean, torch.ones_like(new_mean)),
                          magnitude / new_magnitude)
-    return scaled * factor
+    return weighted * factor
+
+
+def fragments_of(weights: list[float]) -> list[tuple[int, int, float]]:
+    """(start, end, weight) of each run of equal weight other than 1."""
+    out: list[tuple[int, int, float]] = []
+    for i, w in enumerate(weights):
+        if w == 1.0:
+            continue
+        if out and out[-1][1] == i and out[-1][2] == w:
+            out[-1] = (out[-1][0], i + 1, w)
+        else:
+            out.append((i, i + 1, w))
+    return out
+
+
+def apply_weights_in_context(text_encoder, ids: torch.Tensor, states: torch.Tensor,
+                             weights: torch.Tensor) -> torch.Tensor:
+    """`context` emphasis of sequences `ids` [batch, tokens] whose unweighted states are `states`.
+
+    One extra encoder pass per weighted fragment, all in one batch: the fragment's tokens are masked out of the
+    attention, so every other state is computed as if the word were not there.
+    """
+    jobs = [(row, start, end, w) for row in range(ids.shape[0])
+            for start, end, w in fragments_of(weights[row].tolist())]
+    if not jobs:
+        return states
+    masks = torch.ones(len(jobs), ids.shape[1], dtype=torch.long, device=ids.device)
+    for j, (_, start, end, _) in enumerate(jobs):
+        masks[j, start:end] = 0
+    rows = torch.tensor([row for row, *_ in jobs], device=ids.device)
+    without = text_encoder(ids[rows], attention_mask=masks)[0]
+    out = states.clone()
+    for j, (row, start, end, w) in enumerate(jobs):
+        moved = (w - 1) * (states[row] - without[j])
+        moved[start:end] = 0  # the fragment's own states are scaled below, as in `original`
+        out[row] += moved
+    out = out * weights.to(states.dtype).unsqueeze(-1)
+    return torch.cat([restore_scale(out[r : r + 1], states[r : r + 1]) if bool(torch.any(weights[r] != 1))
+                      else states[r : r + 1] for r in range(ids.shape[0])])
 
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], negative_prompts: Sequence[str],
-                   device, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   device, dtype=None, emphasis: str = DEFAULT_EMPHASIS) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, negative_prompt_embeds) for a diffusers Stable Diffusion pipeline call.
 
     For a prompt without emphasis that fits the window this is exactly what the pipeline computes itself.
     """
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, not {emphasis!r}")
     all_chunks = [_chunks(tokenizer, *weighted_tokens(tokenizer, p)) for p in list(prompts) + list(negative_prompts)]
     n_chunks = max(len(c) for c in all_chunks)
     empty = _empty_chunk(tokenizer)
@@ -135,8 +193,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], negative_pro
     weights = torch.tensor([[chunk_w for _, chunk_w in c] for c in all_chunks], device=device)
     # ids, weights: [prompts, chunks, window]; encode every chunk of every prompt in one batch.
     n, k, window = ids.shape
-    states = text_encoder(ids.reshape(n * k, window))[0]
-    states = apply_weights(states, weights.reshape(n * k, window))
+    ids, weights = ids.reshape(n * k, window), weights.reshape(n * k, window)
+    states = text_encoder(ids)[0]
+    if emphasis == "original":
+        states = apply_weights(states, weights)
+    elif emphasis == "context":
+        states = apply_weights_in_context(text_encoder, ids, states, weights)
     states = states.reshape(n, k * window, -1)
     if dtype is not None:
         states = states.to(dtype)

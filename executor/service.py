@@ -289,7 +289,7 @@ class BIGService:
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
         return generation.render(
             pipelines.compose(model, scheduler=scheduler), specs, negative_prompt=req.negative_prompt,
-            height=req.height, width=req.width, model_version=version,
+            height=req.height, width=req.width, model_version=version, emphasis=req.emphasis,
             model_label=req.target if req.target != "private" else f"private:{req.identifier}")
 
     def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import schedulers
+from . import prompting, schedulers
 from .errors import BadRequest
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
@@ -203,6 +203,7 @@ class GenerateRequest:
     width: int
     scheduler: str | None  # a key of schedulers.SAMPLERS; None: the model's own
     model_version: int | None  # None: the model's current version
+    emphasis: str = prompting.DEFAULT_EMPHASIS  # one of prompting.EMPHASIS_MODES
 
 
 def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequest:
@@ -231,7 +232,15 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
         scheduler=schedulers.resolve(sched).key if (sched := params.get("scheduler", defaults.get("scheduler")))
         else None,
         model_version=number(params, "model_version", None, 0, 2**31 - 1, integer=True),
+        emphasis=emphasis_of(params.get("emphasis", defaults.get("emphasis", prompting.DEFAULT_EMPHASIS))),
     )
+
+
+def emphasis_of(value: Any) -> str:
+    mode = value.strip().lower() if isinstance(value, str) else value
+    if mode not in prompting.EMPHASIS_MODES:
+        raise BadRequest(f"emphasis must be one of {', '.join(prompting.EMPHASIS_MODES)}")
+    return mode
 
 
 def prompt_of(text: Any, limits: Limits) -> str:

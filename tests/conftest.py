@@ -52,3 +52,10 @@ def service(tmp_path):
                                    generate_defaults={"num_inference_steps": 4}))
     yield svc
     svc.close()
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    from shapes_world.scorer import Scorer
+
+    return Scorer()

@@ -38,7 +38,9 @@ def test_infotext_round_trips_with_awkward_prompts():
     p, params = infotext.request_from_infotext(text)
     assert params == {"num_inference_steps": 20, "seed": 7, "num_images": 1, "guidance_scale": 4.0, "width": 32,
                       "height": 32, "negative_prompt": "blurry, \"odd\": yes", "scheduler": "DPM++ 2M",
-                      "target_model": "private", "identifier": "sks", "model_version": 1}
+                      "target_model": "private", "identifier": "sks", "model_version": 1, "emphasis": "original"}
+    # An AUTOMATIC1111 text names its emphasis only when it is not its default ("original"); ours always do.
+    assert infotext.request_from_infotext(text + ", Emphasis: context")[1]["emphasis"] == "context"
 
 
 @pytest.mark.parametrize("text", ["", "just a prompt", "a prompt\nSteps: many, Seed: 1"])
@@ -57,6 +59,7 @@ def test_an_image_is_reproduced_from_its_own_png_text(service):
         "negative_prompt": "blue", "guidance_scale": 3.5})
     text = out[1].parameters_text()
     assert "Sampler: Euler a" in text and "Seed: 12" in text and "Negative prompt: blue" in text
+    assert "Emphasis: context" in text
     again = service.generate("alice", [], {"parameters": text})
     assert len(again) == 1 and again[0].seed == 12
     assert np.array_equal(_pixels(again[0]), _pixels(out[1]))
@@ -64,6 +67,23 @@ def test_an_image_is_reproduced_from_its_own_png_text(service):
     other = service.generate("alice", [], {"parameters": text, "scheduler": "ddim"})
     assert "Sampler: DDIM" in other[0].parameters_text()
     assert not np.array_equal(_pixels(other[0]), _pixels(out[1]))
+    # The emphasis mode is part of the recipe: the same text in AUTOMATIC1111's mode is another image.
+    original = service.generate("alice", [], {"parameters": text.replace("Emphasis: context", "Emphasis: original")})
+    assert "Emphasis: original" in original[0].parameters_text()
+    assert not np.array_equal(_pixels(original[0]), _pixels(out[1]))
+    with pytest.raises(BadRequest, match="emphasis must be one of"):
+        service.generate("alice", ["a star"], {"emphasis": "loud"})
+
+
+def test_an_emphasised_colour_raises_that_colours_share_on_the_shapes_world(service, scorer):
+    """The issue's bar, small: "a red blue star" is always red; weighting red down lets blue through."""
+    def blue_share(prompt, emphasis="context"):
+        imgs = service.generate("u", [prompt], {"num_images": 8, "seed": 2024, "num_inference_steps": 12,
+                                                "emphasis": emphasis})
+        return np.mean([r["colour"] == "blue" for r in scorer.read([g.image for g in imgs])])
+    plain, emphasised = blue_share("a red blue star"), blue_share("a (red:0.5) blue star")
+    print(f"blue share: plain {plain:.2f}, (red:0.5) {emphasised:.2f} (8 images, seeds 2024-2031)")
+    assert plain <= 0.25 and emphasised >= plain + 0.5
 
 
 def test_a_metamodel_image_is_reproduced_after_the_metamodel_moved_on(service):
