@@ -20,9 +20,9 @@ from docarray.documents import ImageDoc, TextDoc
 from jina import Client
 
 try:  # the response types; a client without this repo can use ImageDoc/TextDoc instead
-    from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
+    from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 except ImportError:  # pragma: no cover
-    ConceptDoc, GeneratedImageDoc, JobDoc = TextDoc, ImageDoc, TextDoc
+    ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc = TextDoc, TextDoc, ImageDoc, TextDoc
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -52,10 +52,17 @@ class BIGClient:
     def _params(self, **kw) -> dict:
         return {"jwt": {"token": self.token}, **{k: v for k, v in kw.items() if v is not None}}
 
-    def finetune(self, folder: str, category: str, target_model: str = "private", **kw) -> ConceptDoc:
-        """Teach the images in `folder`; an image's sidecar `.txt` (same name) is its caption."""
+    def finetune(self, folder: str, category: str, target_model: str = "private", captions_from: str = "sidecar",
+                 **kw) -> ConceptDoc:
+        """Teach the images in `folder`. Captions (the `[filewords]` of a `prompt_template`) come from each
+        image's sidecar `.txt` (`captions_from="sidecar"`), its file name ("filename": "a red boat (2).png"
+        -> "a red boat"), or nowhere ("none"). `method`, `lora_rank`, `num_vectors`, `crop`, `flip`... pass
+        through as parameters."""
         paths = images_in(folder)
-        captions = [sidecar_caption(p) for p in paths]
+        if captions_from not in ("sidecar", "filename", "none"):
+            raise ValueError("captions_from is sidecar, filename or none")
+        captions = [sidecar_caption(p) if captions_from == "sidecar" else
+                    filename_caption(p) if captions_from == "filename" else None for p in paths]
         if any(captions) and "captions" not in kw:
             kw["captions"] = captions
         return self.client.post("/finetune", inputs=image_docs(paths), parameters=self._params(
@@ -111,6 +118,26 @@ class BIGClient:
         return self.client.post("/jobs", inputs=DocList[TextDoc](), parameters=self._params(
             job_id=job_id, cancel=cancel or None), return_type=DocList[JobDoc])
 
+    def export(self, identifier: str, out_dir: str | None = None, format: str = "all") -> DocList[ConceptFileDoc]:
+        """A private concept's files (LoRA, embeddings), written to `out_dir` if given."""
+        docs = self.client.post("/export", inputs=DocList[TextDoc](), parameters=self._params(
+            identifier=identifier, format=format), return_type=DocList[ConceptFileDoc])
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            for d in docs:
+                with open(os.path.join(out_dir, os.path.basename(d.text)), "wb") as f:
+                    f.write(d.bytes_)
+        return docs
+
+    def import_files(self, paths: Iterable[str], category: str, identifier: str | None = None) -> ConceptDoc:
+        """A LoRA (.safetensors) and/or an embedding (.safetensors, .pt) as a new private concept."""
+        docs = []
+        for p in paths:
+            with open(p, "rb") as f:
+                docs.append(ConceptFileDoc(text=os.path.basename(p), bytes_=f.read()))
+        return self.client.post("/import", inputs=DocList[ConceptFileDoc](docs), parameters=self._params(
+            category=category, identifier=identifier), return_type=DocList[ConceptDoc])[0]
+
     def delete(self, identifier: str) -> None:
         self.client.post("/delete", inputs=DocList[TextDoc](), parameters=self._params(identifier=identifier),
                          return_type=DocList[ConceptDoc])
@@ -122,6 +149,16 @@ def sidecar_caption(image_path: str) -> str | None:
         with open(txt) as f:
             return " ".join(f.read().split()) or None
     return None
+
+
+def filename_caption(image_path: str) -> str | None:
+    """AUTOMATIC1111's [filewords]: the file name without extension, numbering and separators."""
+    import re
+
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    stem = re.sub(r"^\d+[-_ ]+|\s*\(\d+\)$|[-_ ]+\d+$", "", stem)
+    words = " ".join(re.sub(r"[_\-]+", " ", stem).split())
+    return words or None
 
 
 def contact_sheet_doc(images, columns: int):

@@ -8,6 +8,9 @@
     python -m client_examples.cli concepts
     python -m client_examples.cli jobs [JOB_ID] [--cancel]
     python -m client_examples.cli delete sks
+    python -m client_examples.cli finetune photos/ --category dog --method textual_inversion --num-vectors 4
+    python -m client_examples.cli export sks --out concept/      # pytorch_lora_weights.safetensors, ...
+    python -m client_examples.cli import concept/*.safetensors --category dog
 `generate` writes one PNG per image (with its parameters inside) and a captioned contact_sheet.png;
 `sweep` also writes the server's sweep.gif, `grid` the server's grid.png. `finetune` sends an image's
 sidecar .txt (same name) as its caption.
@@ -33,6 +36,16 @@ def main(argv=None) -> int:
     f.add_argument("--steps", type=int)
     f.add_argument("--lr", type=float)
     f.add_argument("--no-wait", action="store_true", help="return a job id at once")
+    f.add_argument("--method", choices=["dreambooth", "lora", "textual_inversion"])
+    f.add_argument("--lora-rank", type=int)
+    f.add_argument("--num-vectors", type=int)
+    f.add_argument("--init-text")
+    f.add_argument("--overwrite", help="textual inversion: retrain this existing word")
+    f.add_argument("--crop", choices=["center", "focal"])
+    f.add_argument("--flip", action="store_true", help="also teach mirrored copies")
+    f.add_argument("--split-oversized", action="store_true", help="cut wide/tall images into overlapping tiles")
+    f.add_argument("--template", action="append", help='prompt template, e.g. "a painting of [filewords] by [name]"')
+    f.add_argument("--captions-from", default="sidecar", choices=["sidecar", "filename", "none"])
     g = sub.add_parser("generate", help="generate images for prompts")
     g.add_argument("prompts", nargs="+")
     g.add_argument("--target", default="pretrained", choices=["pretrained", "private", "meta", "private_meta"])
@@ -76,13 +89,24 @@ def main(argv=None) -> int:
     j.add_argument("--cancel", action="store_true")
     d = sub.add_parser("delete", help="delete one of your private concepts")
     d.add_argument("identifier")
+    x = sub.add_parser("export", help="write a private concept's files (LoRA, embeddings)")
+    x.add_argument("identifier")
+    x.add_argument("--format", default="all", choices=["all", "diffusers", "a1111"])
+    x.add_argument("--out", default="big_concept")
+    m = sub.add_parser("import", help="a LoRA and/or embedding file as a new private concept")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--category", required=True)
+    m.add_argument("--identifier")
     a = ap.parse_args(argv)
     if not a.token:
         ap.error("no token: pass --token or set BIG_TOKEN (mint one with `python -m executor.auth mint USER`)")
     big = BIGClient(a.host, a.token)
     if a.cmd == "finetune":
-        c = big.finetune(a.folder, a.category, a.target, max_train_steps=a.steps, learning_rate=a.lr,
-                         wait=False if a.no_wait else None)
+        c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from, max_train_steps=a.steps,
+                         learning_rate=a.lr, wait=False if a.no_wait else None, method=a.method,
+                         lora_rank=a.lora_rank, num_vectors=a.num_vectors, init_text=a.init_text,
+                         overwrite=a.overwrite, crop=a.crop, flip=a.flip or None,
+                         split_oversized=a.split_oversized or None, prompt_template=a.template)
         if c.text:
             print(f'Finetuning was successful. The identifier is "{c.text}": try "{c.prompt}" '
                   f"(target_model={c.target_model}, version {c.model_version})")
@@ -115,6 +139,13 @@ def main(argv=None) -> int:
     elif a.cmd == "delete":
         big.delete(a.identifier)
         print(f"deleted {a.identifier}")
+    elif a.cmd == "export":
+        docs = big.export(a.identifier, a.out, a.format)
+        for d in docs:
+            print(f"{os.path.join(a.out, os.path.basename(d.text))}  {len(d.bytes_)} bytes  sha256 {d.sha256}")
+    elif a.cmd == "import":
+        c = big.import_files(a.files, a.category, a.identifier)
+        print(f'imported as "{c.text}" ({c.method}): try "{c.prompt}" with --target private')
     return 0
 
 

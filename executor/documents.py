@@ -19,6 +19,7 @@ class ConceptDoc(TextDoc):
     job_id: Optional[str] = None
     status: Optional[str] = None
     mine: Optional[bool] = None
+    method: Optional[str] = None  # dreambooth, lora, textual_inversion
 
 
 class GeneratedImageDoc(ImageDoc):
@@ -45,3 +46,13 @@ class JobDoc(TextDoc):
     category: Optional[str] = None
     target_model: Optional[str] = None
     model_version: Optional[int] = None
+
+
+class ConceptFileDoc(TextDoc):
+    """A concept file (/export's answer, /import's input): `bytes_` is the file, `text` its file name, e.g.
+    `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights`), `learned_embeds.safetensors`
+    (diffusers `load_textual_inversion`, AUTOMATIC1111) or `<word>.pt` (AUTOMATIC1111)."""
+
+    identifier: Optional[str] = None
+    method: Optional[str] = None
+    sha256: Optional[str] = None

@@ -5,6 +5,7 @@ Endpoints are `async def` so that Jina does not serialise them: a /generate call
 """
 
 import asyncio
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from docarray.documents import ImageDoc, TextDoc
 from jina import Executor, requests
 
 from . import validation
-from .documents import ConceptDoc, GeneratedImageDoc, JobDoc
+from .documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 from .errors import BadRequest
 from .service import BIGService, ServiceConfig
 from .storage import png_bytes
@@ -62,7 +63,29 @@ class BIGExecutor(Executor):
         return DocList[ConceptDoc]([ConceptDoc(
             text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],
             target_model=r["target"], model_version=r["model_version"], job_id=r["job_id"], status=r["status"],
-            mine=True)])
+            mine=True, method=r.get("method"))])
+
+    @requests(on="/export")
+    async def export(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptFileDoc]:
+        """A private concept's files (`identifier`; `format`: all, diffusers, a1111)."""
+        user = self._user(parameters)
+        ident = parameters.get("identifier")
+        if not isinstance(ident, str) or not ident:
+            raise BadRequest("pass the private concept's `identifier`")
+        files = await asyncio.to_thread(self.service.export, user, ident, parameters.get("format", "all"))
+        return DocList[ConceptFileDoc]([ConceptFileDoc(text=name, bytes_=data, identifier=ident,
+                                                       sha256=hashlib.sha256(data).hexdigest()) for name, data in files])
+
+    @requests(on="/import")
+    async def import_(self, docs: DocList[ConceptFileDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
+        """A LoRA and/or embedding file (`bytes_`, file name in `text`) as a new private concept of
+        `category` (and `identifier`, if you want a particular word)."""
+        user = self._user(parameters)
+        files = [(d.text or "", d.bytes_ or b"") for d in docs]
+        r = await self._on_generate_thread(self.service.import_concept, user, files, parameters)
+        return DocList[ConceptDoc]([ConceptDoc(
+            text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],
+            target_model="private", model_version=1, status="imported", mine=True, method=r["method"])])
 
     @requests(on="/generate")
     async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:

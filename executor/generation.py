@@ -109,7 +109,7 @@ def batches(specs: list[ImageSpec], max_batch: int) -> list[list[int]]:
 @torch.no_grad()
 def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height: int, width: int,
            model_label: str, model_version: int, max_batch: int = 16,
-           emphasis: str = DEFAULT_EMPHASIS) -> list[GeneratedImage]:
+           emphasis: str = DEFAULT_EMPHASIS, embeddings: dict | None = None) -> list[GeneratedImage]:
     """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
     out: list[GeneratedImage | None] = [None] * len(specs)
     common = dict(negative_prompt=negative_prompt, height=height, width=width, model=model_label,
@@ -122,7 +122,8 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
         embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.prompt for s in chunk],
                                                  [negative_prompt or ""] * len(chunk), pipe.device,
-                                                 dtype=pipe.text_encoder.dtype, emphasis=emphasis)
+                                                 dtype=pipe.text_encoder.dtype, emphasis=emphasis,
+                                                 embeddings=embeddings)
         scales = {s.guidance_scale for s in chunk}
         guidance = chunk[0].guidance_scale if len(scales) == 1 else torch.tensor(
             [s.guidance_scale for s in chunk], device=pipe.device, dtype=pipe.unet.dtype).view(-1, 1, 1, 1)

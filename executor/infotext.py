@@ -75,7 +75,7 @@ def request_from_infotext(text: str) -> tuple[str, dict]:
     model = f.get("Model")
     if model:
         if model.startswith("private:"):
-            params.update(target_model="private", identifier=model.split(":", 1)[1])
+            params.update(target_model="private", identifiers=model.split(":", 1)[1].split("+"))
         else:
             params["target_model"] = model
     if "Model version" in f:

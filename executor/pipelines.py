@@ -59,6 +59,9 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
         local_files_only=os.path.isdir(path),
     )
     pipe.set_progress_bar_config(disable=True)
+    # Served modules are never trained in place (training works on copies): no gradients into them.
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
     return pipe.to(device)
 
 
@@ -76,7 +79,8 @@ def defaults_of(spec: str) -> dict:
 
 
 def save_version(staging: str, unet, text_encoder, meta: dict) -> None:
-    unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
+    if unet is not None:
+        unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
     if text_encoder is not None:
         text_encoder.save_pretrained(os.path.join(staging, "text_encoder"), safe_serialization=True)
     with open(os.path.join(staging, VERSION_META), "w") as f:
@@ -92,6 +96,9 @@ def load_version_modules(version_dir: str, like_pipe):
     unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), torch_dtype=dtype).to(device)
     te_dir = os.path.join(version_dir, "text_encoder")
     text = CLIPTextModel.from_pretrained(te_dir, torch_dtype=dtype).to(device) if os.path.isdir(te_dir) else None
+    unet.requires_grad_(False)
+    if text is not None:
+        text.requires_grad_(False)
     return unet.eval(), (text.eval() if text is not None else None)
 
 

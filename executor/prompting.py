@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from .embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
+
 EMPHASIS = 1.1
 EMPHASIS_MODES = ("context", "original", "none")
 DEFAULT_EMPHASIS = "context"
@@ -83,12 +85,15 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged if t] or [("", 1.0)]
 
 
-def weighted_tokens(tokenizer, prompt: str) -> tuple[list[int], list[float]]:
-    """Token ids of the prompt without BOS/EOS, and each token's weight."""
+def weighted_tokens(tokenizer, prompt: str, expand: dict[int, int] | None = None) -> tuple[list[int], list[float]]:
+    """Token ids of the prompt without BOS/EOS, and each token's weight; a token in `expand` (an embedding's
+    word: token id -> its number of vectors) fills that many positions."""
     ids: list[int] = []
     weights: list[float] = []
     for text, w in parse_emphasis(prompt):
         t = tokenizer(text, add_special_tokens=False).input_ids
+        for token_id, n in (expand or {}).items():
+            t = expand_word(t, token_id, n)
         ids += t
         weights += [w] * len(t)
     return ids, weights
@@ -178,14 +183,27 @@ def apply_weights_in_context(text_encoder, ids: torch.Tensor, states: torch.Tens
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], negative_prompts: Sequence[str],
-                   device, dtype=None, emphasis: str = DEFAULT_EMPHASIS) -> tuple[torch.Tensor, torch.Tensor]:
+                   device, dtype=None, emphasis: str = DEFAULT_EMPHASIS,
+                   embeddings: dict[int, ConceptEmbedding] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, negative_prompt_embeds) for a diffusers Stable Diffusion pipeline call.
 
     For a prompt without emphasis that fits the window this is exactly what the pipeline computes itself.
+    `embeddings` (token id -> concept vectors) put textual-inversion concepts in place of their words.
     """
+    embeddings = embeddings or {}
+    if embeddings:
+        EmbeddingOverride.install(text_encoder)
+        with EmbeddingOverride.active(embeddings):
+            return _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis,
+                           {t: e.vectors.shape[0] for t, e in embeddings.items()})
+    return _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis, None)
+
+
+def _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis, expand):
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, not {emphasis!r}")
-    all_chunks = [_chunks(tokenizer, *weighted_tokens(tokenizer, p)) for p in list(prompts) + list(negative_prompts)]
+    all_chunks = [_chunks(tokenizer, *weighted_tokens(tokenizer, p, expand))
+                  for p in list(prompts) + list(negative_prompts)]
     n_chunks = max(len(c) for c in all_chunks)
     empty = _empty_chunk(tokenizer)
     all_chunks = [c + [empty] * (n_chunks - len(c)) for c in all_chunks]

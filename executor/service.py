@@ -10,14 +10,18 @@ use it directly. Model keys name what is trained:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import re
 import threading
 import uuid
 from typing import Sequence
 
 from PIL import Image
 
-from . import class_images, generation, infotext, pipelines, planner, schedulers, studio, training, validation
+from . import (class_images, embeddings, generation, infotext, personal, pipelines, planner, preprocess,
+               schedulers, studio, training, validation)
 from .auth import AuthConfig, Authenticator
 from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
@@ -29,7 +33,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
                         train_text_encoder=False, metamodel_strategy="seed_split",
-                        train_identifier_embedding=True, embedding_learning_rate=1e-3)
+                        train_identifier_embedding=True, embedding_learning_rate=1e-3, method="lora",
+                        # Each method's own defaults, over the shared ones (a model's shapes_world.json or
+                        # config.yml may set its own): diffusers' DreamBooth-LoRA settings; an embedding trains
+                        # nothing that class images could protect, so it generates none.
+                        per_method={"lora": dict(learning_rate=1e-4, lora_rank=4, lora_targets="attention"),
+                                    "textual_inversion": dict(num_class_images=0, embedding_learning_rate=5e-3)})
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 
 
@@ -81,11 +90,16 @@ class BIGService:
         }
         if "default_steps" in model_defaults:
             self.generate_defaults.setdefault("num_inference_steps", model_defaults["default_steps"])
-        self.finetune_defaults = {**DEFAULT_FINETUNE, **model_defaults.get("finetune_defaults", {}),
-                                  **config.finetune_defaults}
+        layers = [DEFAULT_FINETUNE, model_defaults.get("finetune_defaults", {}), config.finetune_defaults]
+        self.finetune_defaults = {k: v for layer in layers for k, v in layer.items()}
+        self.finetune_defaults["per_method"] = {  # merged per method, not replaced wholesale
+            m: {k: v for layer in layers for k, v in layer.get("per_method", {}).get(m, {}).items()}
+            for m in validation.METHODS}
         tok_dir = pipelines.resolve_base(config.base_model)
         self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
         self.cache = generation.PipelineCache(config.cache_max_bytes)
+        self.loras = personal.LoraRuntime(self.base_pipe)
+        self._embedding_cache: dict[str, object] = {}
         self.jobs = JobManager(self.registry, workers=config.train_workers)
         self._model_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -114,7 +128,7 @@ class BIGService:
         job = self.registry.get_job(job_id)
         if job["status"] != "succeeded":
             raise _job_error(job)
-        return self.job_view(job)
+        return {**self.job_view(job), "method": json.loads(job["params"] or "{}").get("method", "dreambooth")}
 
     def finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> dict:
         """Blocking finetune (in-process use); with `wait: false` returns the queued job at once."""
@@ -136,9 +150,20 @@ class BIGService:
             taken = self.registry.identifiers_ever_used(key)
             if kind == "private":  # keep a user's private identifiers unambiguous for /generate
                 taken |= {c["identifier"] for c in self.registry.list_concepts(owner=user) if c["target"] == "private"}
-            identifier = choose_identifier(self.identifier_pool, taken, seed=req.seed,
-                                           reserved_words=req.category.split())
-            instance_prompt = f"a {identifier} {req.category}"
+            if req.overwrite:  # the concept is an existing word's new embedding, private to its owner
+                embeddings.word_token(self.base_pipe.tokenizer, req.overwrite)
+                if any(c["identifier"] == req.overwrite for c in self.registry.list_concepts(owner=user)
+                       if c["target"] == "private"):
+                    raise Conflict(f"you already have a concept for {req.overwrite!r}; delete it first")
+                identifier = req.overwrite
+            else:
+                identifier = choose_identifier(self.identifier_pool, taken, seed=req.seed,
+                                               reserved_words=req.category.split())
+            prepared = preprocess.prepare(images, list(req.captions) if req.captions else None, crop=req.crop,
+                                          split_oversized=req.split_oversized, flip=req.flip)
+            if len(prepared.images) > 4 * self.config.limits.max_images:
+                raise BadRequest(f"{len(prepared.images)} training images after tiling and flipping; at most "
+                                 f"{4 * self.config.limits.max_images}")
 
             # A private model learns one concept from the base: nothing earlier to keep.
             strategy = validation.METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy] if kind != "private" else \
@@ -149,35 +174,58 @@ class BIGService:
                 req.num_class_images, req.category,
                 [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned],
                 metamodel=strategy["replay_earlier"])
-            log.info("job %s: %r into %s v%d; prior plan:\n%s", ctx.job_id, instance_prompt, key, version,
-                     planner.describe_plan(plan))
+            log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
+                     planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
             priors = self._prior_examples(plan)
 
+            tok = self.base_pipe.tokenizer
+            token_ids = tok(identifier, add_special_tokens=False).input_ids
+            embedding = None
+            if req.method == "textual_inversion" or (req.method == "lora" and req.train_identifier_embedding):
+                n = req.num_vectors if req.method == "textual_inversion" else 1
+                start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
+                embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
             unet, text_encoder = self._modules_at(key, version)
             result = training.dreambooth(
-                vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=self.base_pipe.tokenizer, unet=unet,
+                vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
-                instances=_examples(images, identifier, req.category, req.captions), priors=priors,
+                instances=_examples(prepared.images, identifier, req.category, prepared.captions,
+                                    req.prompt_templates), priors=priors,
                 learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
                 train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
-                train_text_encoder=req.train_text_encoder, seed=req.seed, size=self.size,
+                train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
+                seed=req.seed, size=self.size,
                 prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
-                train_token_ids=self.base_pipe.tokenizer(identifier, add_special_tokens=False).input_ids
-                if req.train_identifier_embedding else (),
+                train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" else (),
                 embedding_learning_rate=req.embedding_learning_rate,
+                lora=training.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
+                if req.method == "lora" else None,
+                embedding=embedding, train_unet=req.method != "textual_inversion",
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()
             try:
-                had_text = text_encoder is not self.base_pipe.text_encoder
-                new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
-                pipelines.save_version(staging, _as_dtype(result.unet, self.base_pipe.unet.dtype),
-                                       _as_dtype(new_text, self.base_pipe.text_encoder.dtype),
-                                       {"model_key_kind": kind, "base": self.base_key, "version": version + 1,
-                                        "identifier": identifier, "category": req.category,
-                                        "prior_plan": [dataclasses.asdict(s) for s in plan],
-                                        "train_seconds": result.seconds, "final_loss": result.final_loss})
-                self.ws.save_instances(concept_id, images, list(req.captions) if req.captions else None)
+                meta = {"model_key_kind": kind, "base": self.base_key, "version": version + 1, "method": req.method,
+                        "identifier": identifier, "category": req.category,
+                        "prior_plan": [dataclasses.asdict(s) for s in plan], "n_training_images": len(prepared.images),
+                        "train_seconds": result.seconds, "final_loss": result.final_loss}
+                if req.method == "dreambooth":
+                    had_text = text_encoder is not self.base_pipe.text_encoder
+                    new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
+                    pipelines.save_version(staging, _as_dtype(result.unet, self.base_pipe.unet.dtype),
+                                           _as_dtype(new_text, self.base_pipe.text_encoder.dtype), meta)
+                else:
+                    if req.method == "lora":
+                        personal.save_lora(staging, result.lora_unet, result.lora_text_encoder, result.lora_metadata)
+                        meta.update(lora_rank=req.lora_rank, lora_alpha=req.lora_alpha, lora_targets=req.lora_targets)
+                    if result.embedding is not None:
+                        personal.save_embedding(staging, identifier, result.embedding, token_id=token_ids[0],
+                                                steps=req.max_train_steps, base=self.base_key,
+                                                a1111=req.method == "textual_inversion")
+                        meta.update(num_vectors=int(result.embedding.shape[0]), overwrite=bool(req.overwrite))
+                    pipelines.save_version(staging, None, None, meta)
+                self.ws.save_instances(concept_id, prepared.images,
+                                       list(prepared.captions) if any(prepared.captions) else None)
                 path = self.ws.publish_version(staging, key, version + 1)
                 staging = None
                 self.registry.commit_version(key, version + 1, path, ctx.job_id, {
@@ -283,14 +331,79 @@ class BIGService:
 
     def _render(self, user: str, req: validation.GenerateRequest,
                 specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
+        if req.target == "private":
+            return self._render_personal(user, req, specs)
         key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
-        model = self._pipeline_for(key, version)
+        return self._render_with(self._pipeline_for(key, version), req, specs, version=version, label=req.target)
+
+    def _render_with(self, model, req, specs, *, version: int, label: str, embeds=None):
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
         return generation.render(
             pipelines.compose(model, scheduler=scheduler), specs, negative_prompt=req.negative_prompt,
             height=req.height, width=req.width, model_version=version, emphasis=req.emphasis,
-            model_label=req.target if req.target != "private" else f"private:{req.identifier}")
+            model_label=label, embeddings=embeds)
+
+    # ================================================================== private concepts
+    def private_concepts_for(self, user: str, names: Sequence[str], prompts: Sequence[str]) -> list[dict]:
+        """The caller's private concepts a request uses: those it names, else those whose word is in a prompt
+        (an `overwrite` concept's word is an ordinary word, so it applies only when named)."""
+        mine = [c for c in self.registry.list_concepts(owner=user) if c["target"] == "private" and c["owner"] == user]
+        if names:
+            by_word = {c["identifier"]: c for c in reversed(mine)}
+            missing = [n for n in names if n not in by_word]
+            if missing:
+                raise NotFound(f"you have no private concept {missing[0]!r}")
+            return [by_word[n] for n in names]
+        words = {w for p in prompts for w in re.findall(r"[A-Za-z0-9_\-]+", p)}
+        found = [c for c in mine if c["identifier"] in words and not self._concept_meta(c).get("overwrite")]
+        if not found:
+            raise BadRequest("target_model 'private' needs `identifier` (or `identifiers`), or a prompt that uses "
+                             "one of your private concepts' words")
+        return found
+
+    def _concept_meta(self, concept: dict) -> dict:
+        path = self.registry.version_path(concept["model_key"], concept["version"])
+        if path is None:
+            raise NotFound("concept files not found")
+        return {**personal.read_meta(path), "path": path}
+
+    def _concept_embedding(self, concept: dict, meta: dict):
+        vec = self._embedding_cache.get(concept["concept_id"])
+        if vec is None:
+            vec = personal.load_embedding(meta["path"])
+            self._embedding_cache[concept["concept_id"]] = vec
+        if vec is None:
+            return None
+        return personal.embedding_for(self.base_pipe.tokenizer, concept["identifier"], vec, self.device,
+                                      self.base_pipe.text_encoder.dtype)
+
+    def _render_personal(self, user: str, req: validation.GenerateRequest,
+                         specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
+        """Base model + the request's private concepts: at most one DreamBooth concept (a whole UNet), or
+        any number of LoRA adapters, plus any number of embeddings."""
+        concepts = self.private_concepts_for(user, req.identifiers, sorted({s.prompt for s in specs}))
+        if req.model_version not in (None, 1):
+            raise NotFound(f"private concepts have one version (1), not {req.model_version}")
+        metas = [self._concept_meta(c) for c in concepts]
+        full = [c for c, m in zip(concepts, metas) if m.get("method", "dreambooth") == "dreambooth"]
+        loras = [(c, m) for c, m in zip(concepts, metas) if m.get("method") == "lora"]
+        if len(full) > 1:
+            raise BadRequest("one DreamBooth concept per request (each is a whole UNet); LoRA and embedding "
+                             "concepts combine with each other and with one DreamBooth concept's prompt")
+        if full and loras:
+            raise BadRequest("LoRA concepts apply to the base model, not on top of a DreamBooth concept")
+        embeds = dict(e for c, m in zip(concepts, metas) if (e := self._concept_embedding(c, m)) is not None)
+        label = "private:" + "+".join(c["identifier"] for c in concepts)
+        if full:
+            return self._render_with(self._pipeline_for(full[0]["model_key"], full[0]["version"]), req, specs,
+                                     version=1, label=label, embeds=embeds)
+        if not loras:
+            return self._render_with(self.base_pipe, req, specs, version=1, label=label, embeds=embeds)
+        with self.loras.lock:  # the adapter set is this request's until its images are made
+            pipe = self.loras.activate([(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
+                                        for c, m in loras])
+            return self._render_with(pipe, req, specs, version=1, label=label, embeds=embeds)
 
     def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
         """One prompt, one seed, one parameter over a range: the frames and an animated GIF of them."""
@@ -338,13 +451,109 @@ class BIGService:
         images = self._render(user, req, specs)
         return images, studio.sheet_png(images, columns=len(specs) // len(prompts))
 
+    # ================================================================== export, import
+    EXPORT_FORMATS = ("all", "diffusers", "a1111")
+
+    def export(self, user: str, identifier: str, fmt: str = "all") -> list[tuple[str, bytes]]:
+        """A private concept's files as other tools read them: (file name, bytes)."""
+        if fmt not in self.EXPORT_FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(self.EXPORT_FORMATS)}")
+        c = self.registry.find_concept(owner=user, target="private", identifier=identifier)
+        if c is None:
+            raise NotFound(f"you have no private concept {identifier!r}")
+        meta = self._concept_meta(c)
+        files = personal.concept_files(meta["path"])
+        if fmt == "diffusers":
+            files = [f for f in files if not f.endswith(".pt")]
+        elif fmt == "a1111":
+            files = [f for f in files if f.endswith(".pt")]
+            if not files:
+                raise BadRequest("the AUTOMATIC1111 format is for embeddings (textual_inversion concepts)")
+        size = sum(os.path.getsize(os.path.join(meta["path"], f)) for f in files)
+        if size > self.config.limits.max_export_bytes:
+            raise BadRequest(f"this concept is {size / 2**20:.0f} MiB (a DreamBooth concept is a whole UNet); the "
+                             f"export limit is {self.config.limits.max_export_bytes / 2**20:.0f} MiB: train it as LoRA")
+        out = []
+        for f in files:
+            with open(os.path.join(meta["path"], f), "rb") as fh:
+                out.append((f, fh.read()))
+        return out
+
+    def import_concept(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
+        """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept."""
+        lim = self.config.limits
+        category = validation.category_of(params)
+        if not files or len(files) > 2:
+            raise BadRequest("send one LoRA file, one embedding file, or one of each")
+        lora_state, lora_bytes, embedding = None, None, None
+        for name, data in files:
+            if not data:
+                raise BadRequest(f"{name or 'a file'} is empty")
+            if len(data) > lim.max_import_bytes:
+                raise BadRequest(f"{name}: {len(data) / 2**20:.1f} MiB; the import limit is "
+                                 f"{lim.max_import_bytes / 2**20:.0f} MiB")
+            state = personal.read_lora_bytes(data)
+            if state is not None:
+                if lora_state is not None:
+                    raise BadRequest("one LoRA file per concept")
+                lora_state, lora_bytes = state, data
+            else:
+                if embedding is not None:
+                    raise BadRequest("one embedding file per concept")
+                dim = self.base_pipe.text_encoder.get_input_embeddings().weight.shape[1]
+                embedding = embeddings.read_embedding_file(data, name or "", dim)[1]
+        concept_id = uuid.uuid4().hex
+        key = model_key("private", user, concept_id)
+        mine = {c["identifier"] for c in self.registry.list_concepts(owner=user) if c["target"] == "private"}
+        identifier = params.get("identifier")
+        if identifier is not None:
+            if not isinstance(identifier, str) or not re.match(r"^[a-z][a-z0-9\-]{0,31}$", identifier):
+                raise BadRequest("identifier must be one lowercase word")
+            embeddings.word_token(self.base_pipe.tokenizer, identifier)
+            if identifier in mine:
+                raise Conflict(f"you already have a concept {identifier!r}")
+        else:
+            identifier = choose_identifier(self.identifier_pool, mine, reserved_words=category.split())
+        adapter = personal.LoraRuntime.adapter_name(concept_id)
+        if lora_state is not None:
+            with self.loras.lock:  # the real check: do the keys and shapes fit this base model?
+                self.loras.check(adapter, lora_state)
+        staging = self.ws.new_staging_dir()
+        try:
+            if lora_state is not None:
+                personal.write_lora_bytes(staging, lora_bytes)
+            if embedding is not None:
+                token_id = embeddings.word_token(self.base_pipe.tokenizer, identifier)
+                personal.save_embedding(staging, identifier, embedding, token_id=token_id, steps=0,
+                                        base=self.base_key, a1111=lora_state is None)
+            pipelines.save_version(staging, None, None, {
+                "model_key_kind": "private", "base": self.base_key, "version": 1, "identifier": identifier,
+                "category": category, "method": "lora" if lora_state is not None else "textual_inversion",
+                "imported": [name for name, _ in files],
+                "num_vectors": int(embedding.shape[0]) if embedding is not None else 0})
+            with self._model_lock(key):
+                self.registry.ensure_model(key, "private", user, self.base_key)
+                path = self.ws.publish_version(staging, key, 1)
+                staging = None
+                self.registry.commit_version(key, 1, path, None, {
+                    "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
+                    "category": category, "n_images": 0, "params": {"imported": [n for n, _ in files]}})
+        except Exception:
+            self.ws.discard(staging)
+            if self.registry.get_concept(concept_id) is None:
+                self.ws.discard(self.ws.model_dir(key))
+            raise
+        return {"identifier": identifier, "category": category, "target": "private", "model_version": 1,
+                "method": "lora" if lora_state is not None else "textual_inversion"}
+
     # ================================================================== concepts, delete, jobs
     def concepts(self, user: str) -> list[dict]:
         out = []
         for c in self.registry.list_concepts(owner=user):
             out.append({"identifier": c["identifier"], "category": c["category"], "target_model": c["target"],
                         "model_version": c["version"], "prompt": f"a {c['identifier']} {c['category']}",
-                        "mine": c["owner"] == user, "n_images": c["n_images"]})
+                        "mine": c["owner"] == user, "n_images": c["n_images"],
+                        "method": self._concept_meta(c).get("method", "dreambooth")})
         return out
 
     def delete(self, user: str, identifier: str) -> dict:
@@ -354,6 +563,8 @@ class BIGService:
         with self._model_lock(c["model_key"]):
             self.registry.mark_concept_deleted(c["concept_id"])
             self.cache.drop(lambda k: k.startswith(f"{c['model_key']}@"))
+            self.loras.drop(personal.LoraRuntime.adapter_name(c["concept_id"]))
+            self._embedding_cache.pop(c["concept_id"], None)
             self.ws.discard(self.ws.model_dir(c["model_key"]))
             self.ws.delete_instances(c["concept_id"])
         return {"identifier": identifier, "deleted": True}
@@ -382,11 +593,16 @@ def _as_dtype(module, dtype):
     return module.to(dtype)
 
 
-def _examples(images, identifier: str, category: str, captions) -> list[training.TrainExample]:
+def _examples(images, identifier: str, category: str, captions, templates=None) -> list[training.TrainExample]:
     """A concept's training examples: every image with "a {id} {category}", and a captioned image also with
-    "a {id} {category} of {caption}", so both the bare and the composed use are taught."""
+    "a {id} {category} of {caption}", so both the bare and the composed use are taught. With prompt
+    templates, every image is taught with every template instead."""
     out = []
     for im, caption in zip(images, captions or [None] * len(images)):
+        if templates:
+            out += [training.TrainExample(im, preprocess.fill_template(t, name=identifier, category=category,
+                                                                       filewords=caption)) for t in templates]
+            continue
         out.append(training.TrainExample(im, planner.concept_prompt(identifier, category)))
         if caption:
             out.append(training.TrainExample(im, planner.concept_prompt(identifier, category, caption)))

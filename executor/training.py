@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
 from .errors import JobCancelled
 
 
@@ -27,14 +28,51 @@ class TrainExample:
     prompt: str
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# Which UNet modules get adapters. `attention` is the classic DreamBooth-LoRA set; `all` adds the transformer
+# blocks' projections and feed-forward and the resnets' convolutions and time embeddings (LoCon-style), which
+# the embedded model needs to learn small details at rank 1 (benchmarks/personal_bench.py).
+LORA_TARGETS = {
+    "attention": ATTENTION,
+    "attention_ff": ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "all": ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (peft) on the UNet (`targets`, a key of LORA_TARGETS), optionally the text encoder."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    text_encoder: bool = False
+    targets: str = "attention"
+
+    TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    @property
+    def unet_targets(self) -> tuple[str, ...]:
+        return LORA_TARGETS[self.targets]
+
+    def config(self, targets):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
+                          target_modules=list(targets))
+
+
 @dataclasses.dataclass
 class TrainResult:
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None when the UNet was not trained (textual inversion)
     text_encoder: torch.nn.Module | None
     steps: int
     final_loss: float
     seconds: float
     losses: list[float]
+    lora_unet: dict | None = None  # LoRA state dicts (method lora), peft key names
+    lora_text_encoder: dict | None = None
+    lora_metadata: dict | None = None
+    embedding: torch.Tensor | None = None  # learned vectors [N, dim] (textual inversion, pivotal LoRA)
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
@@ -62,20 +100,31 @@ def _encode_posteriors(vae, images: Sequence[Image.Image], size: int, device, dt
     return torch.cat(means), torch.cat(stds)
 
 
-def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def _token_ids(tokenizer, prompts: Sequence[str], device, expand: tuple[int, int] | None = None) -> torch.Tensor:
+    """Padded token ids; with `expand` = (token id, N), each occurrence of the token fills N positions."""
+    if expand is None:
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    window = tokenizer.model_max_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for p in prompts:
+        body = expand_word(tokenizer(p, add_special_tokens=False).input_ids, *expand)[: window - 2]
+        row = [tokenizer.bos_token_id] + body + [tokenizer.eos_token_id]
+        rows.append(row + [pad] * (window - len(row)))
+    return torch.tensor(rows, device=device)
 
 
-def _text_states(text_t, all_ids, frozen_states, live, live_index, pidx):
+def _text_states(text_t, all_ids, frozen_states, live, live_index, pidx, override=None):
     """Per-example text states: cached rows, with the live prompts encoded once each this step."""
-    if frozen_states is None:  # the whole text encoder trains: encode every row
-        return text_t(all_ids[pidx])[0]
-    if not bool(live.any()):
-        return frozen_states[pidx]
-    table = frozen_states.clone()
-    table[live_index] = text_t(all_ids[live_index])[0].to(table.dtype)
-    return table[pidx]
+    with EmbeddingOverride.active(override or {}):
+        if frozen_states is None:  # the whole text encoder trains: encode every row
+            return text_t(all_ids[pidx])[0]
+        if not bool(live.any()):
+            return frozen_states[pidx]
+        table = frozen_states.clone()
+        table[live_index] = text_t(all_ids[live_index])[0].to(table.dtype)
+        return table[pidx]
 
 
 def dreambooth(
@@ -102,6 +151,9 @@ def dreambooth(
     anchor_weight: float = 0.0,
     train_token_ids: Sequence[int] = (),
     embedding_learning_rate: float = 1e-3,
+    lora: LoraSettings | None = None,
+    embedding: ConceptEmbedding | None = None,
+    train_unet: bool = True,
 ) -> TrainResult:
     """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched.
 
@@ -110,6 +162,11 @@ def dreambooth(
     exactly as before and the base vocabulary cannot drift through the text side.
     Each step draws `train_batch_size` instance and `prior_batch_size` (default: the same) prior examples;
     `anchor_weight` adds an L2 pull of every trained weight towards where it started (L2-SP).
+
+    `lora`: train low-rank adapters instead of the weights (the result carries their diffusers-format state
+    dicts). `embedding`: learn these vectors for the concept's word (textual inversion; with `lora`, pivotal
+    tuning), put in place of its token embeddings by `EmbeddingOverride`; the text encoder itself stays
+    frozen. `train_unet=False` with an embedding is plain textual inversion.
     """
     from accelerate import Accelerator
 
@@ -122,19 +179,35 @@ def dreambooth(
     t_start = time.time()
 
     # Trainable copies in fp32 (the served modules stay as they are, possibly fp16).
-    unet_t = copy.deepcopy(unet).to(device, dtype=torch.float32).train()
-    learn_tokens = list(train_token_ids) if not train_text_encoder else []
+    # Plain textual inversion trains no UNet weight: it runs the served UNet itself, which stays frozen.
+    copy_unet = train_unet or lora is not None
+    unet_t = copy.deepcopy(unet).to(device, dtype=torch.float32).train() if copy_unet else unet
+    if copy_unet:
+        unet_t.requires_grad_(train_unet and lora is None)
+    if lora is not None:
+        unet_t.add_adapter(lora.config(lora.unet_targets))  # only the adapters require grad
+    learn_tokens = list(train_token_ids) if not train_text_encoder and lora is None and embedding is None else []
     text_t = None
     if train_text_encoder or learn_tokens:
         text_t = copy.deepcopy(text_encoder).to(device, dtype=torch.float32).train()
+        text_t.requires_grad_(False)
+        if lora is not None:
+            text_t.add_adapter(lora.config(LoraSettings.TEXT_TARGETS))
+        elif train_text_encoder:
+            text_t.requires_grad_(True)
     token_table = None
     if learn_tokens:
-        text_t.requires_grad_(False)
         token_table = text_t.get_input_embeddings().weight
         token_table.requires_grad_(True)
         keep = torch.zeros(token_table.shape[0], 1, device=device)
         keep[learn_tokens] = 1.0
         token_table.register_hook(lambda grad: grad * keep)  # only the identifier rows move
+    vectors = None
+    if embedding is not None:
+        vectors = torch.nn.Parameter(embedding.vectors.detach().clone().to(device, torch.float32))
+        EmbeddingOverride.install(text_t if text_t is not None else text_encoder)
+    override = {embedding.token_id: ConceptEmbedding(embedding.word, embedding.token_id, vectors)} \
+        if embedding is not None else None
     if gradient_checkpointing if gradient_checkpointing is not None else cuda:
         unet_t.enable_gradient_checkpointing()
         if text_t is not None:
@@ -149,7 +222,8 @@ def dreambooth(
     scaling = float(vae.config.scaling_factor)
     prompts = sorted({e.prompt for e in instances} | {e.prompt for e in priors})
     prompt_index = {p: i for i, p in enumerate(prompts)}
-    all_ids = _token_ids(tokenizer, prompts, device)
+    all_ids = _token_ids(tokenizer, prompts, device,
+                         (embedding.token_id, embedding.vectors.shape[0]) if embedding is not None else None)
     # Text states that training cannot change are computed once: all of them with a frozen text
     # encoder; with pivotal tuning, those of prompts without the learned tokens (the prior prompts),
     # whose encoding is exactly the base model's. Only the others run through the encoder per step.
@@ -158,28 +232,37 @@ def dreambooth(
     if text_t is None or learn_tokens:
         with torch.no_grad():
             frozen_states = text_encoder(all_ids)[0].to(torch.float32)
-        if learn_tokens:
-            live = torch.isin(all_ids.cpu(), torch.tensor(learn_tokens)).any(dim=1)
+        if learn_tokens or embedding is not None:
+            learned = learn_tokens or [embedding.token_id]
+            live = torch.isin(all_ids.cpu(), torch.tensor(learned)).any(dim=1)
     live_index = live.nonzero().flatten().to(device)
     inst_p = torch.tensor([prompt_index[e.prompt] for e in instances])
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
 
-    if token_table is not None:
-        params = list(unet_t.parameters()) + [token_table]
-        groups = [{"params": list(unet_t.parameters())},
-                  {"params": [token_table], "lr": embedding_learning_rate, "weight_decay": 0.0}]
-    else:
-        params = list(unet_t.parameters()) + (list(text_t.parameters()) if text_t is not None else [])
-        groups = [{"params": params}]
+    unet_params = [p for p in unet_t.parameters() if p.requires_grad]
+    text_params = [p for p in text_t.parameters() if p.requires_grad] if text_t is not None and token_table is None \
+        else []
+    params = unet_params + text_params
+    groups = [{"params": params}] if params else []
+    for extra in (token_table, vectors):
+        if extra is not None:
+            params = params + [extra]
+            groups.append({"params": [extra], "lr": embedding_learning_rate, "weight_decay": 0.0})
+    if not params:
+        raise ValueError("nothing to train: enable the UNet, LoRA or an embedding")
     # L2-SP: a pull towards the starting weights, which hold what earlier concepts need.
     anchors = [p.detach().clone() for p in params] if anchor_weight > 0 else None
     # The fused AdamW kernel (CUDA, and CPU since torch 2.4) updates all tensors at once: on the embedded
     # model's 326 UNet tensors it takes 4 ms a step on this CPU where the default per-tensor loop takes 21.
     opt = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-2, fused=_fused_adamw_ok(device))
-    modules = accelerator.prepare(unet_t, opt) if text_t is None else accelerator.prepare(unet_t, text_t, opt)
-    unet_t, opt = modules[0], modules[-1]
+    to_prepare = ([unet_t] if copy_unet else []) + ([text_t] if text_t is not None else [])
+    modules = accelerator.prepare(*to_prepare, opt)
+    modules = modules if isinstance(modules, tuple) else (modules,)
+    opt = modules[-1]
+    if copy_unet:
+        unet_t = modules[0]
     if text_t is not None:
-        text_t = modules[1]
+        text_t = modules[-2]
 
     n_train = noise_scheduler.config.num_train_timesteps
     losses: list[float] = []
@@ -198,7 +281,8 @@ def dreambooth(
         t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with accelerator.accumulate(unet_t):
-            states = _text_states(text_t, all_ids, frozen_states, live, live_index, pidx.to(device))
+            states = _text_states(text_t if text_t is not None else text_encoder, all_ids, frozen_states, live,
+                                  live_index, pidx.to(device), override)
             pred = unet_t(noisy, t, states).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
@@ -224,7 +308,20 @@ def dreambooth(
         losses.append(lv)
         if progress:
             progress(step + 1, lv)
-    unet_out = accelerator.unwrap_model(unet_t).eval()
+    unet_out = accelerator.unwrap_model(unet_t).eval() if copy_unet else None
     text_out = accelerator.unwrap_model(text_t).eval() if text_t is not None else None
-    return TrainResult(unet=unet_out, text_encoder=text_out, steps=max_train_steps,
-                       final_loss=float(np.mean(losses[-10:])), seconds=time.time() - t_start, losses=losses)
+    result = TrainResult(unet=unet_out, text_encoder=text_out, steps=max_train_steps,
+                         final_loss=float(np.mean(losses[-10:])), seconds=time.time() - t_start, losses=losses,
+                         embedding=vectors.detach().cpu().clone() if vectors is not None else None)
+    if lora is not None:
+        from peft.utils import get_peft_model_state_dict
+
+        # peft's key names (lora_A/lora_B), which diffusers' load_lora_weights reads as they are. (Converting to
+        # diffusers' older lora.down/up names renames only the attention keys, and a file mixing both loses
+        # them on loading.)
+        result.lora_unet = get_peft_model_state_dict(unet_out)
+        result.lora_metadata = {"unet": unet_out.peft_config["default"].to_dict()}
+        if text_out is not None:
+            result.lora_text_encoder = get_peft_model_state_dict(text_out)
+            result.lora_metadata["text_encoder"] = text_out.peft_config["default"].to_dict()
+    return result

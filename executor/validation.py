@@ -34,6 +34,10 @@ METAMODEL_STRATEGY_SETTINGS = {
     "replay": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4),
 }
 METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
+# How a concept is learned. A metamodel is a whole model, so it learns by DreamBooth only; a private concept
+# defaults to LoRA (megabytes, applied to the loaded base per request).
+METHODS = ("dreambooth", "lora", "textual_inversion")
+CROPS = ("center", "focal")
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -55,6 +59,9 @@ class Limits:
     max_num_class_images: int = 1000
     max_prompt_chars: int = 1000
     max_grid_images: int = 256  # /grid and /sweep: images in one request
+    max_import_bytes: int = 64 * 1024 * 1024  # /import: one concept file
+    max_export_bytes: int = 512 * 1024 * 1024  # /export: a DreamBooth concept is a whole UNet
+    max_lora_rank: int = 128
 
 
 def number(params: dict, name: str, default, lo, hi, *, integer: bool):
@@ -133,14 +140,55 @@ class FinetuneRequest:
     train_identifier_embedding: bool
     embedding_learning_rate: float
     captions: tuple[str | None, ...] | None = None
+    method: str = "dreambooth"
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_text_encoder: bool = False
+    lora_targets: str = "attention"
+    num_vectors: int = 1
+    init_text: str | None = None
+    overwrite: str | None = None  # textual inversion: retrain this existing word's embedding instead
+    crop: str = "center"
+    flip: bool = False
+    split_oversized: bool = False
+    prompt_templates: tuple[str, ...] | None = None  # "[name]", "[filewords]", "[category]" are filled in
 
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequest:
+    target = target_of(params, TRAIN_TARGETS, "private")
+    method = _choice(params, "method", METHODS, defaults.get("method", "lora") if target == "private" else "dreambooth")
+    if target != "private" and method != "dreambooth":
+        raise BadRequest(f"{target} is a whole model and learns by method 'dreambooth'; {method} is for private concepts")
+    # Each method's own defaults (learning rate, steps, class images) come before the shared ones.
+    defaults = {**defaults, **defaults.get("per_method", {}).get(method, {})}
+    overwrite = params.get("overwrite")
+    if overwrite is not None and (not isinstance(overwrite, str) or not re.match(r"^[a-z][a-z0-9\-]{0,31}$", overwrite)):
+        raise BadRequest("overwrite must be the one lowercase word whose embedding to retrain")
+    if overwrite and method != "textual_inversion":
+        raise BadRequest("overwrite is a textual_inversion mode")
+    init_text = params.get("init_text")
+    if init_text is not None and (not isinstance(init_text, str) or len(init_text) > 100):
+        raise BadRequest("init_text must be a short text (at most 100 characters)")
+    rank = number(params, "lora_rank", defaults.get("lora_rank", 4), 1, limits.max_lora_rank, integer=True)
     return FinetuneRequest(
-        target=target_of(params, TRAIN_TARGETS, "private"),
+        method=method,
+        lora_rank=rank,
+        lora_alpha=number(params, "lora_alpha", float(rank), 1e-3, 1e4, integer=False),
+        lora_text_encoder=_bool(params, "lora_text_encoder", False),
+        lora_targets=_choice(params, "lora_targets", ("attention", "attention_ff", "all"),
+                             defaults.get("lora_targets", "attention")),
+        num_vectors=number(params, "num_vectors", 1, 1, 16, integer=True) if not overwrite else
+        _only_one_vector(params),
+        init_text=init_text or None,
+        overwrite=overwrite or None,
+        crop=_choice(params, "crop", CROPS, "center"),
+        flip=_bool(params, "flip", False),
+        split_oversized=_bool(params, "split_oversized", False),
+        prompt_templates=templates_of(params),
+        target=target,
         category=category_of(params),
         learning_rate=number(params, "learning_rate", defaults["learning_rate"], limits.min_learning_rate,
                               limits.max_learning_rate, integer=False),
@@ -165,6 +213,27 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
                                         1.0, integer=False),
         captions=captions_of(params),
     )
+
+
+def _only_one_vector(params: dict) -> int:
+    if number(params, "num_vectors", 1, 1, 16, integer=True) != 1:
+        raise BadRequest("overwrite retrains one existing token: num_vectors must be 1")
+    return 1
+
+
+def templates_of(params: dict) -> tuple[str, ...] | None:
+    """`prompt_template`: one template or a list ("a painting of [filewords] by [name]"), as in
+    AUTOMATIC1111's template files; every image is taught with every template."""
+    v = params.get("prompt_template")
+    if v is None:
+        return None
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not items or len(items) > 32 or \
+            not all(isinstance(t, str) and t.strip() and len(t) <= 300 for t in items):
+        raise BadRequest("prompt_template must be a template string or a list of at most 32 of them")
+    if not all("[name]" in t for t in items):
+        raise BadRequest("every prompt_template must contain [name], where the concept's word goes")
+    return tuple(" ".join(t.split()) for t in items)
 
 
 def captions_of(params: dict) -> tuple[str | None, ...] | None:
@@ -204,6 +273,7 @@ class GenerateRequest:
     scheduler: str | None  # a key of schedulers.SAMPLERS; None: the model's own
     model_version: int | None  # None: the model's current version
     emphasis: str = prompting.DEFAULT_EMPHASIS  # one of prompting.EMPHASIS_MODES
+    identifiers: tuple[str, ...] = ()  # private concepts named by the request (else found in the prompts)
 
 
 def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequest:
@@ -211,8 +281,13 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
     if neg is not None and not isinstance(neg, str):
         raise BadRequest("negative_prompt must be a string")
     ident = params.get("identifier")
-    if ident is not None and (not isinstance(ident, str) or not re.match(r"^[A-Za-z0-9_\-]{1,64}$", ident)):
-        raise BadRequest("identifier must be the word /finetune returned (letters and digits)")
+    idents = params.get("identifiers")
+    if idents is not None and (not isinstance(idents, (list, tuple)) or len(idents) > 16):
+        raise BadRequest("identifiers must be a list of at most 16 concept words")
+    names = ([ident] if ident is not None else []) + list(idents or [])
+    for name in names:
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_\-]{1,64}$", name):
+            raise BadRequest("identifier must be the word /finetune returned (letters and digits)")
     h = number(params, "height", defaults["height"], 8, limits.max_side, integer=True)
     w = number(params, "width", defaults["width"], 8, limits.max_side, integer=True)
     if h % 8 or w % 8:
@@ -233,6 +308,7 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
         else None,
         model_version=number(params, "model_version", None, 0, 2**31 - 1, integer=True),
         emphasis=emphasis_of(params.get("emphasis", defaults.get("emphasis", prompting.DEFAULT_EMPHASIS))),
+        identifiers=tuple(dict.fromkeys(names)),
     )
 
 

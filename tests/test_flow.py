@@ -158,3 +158,39 @@ def test_cli_sweep_and_grid_write_frames_a_gif_and_a_sheet(flow, tmp_path):
                      "2", "6", "--steps", "3", "--num-seeds", "2", "--split", "2", "--out", str(out)]) == 0
     files = sorted(os.listdir(out))
     assert len([f for f in files if f.endswith("png") and f[:3].isdigit()]) == 8 and "grid.png" in files
+
+
+def test_cli_textual_inversion_export_and_import_over_grpc(flow, tmp_path, capsys):
+    """A concept trained with prepared images (filename captions, template, focal crop, flip) leaves the server
+    as files and comes back to another user as a new private concept."""
+    import shutil
+
+    from client_examples import cli
+
+    host = f"grpc://{flow.args.host}:{flow.args.port}"
+    token, other = mint_token("hana", SECRET), mint_token("ivan", SECRET)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(sorted(os.listdir(os.path.join(REPO, "client_examples", "sample_concept")))[:3]):
+        if name.endswith(".png"):
+            shutil.copy(os.path.join(REPO, "client_examples", "sample_concept", name), folder / f"orange heart_{i}.png")
+    assert cli.main(["--host", host, "--token", token, "finetune", str(folder), "--category", "shape", "--steps", "4",
+                     "--method", "textual_inversion", "--num-vectors", "2", "--init-text", "heart",
+                     "--captions-from", "filename", "--template", "a [name] [category] like [filewords]",
+                     "--crop", "focal", "--flip"]) == 0
+    ident = capsys.readouterr().out.split('identifier is "')[1].split('"')[0]
+    out = tmp_path / "concept"
+    assert cli.main(["--host", host, "--token", token, "export", ident, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == sorted(["learned_embeds.safetensors", f"{ident}.pt"])
+    assert cli.main(["--host", host, "--token", other, "import", str(out / f"{ident}.pt"), "--category",
+                     "shape"]) == 0
+    printed = capsys.readouterr().out
+    assert "(textual_inversion)" in printed
+    new = printed.split('imported as "')[1].split('"')[0]
+    images = flow.post("/generate", inputs=prompts(f"a {new} shape"), parameters={
+        **jwt("ivan"), "target_model": "private", "num_inference_steps": 3, "seed": 1},
+        return_type=DocList[GeneratedImageDoc])
+    assert images[0].target_model == f"private:{new}"
+    with pytest.raises(BadServer) as e:  # hana's concept is not jon's to export
+        flow.post("/export", inputs=DocList[TextDoc](), parameters={**jwt("jon"), "identifier": ident})
+    assert "NotFound" in server_error(e)

@@ -38,7 +38,7 @@ def test_infotext_round_trips_with_awkward_prompts():
     p, params = infotext.request_from_infotext(text)
     assert params == {"num_inference_steps": 20, "seed": 7, "num_images": 1, "guidance_scale": 4.0, "width": 32,
                       "height": 32, "negative_prompt": "blurry, \"odd\": yes", "scheduler": "DPM++ 2M",
-                      "target_model": "private", "identifier": "sks", "model_version": 1, "emphasis": "original"}
+                      "target_model": "private", "identifiers": ["sks"], "model_version": 1, "emphasis": "original"}
     # An AUTOMATIC1111 text names its emphasis only when it is not its default ("original"); ours always do.
     assert infotext.request_from_infotext(text + ", Emphasis: context")[1]["emphasis"] == "context"
 

@@ -1,0 +1,256 @@
+"""Private concepts in megabytes: LoRA and textual inversion, hot-swapped on the loaded base, exported in the
+formats other tools read, imported back; and training images prepared as people prepare them."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import instance_images
+from executor import embeddings, personal, preprocess, prompting
+from executor.errors import BadRequest, Conflict, NotFound
+
+FAST = {"category": "shape", "max_train_steps": 6, "num_class_images": 4}
+
+
+def _pixels(imgs):
+    return np.stack([np.asarray(g.image, dtype=np.int16) for g in imgs])
+
+
+def _version_dir(service, user, identifier):
+    c = service.registry.find_concept(owner=user, target="private", identifier=identifier)
+    return service.registry.version_path(c["model_key"], c["version"])
+
+
+# ---------------------------------------------------------------------------------------------- preparing images
+def _scene(w, h, at):
+    img = Image.new("RGB", (w, h), (20, 20, 20))
+    ImageDraw.Draw(img).ellipse((at[0] - 10, at[1] - 10, at[0] + 10, at[1] + 10), fill=(240, 120, 0))
+    return img
+
+
+def test_focal_crop_keeps_an_off_centre_subject_that_a_centre_crop_cuts_off():
+    img = _scene(160, 64, at=(140, 32))
+    fx, fy = preprocess.focal_point(img)
+    assert fx > 0.75 and 0.35 < fy < 0.65
+    orange = lambda im: int((np.asarray(im)[..., 0] > 200).sum())  # noqa: E731
+    assert orange(preprocess.crop_square(img, "focal")) > 0.9 * orange(img)
+    assert orange(preprocess.crop_square(img, "center")) == 0
+
+
+def test_oversized_images_split_into_overlapping_square_tiles():
+    tiles = preprocess.split_tiles(_scene(200, 64, at=(30, 30)))
+    assert len(tiles) == 4 and all(t.size == (64, 64) for t in tiles)
+    lefts = np.linspace(0, 200 - 64, 4).round()
+    assert (lefts[1] - lefts[0]) <= 64 * (1 - preprocess.TILE_OVERLAP)  # neighbours overlap by >= 25%
+    assert preprocess.split_tiles(_scene(90, 64, at=(30, 30)))[0].size == (90, 64)  # not oversized: as is
+    tall = preprocess.split_tiles(_scene(50, 120, at=(25, 25)))
+    assert len(tall) == 3 and all(t.size == (50, 50) for t in tall)
+
+
+def test_prepare_tiles_then_mirrors_and_keeps_captions():
+    out = preprocess.prepare([_scene(200, 64, at=(30, 30)), _scene(64, 64, at=(20, 32))], ["wide", None],
+                             split_oversized=True, flip=True)
+    assert len(out.images) == 2 * (4 + 1) and out.captions == ["wide"] * 4 + [None] + ["wide"] * 4 + [None]
+    assert np.array_equal(np.asarray(out.images[5]), np.asarray(out.images[0])[:, ::-1])
+
+
+@pytest.mark.parametrize("template,filewords,expected", [
+    ("a painting of [filewords] by [name]", "a red boat", "a painting of a red boat by qzq"),
+    ("a painting of [filewords] by [name]", None, "a painting of by qzq"),
+    ("[name] [category], [filewords]", None, "qzq shape"),
+    ("[filewords], a [name] [category]", "two cats", "two cats, a qzq shape"),
+])
+def test_prompt_templates(template, filewords, expected):
+    assert preprocess.fill_template(template, name="qzq", category="shape", filewords=filewords) == expected
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+def test_embedding_files_round_trip_in_both_formats():
+    vec = torch.randn(3, 128)
+    word, back = embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", vec), "x.safetensors", 128)
+    assert word == "qzq" and torch.equal(back, vec)
+    word, back = embeddings.read_embedding_file(embeddings.to_a1111_bytes("qzq", vec, 7, 10, "m"), "qzq.pt", 128)
+    assert word == "qzq" and torch.equal(back, vec)
+    with pytest.raises(BadRequest, match="do not fit"):
+        embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", torch.randn(2, 64)), "x.safetensors", 128)
+    with pytest.raises(BadRequest, match="not an embedding"):
+        embeddings.read_embedding_file(b"\x80\x04garbage", "x.pt", 128)
+    with pytest.raises(BadRequest, match="non-finite"):
+        embeddings.read_embedding_file(embeddings.to_diffusers_bytes("q", torch.full((1, 128), float("nan"))),
+                                       "x.safetensors", 128)
+
+
+def test_a_word_expands_to_its_vectors_and_each_position_gets_its_own(service):
+    pipe = service.base_pipe
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    tid = tok("sks", add_special_tokens=False).input_ids[0]
+    own = te.get_input_embeddings().weight[tid].detach().unsqueeze(0)
+    plain = prompting.encode_prompts(tok, te, ["a sks shape"], [""], "cpu")[0]
+    same = prompting.encode_prompts(tok, te, ["a sks shape"], [""], "cpu",
+                                    embeddings={tid: embeddings.ConceptEmbedding("sks", tid, own)})[0]
+    assert torch.allclose(plain, same, atol=1e-6)  # the word's own vector: nothing changes
+    three = torch.randn(3, own.shape[1])
+    ids = torch.tensor([[1, tid, tid, tid, 5, tid, tid]])
+    mask, index = embeddings.positions(ids, {tid: embeddings.ConceptEmbedding("sks", tid, three)})
+    assert mask.tolist() == [[False, True, True, True, False, True, True]]
+    assert index[0, 1:4].tolist() == [0, 1, 2] and index[0, 5:7].tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA concepts
+def test_a_private_concept_is_a_lora_by_default_and_weighs_kilobytes(service):
+    r = service.finetune("alice", instance_images(4), FAST)
+    assert r["method"] == "lora"
+    folder = _version_dir(service, "alice", r["identifier"])
+    assert sorted(os.listdir(folder)) == ["big_version.json", "learned_embeds.safetensors",
+                                          "pytorch_lora_weights.safetensors"]
+    unet_bytes = sum(p.numel() * p.element_size() for p in service.base_pipe.unet.parameters())
+    assert personal.version_bytes(folder) <= 0.02 * unet_bytes
+    # Every adapter in the file is loaded back (attention and convolutions alike).
+    service.loras.load("probe", folder)
+    from safetensors.torch import load_file
+    saved = {k for k in load_file(os.path.join(folder, "pytorch_lora_weights.safetensors")) if "lora_A" in k}
+    loaded = [n for n, _ in service.loras._pipe.unet.named_parameters() if "lora_A.probe" in n]
+    assert len(loaded) == len(saved) > 0 and any("attn2.to_k" in n for n in loaded)
+    service.loras.drop("probe")
+    # The served base carries no adapter: training copies it, and pretrained images stay the base's.
+    assert not getattr(service.base_pipe.unet, "peft_config", None)
+    imgs = service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private", "seed": 3})
+    base = service.generate("alice", [f"a {r['identifier']} shape"], {"seed": 3})
+    assert imgs[0].parameters["model"] == f"private:{r['identifier']}"
+    assert not np.array_equal(_pixels(imgs), _pixels(base))
+
+
+def test_two_users_loras_switch_without_reloading_and_stay_private(service):
+    a = service.finetune("alice", instance_images(4), FAST)
+    b = service.finetune("bob", instance_images(4, shape="star", colour="blue", mark="ring"), FAST)
+    pa, pb = f"a {a['identifier']} shape", f"a {b['identifier']} shape"
+    params = {"target_model": "private", "seed": 5, "num_images": 2}
+    first = service.generate("alice", [pa], params)
+    service.generate("bob", [pb], params)
+    again = service.generate("alice", [pa], params)
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert len(service.loras.loaded()) == 2  # both stay loaded; a switch is set_adapters only
+    with pytest.raises(NotFound):  # carol has no concepts: naming alice's word finds nothing of hers
+        service.generate("carol", [pa], {"target_model": "private", "identifier": a["identifier"]})
+    with pytest.raises(BadRequest, match="whole model"):
+        service.finetune("alice", instance_images(2), {**FAST, "target_model": "meta", "method": "lora"})
+
+
+def test_a_lora_export_loads_in_plain_diffusers_and_makes_the_same_image(service, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from executor.pipelines import resolve_base
+
+    r = service.finetune("alice", instance_images(4), FAST)
+    files = dict(service.export("alice", r["identifier"]))
+    assert set(files) == {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    ours = service.generate("alice", [f"a {r['identifier']} shape"], {
+        "target_model": "private", "seed": 9, "num_inference_steps": 6})
+    plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    plain.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    # The identifier is already a word of the vocabulary, so plain diffusers loads its tuned vector as a new token.
+    plain.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token="<alice-concept>")
+    theirs = plain("a <alice-concept> shape", num_inference_steps=6, guidance_scale=service.generate_defaults[
+        "guidance_scale"], generator=torch.Generator().manual_seed(9), height=32, width=32).images[0]
+    diff = np.abs(np.asarray(theirs, dtype=np.int16) - _pixels(ours)[0])
+    assert diff.mean() < 1.0, diff.mean()
+
+
+def test_export_then_import_round_trips_to_another_user(service):
+    r = service.finetune("alice", instance_images(4), FAST)
+    files = service.export("alice", r["identifier"], "diffusers")
+    got = service.import_concept("bob", files, {"category": "shape"})
+    assert got["method"] == "lora" and got["identifier"]
+    seed = {"target_model": "private", "seed": 4, "num_inference_steps": 6}
+    a = service.generate("alice", [f"a {r['identifier']} shape"], seed)
+    b = service.generate("bob", [f"a {got['identifier']} shape"], seed)
+    assert np.array_equal(_pixels(a), _pixels(b))  # the word differs, its vector and the adapter do not
+    assert {c["identifier"]: c["method"] for c in service.concepts("bob")}[got["identifier"]] == "lora"
+
+
+def test_import_refuses_bad_files_and_keeps_nothing(service):
+    from safetensors.torch import save
+
+    r = service.finetune("alice", instance_images(4), FAST)
+    lora = dict(service.export("alice", r["identifier"]))["pytorch_lora_weights.safetensors"]
+    from safetensors.torch import load as load_bytes
+    state = load_bytes(lora)
+    key = next(k for k in state if "lora_A" in k)
+    wrong = save({**state, key: torch.zeros(state[key].shape[0], state[key].shape[1] + 3)})
+    before = len(os.listdir(service.ws.root + "/models"))
+    for files, match in [([("x.pt", b"not a file")], "not an embedding"),
+                         ([("l.safetensors", wrong)], "does not fit"),
+                         ([("l.safetensors", save({"unet.nothing.lora_A.weight": torch.zeros(4, 4)}))],
+                          "matches|does not fit"),
+                         ([("a", lora), ("b", lora)], "one LoRA"),
+                         ([], "send one")]:
+        with pytest.raises(BadRequest, match=match):
+            service.import_concept("bob", files, {"category": "shape"})
+    service.config.limits = type(service.config.limits)(max_import_bytes=100)
+    with pytest.raises(BadRequest, match="import limit"):
+        service.import_concept("bob", [("l.safetensors", lora)], {"category": "shape"})
+    assert len(os.listdir(service.ws.root + "/models")) == before
+    assert service.concepts("bob") == []
+
+
+# ---------------------------------------------------------------------------------------------- textual inversion
+def test_textual_inversion_matches_plain_diffusers_and_combines_with_a_lora(service, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from executor.pipelines import resolve_base
+
+    ti = service.finetune("alice", instance_images(4), {**FAST, "method": "textual_inversion", "num_vectors": 3,
+                                                        "init_text": "orange heart"})
+    folder = _version_dir(service, "alice", ti["identifier"])
+    assert sorted(os.listdir(folder)) == sorted(["big_version.json", "learned_embeds.safetensors",
+                                                 f"{ti['identifier']}.pt"])
+    data = dict(service.export("alice", ti["identifier"], "diffusers"))["learned_embeds.safetensors"]
+    (tmp_path / "e.safetensors").write_bytes(data)
+    plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    plain.load_textual_inversion(str(tmp_path / "e.safetensors"), token="<t>")
+    theirs = plain.encode_prompt("a <t> shape", "cpu", 1, False)[0]
+    vec = personal.load_embedding(folder)
+    tid = service.base_pipe.tokenizer(ti["identifier"], add_special_tokens=False).input_ids[0]
+    ours = prompting.encode_prompts(service.base_pipe.tokenizer, service.base_pipe.text_encoder,
+                                    [f"a {ti['identifier']} shape"], [""], "cpu",
+                                    embeddings={tid: embeddings.ConceptEmbedding(ti["identifier"], tid, vec)})[0]
+    assert torch.allclose(ours, theirs, atol=1e-5)  # three vectors where the word was, as diffusers does
+
+    lora = service.finetune("alice", instance_images(4, shape="star", colour="blue"), FAST)
+    both = service.generate("alice", [f"a {ti['identifier']} painting of a {lora['identifier']} shape"],
+                            {"target_model": "private", "seed": 1})
+    assert both[0].parameters["model"] in (f"private:{ti['identifier']}+{lora['identifier']}",
+                                           f"private:{lora['identifier']}+{ti['identifier']}")
+    again = service.generate("alice", [], {"parameters": both[0].parameters_text()})
+    assert np.array_equal(_pixels(both), _pixels(again))
+
+
+def test_overwrite_retrains_an_existing_word_for_its_owner_only(service):
+    r = service.finetune("alice", instance_images(4), {**FAST, "method": "textual_inversion", "overwrite": "star"})
+    assert r["identifier"] == "star"
+    params = {"seed": 2, "num_inference_steps": 6}
+    base = service.generate("alice", ["a red star"], params)
+    mine = service.generate("alice", ["a red star"], {**params, "target_model": "private", "identifiers": ["star"]})
+    assert not np.array_equal(_pixels(base), _pixels(mine))
+    with pytest.raises(BadRequest):  # an overwrite applies only when named
+        service.generate("alice", ["a red star"], {**params, "target_model": "private"})
+    with pytest.raises(Conflict):
+        service.finetune("alice", instance_images(2), {**FAST, "method": "textual_inversion", "overwrite": "star"})
+    with pytest.raises(BadRequest, match="textual_inversion mode"):
+        service.finetune("alice", instance_images(2), {**FAST, "overwrite": "star"})
+
+
+def test_delete_unloads_the_adapter(service):
+    r = service.finetune("alice", instance_images(4), FAST)
+    service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
+    assert len(service.loras.loaded()) == 1
+    service.delete("alice", r["identifier"])
+    assert service.loras.loaded() == []
+    with pytest.raises(BadRequest):
+        service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
