@@ -16,7 +16,6 @@
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.service_bench import timed  # noqa: E402
 from conftest import instance_images  # noqa: E402
 from executor import personal  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
@@ -66,15 +66,6 @@ def score(svc, user, ident, n, seed=5000):
     ri, rc = scorer.read([g.image for g in inst]), scorer.read([g.image for g in cls])
     return (float(np.mean([shows(r, CONCEPT) for r in ri])), float(np.mean([shows(r, CONCEPT) for r in rc])),
             {k: float(np.mean([r[k] == v for r in ri])) for k, v in CONCEPT.items()}, inst)
-
-
-def timed(fn, repeat):
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main():

@@ -68,10 +68,7 @@ class BIGExecutor(Executor):
     @requests(on="/export")
     async def export(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptFileDoc]:
         """A private concept's files (`identifier`; `format`: all, diffusers, a1111)."""
-        user = self._user(parameters)
-        ident = parameters.get("identifier")
-        if not isinstance(ident, str) or not ident:
-            raise BadRequest("pass the private concept's `identifier`")
+        user, ident = self._user(parameters), _identifier_of(parameters)
         files = await asyncio.to_thread(self.service.export, user, ident, parameters.get("format", "all"))
         return DocList[ConceptFileDoc]([ConceptFileDoc(text=name, bytes_=data, identifier=ident,
                                                        sha256=hashlib.sha256(data).hexdigest()) for name, data in files])
@@ -125,10 +122,7 @@ class BIGExecutor(Executor):
 
     @requests(on="/delete")
     async def delete(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
-        user = self._user(parameters)
-        ident = parameters.get("identifier")
-        if not isinstance(ident, str) or not ident:
-            raise BadRequest("pass the private concept's `identifier`")
+        user, ident = self._user(parameters), _identifier_of(parameters)
         await asyncio.to_thread(self.service.delete, user, ident)
         return DocList[ConceptDoc]([ConceptDoc(text=ident, status="deleted", target_model="private")])
 
@@ -150,6 +144,13 @@ class BIGExecutor(Executor):
         self.service.close()
         self._generate_thread.shutdown(wait=False, cancel_futures=True)
         super().close()
+
+
+def _identifier_of(parameters: dict) -> str:
+    ident = (parameters or {}).get("identifier")
+    if not isinstance(ident, str) or not ident:
+        raise BadRequest("pass the private concept's `identifier`")
+    return ident
 
 
 def _image_doc(g) -> GeneratedImageDoc:

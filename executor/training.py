@@ -208,8 +208,8 @@ def dreambooth(
         EmbeddingOverride.install(text_t if text_t is not None else text_encoder)
     override = {embedding.token_id: ConceptEmbedding(embedding.word, embedding.token_id, vectors)} \
         if embedding is not None else None
-    if gradient_checkpointing if gradient_checkpointing is not None else cuda:
-        unet_t.enable_gradient_checkpointing()
+    if (gradient_checkpointing if gradient_checkpointing is not None else cuda) and copy_unet:
+        unet_t.enable_gradient_checkpointing()  # never on the served UNet (textual inversion runs it as is)
         if text_t is not None:
             text_t.gradient_checkpointing_enable()
 

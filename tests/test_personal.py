@@ -254,3 +254,29 @@ def test_delete_unloads_the_adapter(service):
     assert service.loras.loaded() == []
     with pytest.raises(BadRequest):
         service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
+
+
+def test_a_lora_with_text_encoder_adapters_round_trips_through_plain_diffusers(service, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from executor.pipelines import resolve_base
+
+    r = service.finetune("alice", instance_images(4), {**FAST, "lora_text_encoder": True,
+                                                       "train_identifier_embedding": False})
+    files = service.export("alice", r["identifier"])
+    assert [name for name, _ in files] == ["pytorch_lora_weights.safetensors"]
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / files[0][0]).write_bytes(files[0][1])
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    ours = service.generate("alice", [f"a {r['identifier']} shape"], {
+        "target_model": "private", "seed": 9, "num_inference_steps": 6})
+    plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    plain.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    assert plain.get_list_adapters() and "text_encoder" in plain.get_list_adapters()
+    theirs = plain(f"a {r['identifier']} shape", num_inference_steps=6, guidance_scale=service.generate_defaults[
+        "guidance_scale"], generator=torch.Generator().manual_seed(9), height=32, width=32).images[0]
+    assert np.abs(np.asarray(theirs, dtype=np.int16) - _pixels(ours)[0]).mean() < 1.0
