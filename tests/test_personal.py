@@ -280,3 +280,11 @@ def test_a_lora_with_text_encoder_adapters_round_trips_through_plain_diffusers(s
     theirs = plain(f"a {r['identifier']} shape", num_inference_steps=6, guidance_scale=service.generate_defaults[
         "guidance_scale"], generator=torch.Generator().manual_seed(9), height=32, width=32).images[0]
     assert np.abs(np.asarray(theirs, dtype=np.int16) - _pixels(ours)[0]).mean() < 1.0
+
+
+def test_sd15_byte_ratio_is_counted_on_its_real_architecture():
+    from benchmarks.personal_bench import sd15_ratios
+
+    r = sd15_ratios(4, "attention", 4)
+    assert r["unet_params"] == 859_520_964  # Stable Diffusion 1.5's UNet
+    assert r["lora_params"] == 797_184 and r["lora_vs_unet"] < 0.02
