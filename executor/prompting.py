@@ -85,12 +85,24 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged if t] or [("", 1.0)]
 
 
+_LORA_TAG = re.compile(r"<lora:([A-Za-z0-9_\-]{1,64})(?::\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)))?\s*>")
+
+
+def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
+    """AUTOMATIC1111's `<lora:name:weight>` tags: the prompt without them, and each name's weight (default 1).
+
+    A tag picks a LoRA concept and its strength; it is not text for the encoder.
+    """
+    tags = {m.group(1): float(m.group(2)) if m.group(2) else 1.0 for m in _LORA_TAG.finditer(prompt)}
+    return " ".join(_LORA_TAG.sub(" ", prompt).split()), tags
+
+
 def weighted_tokens(tokenizer, prompt: str, expand: dict[int, int] | None = None) -> tuple[list[int], list[float]]:
     """Token ids of the prompt without BOS/EOS, and each token's weight; a token in `expand` (an embedding's
     word: token id -> its number of vectors) fills that many positions."""
     ids: list[int] = []
     weights: list[float] = []
-    for text, w in parse_emphasis(prompt):
+    for text, w in parse_emphasis(lora_tags(prompt)[0]):
         t = tokenizer(text, add_special_tokens=False).input_ids
         for token_id, n in (expand or {}).items():
             t = expand_word(t, token_id, n)

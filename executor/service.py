@@ -21,7 +21,7 @@ from typing import Sequence
 from PIL import Image
 
 from . import (class_images, embeddings, generation, infotext, personal, pipelines, planner, preprocess,
-               schedulers, studio, training, validation)
+               prompting, schedulers, studio, training, validation)
 from .auth import AuthConfig, Authenticator
 from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
@@ -333,6 +333,8 @@ class BIGService:
                 specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
         if req.target == "private":
             return self._render_personal(user, req, specs)
+        if any(prompting.lora_tags(s.prompt)[1] for s in specs):
+            raise BadRequest("<lora:...> tags pick private LoRA concepts: use target_model 'private'")
         key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
         return self._render_with(self._pipeline_for(key, version), req, specs, version=version, label=req.target)
 
@@ -382,7 +384,16 @@ class BIGService:
                          specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
         """Base model + the request's private concepts: at most one DreamBooth concept (a whole UNet), or
         any number of LoRA adapters, plus any number of embeddings."""
-        concepts = self.private_concepts_for(user, req.identifiers, sorted({s.prompt for s in specs}))
+        tags: dict[str, float] = {}
+        for prompt in {s.prompt for s in specs}:
+            for name, weight in prompting.lora_tags(prompt)[1].items():
+                if tags.setdefault(name, weight) != weight:
+                    raise BadRequest(f"<lora:{name}> has two weights in one request")
+        named = tuple(dict.fromkeys(list(req.identifiers) + list(tags))) if req.identifiers else ()
+        concepts = self.private_concepts_for(user, named, sorted({s.prompt for s in specs}))
+        unknown = sorted(set(tags) - {c["identifier"] for c in concepts})
+        if unknown:
+            raise NotFound(f"you have no private concept {unknown[0]!r} (from <lora:{unknown[0]}>)")
         if req.model_version not in (None, 1):
             raise NotFound(f"private concepts have one version (1), not {req.model_version}")
         metas = [self._concept_meta(c) for c in concepts]
@@ -401,8 +412,8 @@ class BIGService:
         if not loras:
             return self._render_with(self.base_pipe, req, specs, version=1, label=label, embeds=embeds)
         with self.loras.lock:  # the adapter set is this request's until its images are made
-            pipe = self.loras.activate([(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
-                                        for c, m in loras])
+            pipe = self.loras.activate([(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"],
+                                         tags.get(c["identifier"], 1.0)) for c, m in loras])
             return self._render_with(pipe, req, specs, version=1, label=label, embeds=embeds)
 
     def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:

@@ -288,3 +288,21 @@ def test_sd15_byte_ratio_is_counted_on_its_real_architecture():
     r = sd15_ratios(4, "attention", 4)
     assert r["unet_params"] == 859_520_964  # Stable Diffusion 1.5's UNet
     assert r["lora_params"] == 797_184 and r["lora_vs_unet"] < 0.02
+
+
+def test_lora_tags_pick_a_concept_and_its_strength(service):
+    assert prompting.lora_tags("a <lora:sks:0.5> shape, <lora:qzq>") == ("a shape,", {"sks": 0.5, "qzq": 1.0})
+    r = service.finetune("alice", instance_images(4), FAST)
+    ident, params = r["identifier"], {"target_model": "private", "seed": 3, "num_inference_steps": 6}
+    full = service.generate("alice", [f"a {ident} shape <lora:{ident}:1>"], params)
+    plain = service.generate("alice", [f"a {ident} shape"], params)
+    assert np.array_equal(_pixels(full), _pixels(plain))  # weight 1 is the default; the tag is not encoded
+    off = service.generate("alice", [f"a {ident} shape <lora:{ident}:0>"], params)
+    half = service.generate("alice", [f"a {ident} shape <lora:{ident}:0.5>"], params)
+    assert not np.array_equal(_pixels(off), _pixels(full)) and not np.array_equal(_pixels(half), _pixels(full))
+    again = service.generate("alice", [], {"parameters": half[0].parameters_text()})
+    assert np.array_equal(_pixels(again), _pixels(half))
+    with pytest.raises(NotFound):
+        service.generate("alice", [f"a {ident} shape <lora:nope:1>"], params)
+    with pytest.raises(BadRequest, match="target_model 'private'"):
+        service.generate("alice", [f"a shape <lora:{ident}:1>"], {"seed": 1})
