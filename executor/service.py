@@ -176,7 +176,8 @@ class BIGService:
                 metamodel=strategy["replay_earlier"])
             log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
                      planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
-            priors = self._prior_examples(plan)
+            priors, groups = self._prior_examples(plan)
+            prior_groups = groups if strategy.get("balanced") else None
 
             tok = self.base_pipe.tokenizer
             token_ids = tok(identifier, add_special_tokens=False).input_ids
@@ -200,7 +201,7 @@ class BIGService:
                 embedding_learning_rate=req.embedding_learning_rate,
                 lora=training.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
                 if req.method == "lora" else None,
-                embedding=embedding, train_unet=req.method != "textual_inversion",
+                embedding=embedding, train_unet=req.method != "textual_inversion", prior_groups=prior_groups,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()
@@ -251,10 +252,12 @@ class BIGService:
         pipe = self._pipeline_for(key, version)
         return pipe.unet, pipe.text_encoder
 
-    def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> list[training.TrainExample]:
+    def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[training.TrainExample], list[int]]:
+        """The prior examples of a plan, and for each the index of the slot (group) it fills."""
         out: list[training.TrainExample] = []
+        groups: list[int] = []
         defaults = self.generate_defaults
-        for slot in plan:
+        for group, slot in enumerate(plan):
             if slot.kind == "class":
                 imgs, _ = class_images.ensure_class_images(
                     self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), slot.category, slot.count, size=self.size,
@@ -264,7 +267,8 @@ class BIGService:
                 earlier = _examples(self.ws.load_instances(slot.concept_id), slot.identifier, slot.category,
                                     self.ws.load_captions(slot.concept_id))
                 out += [earlier[i % len(earlier)] for i in range(slot.count if earlier else 0)]
-        return out
+            groups += [group] * (len(out) - len(groups))
+        return out, groups
 
     # ================================================================== generate
     def resolve_model(self, user: str, target: str, identifier: str | None,

@@ -85,6 +85,16 @@ def preprocess(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def draw_priors(g: torch.Generator, n: int, n_priors: int, group_members: list[list[int]] | None) -> torch.Tensor:
+    """Indices of `n` prior examples: uniform over all of them, or (with groups) a uniform group each, then
+    a uniform member of it."""
+    if group_members is None:
+        return torch.randint(0, n_priors, (n,), generator=g)
+    picked = torch.randint(0, len(group_members), (n,), generator=g).tolist()
+    within = torch.rand(n, generator=g).tolist()
+    return torch.tensor([group_members[k][int(u * len(group_members[k]))] for k, u in zip(picked, within)])
+
+
 def _fused_adamw_ok(device: torch.device) -> bool:
     return torch.device(device).type in ("cuda", "cpu", "xpu", "mps")
 
@@ -154,6 +164,7 @@ def dreambooth(
     lora: LoraSettings | None = None,
     embedding: ConceptEmbedding | None = None,
     train_unet: bool = True,
+    prior_groups: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched.
 
@@ -166,7 +177,9 @@ def dreambooth(
     `lora`: train low-rank adapters instead of the weights (the result carries their diffusers-format state
     dicts). `embedding`: learn these vectors for the concept's word (textual inversion; with `lora`, pivotal
     tuning), put in place of its token embeddings by `EmbeddingOverride`; the text encoder itself stays
-    frozen. `train_unet=False` with an embedding is plain textual inversion.
+    frozen. `train_unet=False` with an embedding is plain textual inversion. `prior_groups` (a group id per
+    prior example): each prior draw picks a group uniformly, then an example of it, instead of drawing from
+    the pooled examples.
     """
     from accelerate import Accelerator
 
@@ -264,6 +277,14 @@ def dreambooth(
     if text_t is not None:
         text_t = modules[-2]
 
+    group_members = None
+    if prior_groups is not None and priors:
+        if len(prior_groups) != len(priors):
+            raise ValueError("prior_groups needs one group id per prior example")
+        members: dict[int, list[int]] = {}
+        for i, group in enumerate(prior_groups):
+            members.setdefault(group, []).append(i)
+        group_members = list(members.values())
     n_train = noise_scheduler.config.num_train_timesteps
     losses: list[float] = []
     for step in range(max_train_steps):
@@ -272,7 +293,7 @@ def dreambooth(
         ii = torch.randint(0, len(instances), (train_batch_size,), generator=g)
         mu, sd, pidx = inst_mu[ii], inst_sd[ii], inst_p[ii]
         if priors:
-            pi = torch.randint(0, len(priors), (prior_batch_size or train_batch_size,), generator=g)
+            pi = draw_priors(g, prior_batch_size or train_batch_size, len(priors), group_members)
             mu, sd = torch.cat([mu, prior_mu[pi]]), torch.cat([sd, prior_sd[pi]])
             pidx = torch.cat([pidx, prior_p[pi]])
         eps = torch.randn(mu.shape, generator=g).to(device)

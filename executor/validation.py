@@ -24,6 +24,9 @@ TRAIN_TARGETS = ("private", "meta", "private_meta")
 #   anchored    seed_split plus an L2 pull towards the weights before this concept (L2-SP)
 #   replay      seed_split with twice the prior batch per step (more replay of earlier concepts and of
 #               class images) and a light L2-SP anchor
+#   balanced    replay, but each step's prior batch is drawn evenly over the plan's groups (each category's
+#               class images, each earlier concept) instead of over the pooled images, so an early concept
+#               keeps its share of every step however many concepts came after it
 # `replay_earlier`: plan earlier concepts and other categories into the prior batch; `prior_batch_factor`:
 # prior images per step as a multiple of the instance batch; `anchor_weight`: the L2-SP weight, which a
 # request's own `anchor_weight` overrides.
@@ -32,6 +35,7 @@ METAMODEL_STRATEGY_SETTINGS = {
     "seed_split": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=0.0),
     "anchored": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=1e-3),
     "replay": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4),
+    "balanced": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4, balanced=True),
 }
 METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
 # How a concept is learned. A metamodel is a whole model, so it learns by DreamBooth only; a private concept

@@ -152,6 +152,7 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
 @pytest.mark.parametrize("target,strategy,prior_batch,anchor", [
     ("meta", "naive", 4, 0.0), ("meta", "seed_split", 4, 0.0), ("meta", "anchored", 4, 1e-3),
     ("meta", "replay", 8, 2e-4), ("private_meta", "replay", 8, 2e-4), ("private", "replay", 4, 0.0),
+    ("meta", "balanced", 8, 2e-4),
 ])
 def test_metamodel_strategies_are_configs_the_training_receives(service, monkeypatch, target, strategy,
                                                                  prior_batch, anchor):
@@ -167,3 +168,19 @@ def test_metamodel_strategies_are_configs_the_training_receives(service, monkeyp
     replays_earlier = target != "private" and strategy != "naive"
     assert ("a shape" in prompts) == replays_earlier
     assert any(p.endswith(" shape") and p != "a shape" for p in prompts) == replays_earlier
+    groups = kw.get("prior_groups")
+    assert (groups is not None) == (strategy == "balanced")
+    if groups is not None:  # one group per planned slot: class images of each category, each earlier concept
+        assert len(groups) == len(kw["priors"]) and len(set(groups)) >= 3
+
+
+def test_balanced_draws_give_every_group_an_equal_share():
+    import torch
+
+    members = [list(range(0, 40)), [40, 41], [42, 43, 44]]
+    g = torch.Generator().manual_seed(0)
+    idx = training.draw_priors(g, 6000, 45, members).tolist()
+    shares = [sum(i in set(m) for i in idx) / len(idx) for m in members]
+    assert all(abs(s - 1 / 3) < 0.03 for s in shares), shares
+    pooled = training.draw_priors(g, 6000, 45, None).tolist()
+    assert abs(sum(i < 40 for i in pooled) / 6000 - 40 / 45) < 0.03
