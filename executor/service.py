@@ -149,11 +149,10 @@ class BIGService:
             learned = self.registry.concepts_of_model(key) if kind != "private" else []
             taken = self.registry.identifiers_ever_used(key)
             if kind == "private":  # keep a user's private identifiers unambiguous for /generate
-                taken |= {c["identifier"] for c in self.registry.list_concepts(owner=user) if c["target"] == "private"}
+                taken |= self._private_words(user)
             if req.overwrite:  # the concept is an existing word's new embedding, private to its owner
                 embeddings.word_token(self.base_pipe.tokenizer, req.overwrite)
-                if any(c["identifier"] == req.overwrite for c in self.registry.list_concepts(owner=user)
-                       if c["target"] == "private"):
+                if req.overwrite in self._private_words(user):
                     raise Conflict(f"you already have a concept for {req.overwrite!r}; delete it first")
                 identifier = req.overwrite
             else:
@@ -240,6 +239,11 @@ class BIGService:
                 raise
         return {"concept_id": concept_id, "identifier": identifier, "model_version": version + 1,
                 "loss": result.final_loss}
+
+    def _private_words(self, user: str) -> set[str]:
+        """The words of the user's private concepts (identifiers and overwritten words), unique per user."""
+        return {c["identifier"] for c in self.registry.list_concepts(owner=user)
+                if c["target"] == "private" and c["owner"] == user}
 
     def _noise_scheduler(self):
         from diffusers import DDPMScheduler
@@ -356,7 +360,7 @@ class BIGService:
         (an `overwrite` concept's word is an ordinary word, so it applies only when named)."""
         mine = [c for c in self.registry.list_concepts(owner=user) if c["target"] == "private" and c["owner"] == user]
         if names:
-            by_word = {c["identifier"]: c for c in reversed(mine)}
+            by_word = {c["identifier"]: c for c in mine}  # oldest first: the newest of a word wins
             missing = [n for n in names if n not in by_word]
             if missing:
                 raise NotFound(f"you have no private concept {missing[0]!r}")
@@ -519,7 +523,7 @@ class BIGService:
                 embedding = embeddings.read_embedding_file(data, name or "", dim)[1]
         concept_id = uuid.uuid4().hex
         key = model_key("private", user, concept_id)
-        mine = {c["identifier"] for c in self.registry.list_concepts(owner=user) if c["target"] == "private"}
+        mine = self._private_words(user)
         identifier = params.get("identifier")
         if identifier is not None:
             if not isinstance(identifier, str) or not re.match(r"^[a-z][a-z0-9\-]{0,31}$", identifier):
