@@ -24,6 +24,22 @@ import sys
 from .big_client import BIGClient, save_images
 
 
+def _generation_parser(sub, name: str, help_text: str, n_prompts):
+    """The options /generate, /sweep and /grid share."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("prompts", nargs=n_prompts)
+    p.add_argument("--target", default="pretrained", choices=["pretrained", "private", "meta", "private_meta"])
+    p.add_argument("--identifier")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--negative")
+    p.add_argument("--scheduler")
+    p.add_argument("--emphasis", choices=["context", "original", "none"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", default="big_out")
+    return p
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=os.environ.get("BIG_HOST", "grpc://localhost:51000"))
@@ -46,31 +62,11 @@ def main(argv=None) -> int:
     f.add_argument("--split-oversized", action="store_true", help="cut wide/tall images into overlapping tiles")
     f.add_argument("--template", action="append", help='prompt template, e.g. "a painting of [filewords] by [name]"')
     f.add_argument("--captions-from", default="sidecar", choices=["sidecar", "filename", "none"])
-    g = sub.add_parser("generate", help="generate images for prompts")
-    g.add_argument("prompts", nargs="+")
-    g.add_argument("--target", default="pretrained", choices=["pretrained", "private", "meta", "private_meta"])
-    g.add_argument("--identifier")
+    g = _generation_parser(sub, "generate", "generate images for prompts", "+")
     g.add_argument("--num-images", type=int, default=4)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
-    g.add_argument("--negative")
-    g.add_argument("--scheduler")
-    g.add_argument("--emphasis", choices=["context", "original", "none"])
-    g.add_argument("--seed", type=int)
-    g.add_argument("--out", default="big_out")
     for name, help_text in (("sweep", "one prompt and seed, one parameter over a range: frames + sweep.gif"),
                             ("grid", "prompts x guidance scales x steps x seeds: images + grid.png")):
-        w = sub.add_parser(name, help=help_text)
-        w.add_argument("prompts", nargs="+" if name == "grid" else 1)
-        w.add_argument("--target", default="pretrained", choices=["pretrained", "private", "meta", "private_meta"])
-        w.add_argument("--identifier")
-        w.add_argument("--steps", type=int)
-        w.add_argument("--guidance", type=float)
-        w.add_argument("--negative")
-        w.add_argument("--scheduler")
-        w.add_argument("--emphasis", choices=["context", "original", "none"])
-        w.add_argument("--seed", type=int)
-        w.add_argument("--out", default="big_out")
+        w = _generation_parser(sub, name, help_text, "+" if name == "grid" else 1)
         if name == "sweep":
             w.add_argument("--param", default="guidance_scale", choices=["guidance_scale", "num_inference_steps"])
             w.add_argument("--values", type=float, nargs="+")
