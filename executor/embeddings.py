@@ -51,6 +51,14 @@ def init_vectors(text_encoder, tokenizer, init_text: str | None, n: int, fallbac
     return torch.stack([table[ids[i % len(ids)]] for i in range(n)]).float().clone()
 
 
+def _run_index(hit: torch.Tensor, n: int) -> torch.Tensor:
+    """For a mask [B, T] of a concept's token: each position's place in its run, mod N (its vector)."""
+    index = torch.zeros(hit.shape, dtype=torch.long)
+    for b, t in hit.nonzero().tolist():
+        index[b, t] = (int(index[b, t - 1]) + 1) % n if t > 0 and bool(hit[b, t - 1]) else 0
+    return index
+
+
 def positions(ids: torch.Tensor, embeddings: dict[int, ConceptEmbedding]) -> tuple[torch.Tensor, torch.Tensor]:
     """For token ids [B, T]: (mask [B, T] of positions to replace, index [B, T] of the vector each gets).
 
@@ -61,12 +69,9 @@ def positions(ids: torch.Tensor, embeddings: dict[int, ConceptEmbedding]) -> tup
     cpu = ids.cpu()
     for token_id, emb in embeddings.items():
         hit = cpu == token_id
-        if not bool(hit.any()):
-            continue
-        n = emb.vectors.shape[0]
-        for b, t in hit.nonzero().tolist():
-            index[b, t] = (int(index[b, t - 1]) + 1) % n if t > 0 and bool(hit[b, t - 1]) else 0
-        mask |= hit
+        if bool(hit.any()):
+            index = torch.where(hit, _run_index(hit, emb.vectors.shape[0]), index)
+            mask |= hit
     return mask, index
 
 
@@ -108,14 +113,15 @@ class _Active:
         self.owner, self.embeddings = owner, embeddings
 
     def __call__(self, ids: torch.Tensor):
+        """(mask [B, T], vectors [B, T, dim]) of the positions whose token embedding a concept replaces."""
         mask, index = positions(ids, self.embeddings)
         if not bool(mask.any()):
             return None, None
-        dim = next(iter(self.embeddings.values())).vectors.shape[-1]
-        values = torch.zeros(*ids.shape, dim, dtype=next(iter(self.embeddings.values())).vectors.dtype,
-                             device=next(iter(self.embeddings.values())).vectors.device)
+        first = next(iter(self.embeddings.values())).vectors
+        values = torch.zeros(*ids.shape, first.shape[-1], dtype=first.dtype, device=first.device)
+        cpu = ids.cpu()
         for token_id, emb in self.embeddings.items():
-            sel = (ids.cpu() == token_id) & mask
+            sel = cpu == token_id
             if bool(sel.any()):
                 values[sel.to(values.device)] = emb.vectors[index[sel].to(emb.vectors.device)]
         return mask, values

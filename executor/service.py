@@ -99,7 +99,7 @@ class BIGService:
         self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
         self.cache = generation.PipelineCache(config.cache_max_bytes)
         self.loras = personal.LoraRuntime(self.base_pipe)
-        self._embedding_cache: dict[str, object] = {}
+        self._concept_cache: dict[str, dict] = {}  # concept id -> its version's meta and vectors
         self.jobs = JobManager(self.registry, workers=config.train_workers)
         self._model_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -373,32 +373,35 @@ class BIGService:
         return found
 
     def _concept_meta(self, concept: dict) -> dict:
-        path = self.registry.version_path(concept["model_key"], concept["version"])
-        if path is None:
-            raise NotFound("concept files not found")
-        return {**personal.read_meta(path), "path": path}
+        """A private concept's `big_version.json`, folder and embedding vectors (None without), read once: a
+        committed version never changes, and every /generate with the concept needs them."""
+        cached = self._concept_cache.get(concept["concept_id"])
+        if cached is None:
+            path = self.registry.version_path(concept["model_key"], concept["version"])
+            if path is None:
+                raise NotFound("concept files not found")
+            cached = {**personal.read_meta(path), "path": path, "vectors": personal.load_embedding(path)}
+            self._concept_cache[concept["concept_id"]] = cached
+        return cached
 
     def _concept_embedding(self, concept: dict, meta: dict):
-        vec = self._embedding_cache.get(concept["concept_id"])
-        if vec is None:
-            vec = personal.load_embedding(meta["path"])
-            self._embedding_cache[concept["concept_id"]] = vec
-        if vec is None:
+        if meta["vectors"] is None:
             return None
-        return personal.embedding_for(self.base_pipe.tokenizer, concept["identifier"], vec, self.device,
+        return personal.embedding_for(self.base_pipe.tokenizer, concept["identifier"], meta["vectors"], self.device,
                                       self.base_pipe.text_encoder.dtype)
 
     def _render_personal(self, user: str, req: validation.GenerateRequest,
                          specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
         """Base model + the request's private concepts: at most one DreamBooth concept (a whole UNet), or
         any number of LoRA adapters, plus any number of embeddings."""
+        prompts = sorted({s.prompt for s in specs})
         tags: dict[str, float] = {}
-        for prompt in {s.prompt for s in specs}:
+        for prompt in prompts:
             for name, weight in prompting.lora_tags(prompt)[1].items():
                 if tags.setdefault(name, weight) != weight:
                     raise BadRequest(f"<lora:{name}> has two weights in one request")
         named = tuple(dict.fromkeys(list(req.identifiers) + list(tags))) if req.identifiers else ()
-        concepts = self.private_concepts_for(user, named, sorted({s.prompt for s in specs}))
+        concepts = self.private_concepts_for(user, named, prompts)
         unknown = sorted(set(tags) - {c["identifier"] for c in concepts})
         if unknown:
             raise NotFound(f"you have no private concept {unknown[0]!r} (from <lora:{unknown[0]}>)")
@@ -526,14 +529,15 @@ class BIGService:
         mine = self._private_words(user)
         identifier = params.get("identifier")
         if identifier is not None:
-            if not isinstance(identifier, str) or not re.match(r"^[a-z][a-z0-9\-]{0,31}$", identifier):
-                raise BadRequest("identifier must be one lowercase word")
+            identifier = validation.word_of(identifier, "identifier must be one lowercase word")
             embeddings.word_token(self.base_pipe.tokenizer, identifier)
             if identifier in mine:
                 raise Conflict(f"you already have a concept {identifier!r}")
         else:
             identifier = choose_identifier(self.identifier_pool, mine, reserved_words=category.split())
         adapter = personal.LoraRuntime.adapter_name(concept_id)
+        method = "lora" if lora_state is not None else "textual_inversion"
+        names = [name for name, _ in files]
         if lora_state is not None:
             with self.loras.lock:  # the real check: do the keys and shapes fit this base model?
                 self.loras.check(adapter, lora_state)
@@ -547,8 +551,7 @@ class BIGService:
                                         base=self.base_key, a1111=lora_state is None)
             pipelines.save_version(staging, None, None, {
                 "model_key_kind": "private", "base": self.base_key, "version": 1, "identifier": identifier,
-                "category": category, "method": "lora" if lora_state is not None else "textual_inversion",
-                "imported": [name for name, _ in files],
+                "category": category, "method": method, "imported": names,
                 "num_vectors": int(embedding.shape[0]) if embedding is not None else 0})
             with self._model_lock(key):
                 self.registry.ensure_model(key, "private", user, self.base_key)
@@ -556,14 +559,14 @@ class BIGService:
                 staging = None
                 self.registry.commit_version(key, 1, path, None, {
                     "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
-                    "category": category, "n_images": 0, "params": {"imported": [n for n, _ in files]}})
+                    "category": category, "n_images": 0, "params": {"imported": names}})
         except Exception:
             self.ws.discard(staging)
             if self.registry.get_concept(concept_id) is None:
                 self.ws.discard(self.ws.model_dir(key))
             raise
         return {"identifier": identifier, "category": category, "target": "private", "model_version": 1,
-                "method": "lora" if lora_state is not None else "textual_inversion"}
+                "method": method}
 
     # ================================================================== concepts, delete, jobs
     def concepts(self, user: str) -> list[dict]:
@@ -583,7 +586,7 @@ class BIGService:
             self.registry.mark_concept_deleted(c["concept_id"])
             self.cache.drop(lambda k: k.startswith(f"{c['model_key']}@"))
             self.loras.drop(personal.LoraRuntime.adapter_name(c["concept_id"]))
-            self._embedding_cache.pop(c["concept_id"], None)
+            self._concept_cache.pop(c["concept_id"], None)
             self.ws.discard(self.ws.model_dir(c["model_key"]))
             self.ws.delete_instances(c["concept_id"])
         return {"identifier": identifier, "deleted": True}

@@ -44,6 +44,7 @@ METHODS = ("dreambooth", "lora", "textual_inversion")
 CROPS = ("center", "focal")
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
+_WORD = re.compile(r"^[a-z][a-z0-9\-]{0,31}$")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -169,8 +170,8 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
     # Each method's own defaults (learning rate, steps, class images) come before the shared ones.
     defaults = {**defaults, **defaults.get("per_method", {}).get(method, {})}
     overwrite = params.get("overwrite")
-    if overwrite is not None and (not isinstance(overwrite, str) or not re.match(r"^[a-z][a-z0-9\-]{0,31}$", overwrite)):
-        raise BadRequest("overwrite must be the one lowercase word whose embedding to retrain")
+    if overwrite is not None:
+        overwrite = word_of(overwrite, "overwrite must be the one lowercase word whose embedding to retrain")
     if overwrite and method != "textual_inversion":
         raise BadRequest("overwrite is a textual_inversion mode")
     init_text = params.get("init_text")
@@ -217,6 +218,13 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
                                         1.0, integer=False),
         captions=captions_of(params),
     )
+
+
+def word_of(value: Any, error: str) -> str:
+    """A concept's word chosen by the caller (an overwritten word, an imported concept's identifier)."""
+    if not isinstance(value, str) or not _WORD.match(value):
+        raise BadRequest(error)
+    return value
 
 
 def _only_one_vector(params: dict) -> int:
