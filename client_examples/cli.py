@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     f.add_argument("--no-wait", action="store_true", help="return a job id at once")
     f.add_argument("--method", choices=["dreambooth", "lora", "textual_inversion"])
     f.add_argument("--lora-rank", type=int)
+    f.add_argument("--lr-scheduler", choices=["constant", "constant_with_warmup", "linear", "cosine"])
+    f.add_argument("--lr-warmup-steps", type=int)
+    f.add_argument("--snr-gamma", type=float, help="Min-SNR loss weighting (5 is the usual value)")
     f.add_argument("--num-vectors", type=int)
     f.add_argument("--init-text")
     f.add_argument("--overwrite", help="textual inversion: retrain this existing word")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
     if a.cmd == "finetune":
         c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from, max_train_steps=a.steps,
                          learning_rate=a.lr, wait=False if a.no_wait else None, method=a.method,
-                         lora_rank=a.lora_rank, num_vectors=a.num_vectors, init_text=a.init_text,
+                         lora_rank=a.lora_rank, lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,
+                         snr_gamma=a.snr_gamma, num_vectors=a.num_vectors, init_text=a.init_text,
                          overwrite=a.overwrite, crop=a.crop, flip=a.flip or None,
                          split_oversized=a.split_oversized or None, prompt_template=a.template)
         if c.text:

@@ -201,6 +201,7 @@ class BIGService:
                 lora=training.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
                 if req.method == "lora" else None,
                 embedding=embedding, train_unet=req.method != "textual_inversion", prior_groups=prior_groups,
+                lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()

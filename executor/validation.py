@@ -42,6 +42,7 @@ METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
 # defaults to LoRA (megabytes, applied to the loaded base per request).
 METHODS = ("dreambooth", "lora", "textual_inversion")
 CROPS = ("center", "focal")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
 _WORD = re.compile(r"^[a-z][a-z0-9\-]{0,31}$")
@@ -157,6 +158,9 @@ class FinetuneRequest:
     flip: bool = False
     split_oversized: bool = False
     prompt_templates: tuple[str, ...] | None = None  # "[name]", "[filewords]", "[category]" are filled in
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    snr_gamma: float | None = None  # Min-SNR loss weighting; None: plain MSE
 
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,7 +182,13 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
     if init_text is not None and (not isinstance(init_text, str) or len(init_text) > 100):
         raise BadRequest("init_text must be a short text (at most 100 characters)")
     rank = number(params, "lora_rank", defaults.get("lora_rank", 4), 1, limits.max_lora_rank, integer=True)
+    max_train_steps = number(params, "max_train_steps", defaults["max_train_steps"], 1, limits.max_train_steps,
+                             integer=True)
     return FinetuneRequest(
+        lr_scheduler=_choice(params, "lr_scheduler", LR_SCHEDULERS, defaults.get("lr_scheduler", "constant")),
+        lr_warmup_steps=number(params, "lr_warmup_steps", min(defaults.get("lr_warmup_steps", 0), max_train_steps),
+                               0, max_train_steps, integer=True),
+        snr_gamma=number(params, "snr_gamma", defaults.get("snr_gamma"), 0.1, 1000.0, integer=False),
         method=method,
         lora_rank=rank,
         lora_alpha=number(params, "lora_alpha", float(rank), 1e-3, 1e4, integer=False),
@@ -197,8 +207,7 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         category=category_of(params),
         learning_rate=number(params, "learning_rate", defaults["learning_rate"], limits.min_learning_rate,
                               limits.max_learning_rate, integer=False),
-        max_train_steps=number(params, "max_train_steps", defaults["max_train_steps"], 1,
-                                limits.max_train_steps, integer=True),
+        max_train_steps=max_train_steps,
         num_class_images=number(params, "num_class_images", defaults["num_class_images"], 0,
                                  limits.max_num_class_images, integer=True),
         seed=number(params, "seed", 0, 0, 2**31 - 1, integer=True),

@@ -65,3 +65,43 @@ def test_pivotal_tuning_changes_only_the_identifier_row(service):
     ids = pipe.tokenizer(["a red star on a black background"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(pipe.text_encoder(ids)[0], r.text_encoder(ids)[0])
+
+
+def _one_step(service, **kw):
+    from executor import training
+
+    pipe = service.base_pipe
+    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(2)]
+    return training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                               unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
+                               priors=[], learning_rate=1e-3, train_batch_size=2, size=service.size, **kw)
+
+
+def test_warmup_starts_the_learning_rate_at_zero(service):
+    """diffusers' schedules drive the optimiser: a first warmup step moves no weight, a constant one does."""
+    import torch
+
+    base = dict(service.base_pipe.unet.named_parameters())
+    warm = _one_step(service, max_train_steps=1, lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
+    assert all(torch.equal(p, base[n]) for n, p in warm.unet.named_parameters())
+    plain = _one_step(service, max_train_steps=1)
+    assert any(not torch.equal(p, base[n]) for n, p in plain.unet.named_parameters())
+
+
+def test_min_snr_weights_damp_only_the_nearly_clean_timesteps(service):
+    import torch
+
+    from diffusers.training_utils import compute_snr
+
+    from executor import training
+
+    sched = service._noise_scheduler()
+    t = torch.tensor([0, 100, 500, 999])
+    snr = compute_snr(sched, t)
+    w = training.min_snr_weights(sched, t, 5.0)
+    assert torch.allclose(w, torch.clamp(snr, max=5.0) / snr)
+    assert w[0] < 0.05 and w[-1] == 1.0  # t=0 is almost noise-free (SNR in the thousands); t=999 pure noise
+    assert torch.all(w[1:] >= w[:-1])
+    # the weighted loss trains and stays finite
+    r = _one_step(service, max_train_steps=3, snr_gamma=5.0)
+    assert all(torch.isfinite(torch.tensor(r.losses)))

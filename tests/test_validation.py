@@ -22,6 +22,15 @@ def png(size=(64, 64), colour=(200, 10, 10)):
 def test_finetune_defaults_and_float_integers():
     r = parse_finetune({"category": "Dog", "max_train_steps": 300.0}, DEF_FT, L)
     assert (r.category, r.max_train_steps, r.target, r.wait) == ("dog", 300, "private", True)
+    assert (r.lr_scheduler, r.lr_warmup_steps, r.snr_gamma) == ("constant", 0, None)
+
+
+def test_schedule_defaults_come_from_the_method_and_fit_short_runs():
+    defaults = {**DEF_FT, "per_method": {"lora": {"lr_scheduler": "cosine", "lr_warmup_steps": 40, "snr_gamma": 5}}}
+    r = parse_finetune({"category": "dog", "max_train_steps": 20}, defaults, L)
+    assert (r.lr_scheduler, r.lr_warmup_steps, r.snr_gamma) == ("cosine", 20, 5)  # warmup capped at the steps
+    r = parse_finetune({"category": "dog", "method": "dreambooth"}, defaults, L)
+    assert (r.lr_scheduler, r.lr_warmup_steps, r.snr_gamma) == ("constant", 0, None)
 
 
 @pytest.mark.parametrize("params,match", [
@@ -35,6 +44,9 @@ def test_finetune_defaults_and_float_integers():
     ({"category": "dog", "learning_rate": float("nan")}, "finite"),
     ({"category": "dog", "learning_rate": "fast"}, "number"),
     ({"category": "dog", "wait": "maybe"}, "true or false"),
+    ({"category": "dog", "lr_scheduler": "exponential"}, "lr_scheduler"),
+    ({"category": "dog", "max_train_steps": 50, "lr_warmup_steps": 51}, "lr_warmup_steps"),
+    ({"category": "dog", "snr_gamma": 0}, "snr_gamma"),
 ])
 def test_finetune_rejects(params, match):
     with pytest.raises(BadRequest, match=match):
