@@ -4,7 +4,7 @@
 
 1. Fidelity at equal wall time: DreamBooth trains with the embedded model's default steps; LoRA and textual
    inversion get as many steps as fit in the same training time (their time per step is measured first with
-   a short run of each). The scorer reads n images of "a {id} shape" (seeds 5000.., printed) for the concept
+   a short run of each); LoRA is scored for 3 finetune seeds (--lora-seeds; each picks another identifier). The scorer reads n images of "a {id} shape" (seeds 5000.., printed) for the concept
    (an orange heart with a centre dot, 5 instance images), and the class prompt "a shape" with the concept
    applied (leak).
 2. Bytes per private concept: the files stored for it against the base UNet's bytes; and the same ratio for
@@ -74,6 +74,9 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="DreamBooth steps (default: the model's default)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--lora-seeds", type=int, nargs="+", default=[10, 11, 12],
+                    help="finetune seeds (they pick the identifier) for LoRA: held out from the ones (0-2) that chose "
+                         "its settings in benchmarks/lora_settings.py")
     ap.add_argument("--out", default="reports/personal")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -95,7 +98,13 @@ def main():
         for name, extra in METHODS.items():
             steps = db_steps if name == "dreambooth" else int(budget / per_step[name])
             t = time.perf_counter()
-            r = svc.finetune("u", images, {"category": "shape", "max_train_steps": steps, **extra})
+            seeds = a.lora_seeds if name == "lora" else [0]
+            extra_runs = []
+            for seed in seeds[1:]:  # LoRA's fidelity varies with the identifier: score several
+                rs = svc.finetune(f"u{seed}", images, {"category": "shape", "max_train_steps": steps, "seed": seed,
+                                                       **extra})
+                extra_runs.append(score(svc, f"u{seed}", rs["identifier"], a.n)[0])
+            r = svc.finetune("u", images, {"category": "shape", "max_train_steps": steps, "seed": seeds[0], **extra})
             wall = time.perf_counter() - t
             folder = svc.registry.version_path(f"private:{r['concept_id']}", 1)
             fidelity, leak, per_attr, imgs = score(svc, "u", r["identifier"], a.n)
@@ -105,6 +114,12 @@ def main():
                    "per_attribute": per_attr, "bytes": personal.version_bytes(folder),
                    "bytes_vs_unet": personal.version_bytes(folder) / unet_bytes,
                    "files": personal.concept_files(folder)}
+            if extra_runs:
+                every = [fidelity] + extra_runs
+                row.update(fidelity_per_seed=dict(zip(map(str, seeds), every)), fidelity_mean=float(np.mean(every)),
+                           fidelity_min=float(min(every)))
+                print(f"{name} fidelity per finetune seed {row['fidelity_per_seed']} mean {row['fidelity_mean']:.2f} "
+                      f"min {row['fidelity_min']:.2f}", flush=True)
             rows.append(row)
             print(f"{name:18s} steps {steps:4d} train {row['train_s']:6.1f}s fidelity {fidelity:.2f} "
                   f"leak {leak:.2f} bytes {row['bytes']:>9d} ({row['bytes_vs_unet']:.2%} of the UNet) {per_attr}",
