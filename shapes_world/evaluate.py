@@ -66,11 +66,15 @@ def _pairs_prompts(pairs, n, rng):
 
 
 def base_accuracy(pipe, scorer: Scorer, *, n: int = 64, seed: int = 1000, steps: int = DEFAULT_STEPS,
-                  guidance: float = DEFAULT_GUIDANCE, keep_images: list | None = None) -> dict:
+                  guidance: float = DEFAULT_GUIDANCE, keep_images: list | None = None,
+                  parts: tuple = ("seen", "held_out", "full_caption")) -> dict:
+    """`parts` picks the figures to make (each one's prompts and seeds are the same whichever others are made)."""
     rng = random.Random(seed)
     out = {}
     for name, pairs in (("seen", world.seen_pairs()), ("held_out", sorted(world.HELD_OUT_PAIRS))):
-        chosen = _pairs_prompts(pairs, n, rng)
+        chosen = _pairs_prompts(pairs, n, rng)  # drawn even when skipped, so later figures stay the same
+        if name not in parts:
+            continue
         prompts = [f"a {c} {s}" for c, s in chosen]
         imgs = generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance)
         reads = scorer.read(imgs)
@@ -81,6 +85,8 @@ def base_accuracy(pipe, scorer: Scorer, *, n: int = 64, seed: int = 1000, steps:
         if keep_images is not None:
             keep_images += [(im, f"{p} -> {r['colour']} {r['shape']}") for im, p, r in
                             list(zip(imgs, prompts, reads))[:16]]
+    if "full_caption" not in parts:
+        return out
     # Full captions: background and style follow the words too.
     scenes = [world.random_scene(rng) for _ in range(n)]
     prompts = [world.full_caption(s) for s in scenes]
@@ -110,12 +116,20 @@ def shows(read: dict, attrs: dict) -> bool:
     return all(read[k] == v for k, v in attrs.items())
 
 
+def class_prompt_images(pipe, category: str, *, n: int = 32, seed: int = 5000, steps: int = DEFAULT_STEPS,
+                        guidance: float = DEFAULT_GUIDANCE):
+    """The "a {category}" images `concept_scores` reads for leakage (seeds from seed + 100000)."""
+    return generate(pipe, [f"a {category}"] * n, seed=seed + 100_000, steps=steps, guidance=guidance)
+
+
 def concept_scores(pipe, scorer: Scorer, *, identifier: str, category: str, attrs: dict, n: int = 32,
                    seed: int = 5000, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                   keep_images: list | None = None) -> dict:
-    """Fidelity of "a {id} {category}" and leakage of the concept into "a {category}"."""
+                   keep_images: list | None = None, class_images: list | None = None) -> dict:
+    """Fidelity of "a {id} {category}" and leakage of the concept into "a {category}". `class_images`: the
+    class prompt's images if already made (`class_prompt_images`, shared by the concepts of one category)."""
     inst = generate(pipe, [f"a {identifier} {category}"] * n, seed=seed, steps=steps, guidance=guidance)
-    cls = generate(pipe, [f"a {category}"] * n, seed=seed + 100_000, steps=steps, guidance=guidance)
+    cls = class_images if class_images is not None else class_prompt_images(pipe, category, n=n, seed=seed,
+                                                                            steps=steps, guidance=guidance)
     ri, rc = scorer.read(inst), scorer.read(cls)
     if keep_images is not None:
         keep_images += [(im, f"a {identifier} {category}") for im in inst[:8]]
