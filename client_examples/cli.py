@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     f.add_argument("--lr", type=float)
     f.add_argument("--no-wait", action="store_true", help="return a job id at once")
     f.add_argument("--method", choices=["dreambooth", "lora", "textual_inversion"])
+    f.add_argument("--strategy", choices=["adapters", "seed_split", "naive", "anchored", "replay", "balanced"],
+                   help="how a metamodel (meta, private_meta) keeps earlier concepts (default: adapters)")
     f.add_argument("--lora-rank", type=int)
     f.add_argument("--lr-scheduler", choices=["constant", "constant_with_warmup", "linear", "cosine"])
     f.add_argument("--lr-warmup-steps", type=int)
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     if a.cmd == "finetune":
         c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from, max_train_steps=a.steps,
                          learning_rate=a.lr, wait=False if a.no_wait else None, method=a.method,
+                         metamodel_strategy=a.strategy,
                          lora_rank=a.lora_rank, lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,
                          snr_gamma=a.snr_gamma, num_vectors=a.num_vectors, init_text=a.init_text,
                          overwrite=a.overwrite, crop=a.crop, flip=a.flip or None,

@@ -20,8 +20,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from . import (class_images, embeddings, generation, infotext, personal, pipelines, planner, preprocess,
-               prompting, schedulers, studio, training, validation)
+from . import (class_images, embeddings, generation, infotext, metamodel, personal, pipelines, planner,
+               preprocess, prompting, schedulers, studio, training, validation)
 from .auth import AuthConfig, Authenticator
 from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
 from .identifiers import choose_identifier, identifier_pool
@@ -32,7 +32,7 @@ from .storage import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
-                        train_text_encoder=False, metamodel_strategy="seed_split",
+                        train_text_encoder=False, metamodel_strategy=validation.DEFAULT_METAMODEL_STRATEGY,
                         train_identifier_embedding=True, embedding_learning_rate=1e-3, method="lora",
                         # Each method's own defaults, over the shared ones (a model's shapes_world.json or
                         # config.yml may set its own): diffusers' DreamBooth-LoRA settings; an embedding trains
@@ -99,6 +99,8 @@ class BIGService:
         self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
         self.cache = generation.PipelineCache(config.cache_max_bytes)
         self.loras = personal.LoraRuntime(self.base_pipe)
+        self._trunk_runtimes: dict[str, personal.LoraRuntime] = {}  # "key@trunk version" -> adapters over it
+        self._stacks: dict[tuple[str, int], metamodel.Stack] = {}  # committed versions never change
         self._concept_cache: dict[str, dict] = {}  # concept id -> its version's meta and vectors
         self.jobs = JobManager(self.registry, workers=config.train_workers)
         self._model_locks: dict[str, threading.Lock] = {}
@@ -169,9 +171,13 @@ class BIGService:
                 validation.METAMODEL_STRATEGY_SETTINGS["naive"]
             anchor_weight = req.anchor_weight if req.anchor_weight is not None and kind != "private" \
                 else strategy["anchor_weight"]
+            stack = self._stack(key, version) if kind != "private" else metamodel.EMPTY
+            # Concepts that live in adapters are kept by their adapters, not by replay into the trunk.
+            in_adapters = {a.concept_id for a in stack.adapters}
             plan = planner.plan_prior_batch(
                 req.num_class_images, req.category,
-                [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned],
+                [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned
+                 if c["concept_id"] not in in_adapters],
                 metamodel=strategy["replay_earlier"])
             log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
                      planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
@@ -185,7 +191,7 @@ class BIGService:
                 n = req.num_vectors if req.method == "textual_inversion" else 1
                 start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
                 embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
-            unet, text_encoder = self._modules_at(key, version)
+            unet, text_encoder = self._modules_at(key, stack.trunk_version if kind != "private" else version)
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
@@ -210,6 +216,10 @@ class BIGService:
                         "identifier": identifier, "category": req.category,
                         "prior_plan": [dataclasses.asdict(s) for s in plan], "n_training_images": len(prepared.images),
                         "train_seconds": result.seconds, "final_loss": result.final_loss}
+                if kind != "private":
+                    meta.update((metamodel.after_adapter(stack, metamodel.Adapter(version + 1, concept_id, identifier))
+                                 if req.method == "lora" else metamodel.after_trunk(stack, version + 1)).to_meta(),
+                                metamodel_strategy=req.metamodel_strategy)
                 if req.method == "dreambooth":
                     had_text = text_encoder is not self.base_pipe.text_encoder
                     new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
@@ -257,17 +267,20 @@ class BIGService:
         pipe = self._pipeline_for(key, version)
         return pipe.unet, pipe.text_encoder
 
+    def prior_class_images(self, category: str, n: int) -> list[Image.Image]:
+        """The first `n` prior-preservation images of "a {category}" from the base model, generated once and
+        shared by every user and model (a benchmark calls it to make them before it times training)."""
+        return class_images.ensure_class_images(
+            self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), category, n, size=self.size,
+            steps=self.config.class_image_steps, guidance_scale=self.generate_defaults["guidance_scale"])[0]
+
     def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[training.TrainExample], list[int]]:
         """The prior examples of a plan, and for each the index of the slot (group) it fills."""
         out: list[training.TrainExample] = []
         groups: list[int] = []
-        defaults = self.generate_defaults
         for group, slot in enumerate(plan):
             if slot.kind == "class":
-                imgs, _ = class_images.ensure_class_images(
-                    self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), slot.category, slot.count, size=self.size,
-                    steps=self.config.class_image_steps, guidance_scale=defaults["guidance_scale"])
-                out += [training.TrainExample(im, slot.prompt) for im in imgs]
+                out += [training.TrainExample(im, slot.prompt) for im in self.prior_class_images(slot.category, slot.count)]
             else:  # an earlier concept, replayed with the prompts it was taught with
                 earlier = _examples(self.ws.load_instances(slot.concept_id), slot.identifier, slot.category,
                                     self.ws.load_captions(slot.concept_id))
@@ -304,18 +317,49 @@ class BIGService:
             raise NotFound(f"{target} has no version {version} (current: {current})")
         return key, version
 
-    def _pipeline_for(self, key: str, version: int):
+    def _version_path(self, key: str, version: int) -> str:
+        path = self.registry.version_path(key, version)
+        if path is None:
+            raise NotFound("model version not found")
+        return path
+
+    def _stack(self, key: str, version: int) -> metamodel.Stack:
+        """A version's trunk and adapters (a private concept's version is its own trunk)."""
         if version == 0:
+            return metamodel.EMPTY
+        if key.startswith("private:"):
+            return metamodel.Stack(version)
+        stack = self._stacks.get((key, version))
+        if stack is None:
+            stack = metamodel.stack_of(personal.read_meta(self._version_path(key, version)), version)
+            self._stacks[(key, version)] = stack
+        return stack
+
+    def _pipeline_for(self, key: str, version: int):
+        """The pipeline of a version's trunk (a metamodel version's adapters are applied per prompt by
+        `_render_routed`)."""
+        trunk = self._stack(key, version).trunk_version
+        if trunk == 0:
             return self.base_pipe
 
         def load():
-            path = self.registry.version_path(key, version)
-            if path is None:
-                raise NotFound("model version not found")
-            unet, text = pipelines.load_version_modules(path, self.base_pipe)
+            unet, text = pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe)
             return pipelines.compose(self.base_pipe, unet=unet, text_encoder=text), pipelines.module_bytes(unet, text)
 
-        return self.cache.get(f"{key}@{version}", load)
+        return self.cache.get(f"{key}@{trunk}", load)
+
+    def _trunk_loras(self, key: str, trunk: int) -> personal.LoraRuntime:
+        """Where a metamodel's adapters are loaded: the shared base runtime when the trunk is the base, else
+        one runtime per trunk (a copy of its UNet; the two most recently used trunks are kept)."""
+        if trunk == 0:
+            return self.loras
+        name = f"{key}@{trunk}"
+        with self._locks_lock:
+            runtime = self._trunk_runtimes.pop(name, None) or personal.LoraRuntime(self._pipeline_for(key, trunk))
+            self._trunk_runtimes[name] = runtime
+            while len(self._trunk_runtimes) > 2:
+                self._trunk_runtimes.pop(next(iter(self._trunk_runtimes)))
+        return runtime
 
     def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[generation.GeneratedImage]:
         """Images for the prompts; `parameters` (a generated PNG's text) reproduces that image, and any
@@ -333,6 +377,14 @@ class BIGService:
             prompts, num_images=req.num_images, seed=req.seed, guidance_scale=req.guidance_scale,
             num_inference_steps=req.num_inference_steps))
 
+    def render(self, user: str, specs: Sequence[generation.ImageSpec], params: dict) -> list[generation.GeneratedImage]:
+        """One image per spec (prompt, seed, guidance, steps) with the model and options of `params`, exactly as
+        /generate makes it: how benchmarks score what the service serves."""
+        req, _ = self._generate_request(params, [])
+        if len(specs) > 4 * self.config.limits.max_num_images:
+            raise BadRequest("too many images in one request")
+        return self._render(user, req, list(specs))
+
     def _generate_request(self, params: dict, prompts: Sequence[str]):
         """The parsed generation parameters and the checked prompts, shared by /generate, /sweep and /grid."""
         req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
@@ -345,7 +397,34 @@ class BIGService:
         if any(prompting.lora_tags(s.prompt)[1] for s in specs):
             raise BadRequest("<lora:...> tags pick private LoRA concepts: use target_model 'private'")
         key, version = self.resolve_model(user, req.target, req.identifier, req.model_version)
+        stack = self._stack(key, version) if req.target != "pretrained" else metamodel.EMPTY
+        if stack.adapters:
+            return self._render_routed(key, stack, req, specs, version=version, label=req.target)
         return self._render_with(self._pipeline_for(key, version), req, specs, version=version, label=req.target)
+
+    def _render_routed(self, key: str, stack: metamodel.Stack, req, specs: list[generation.ImageSpec], *,
+                       version: int, label: str) -> list[generation.GeneratedImage]:
+        """A metamodel version with adapters: each prompt gets the adapters (and embeddings) of the concepts it
+        names, over the trunk; a prompt naming none gets the trunk alone. An image depends on its own spec
+        only, so rendering the groups separately changes no image."""
+        out: list[generation.GeneratedImage | None] = [None] * len(specs)
+        for adapters, idx in metamodel.group_by_route([s.prompt for s in specs], stack.adapters).items():
+            chunk = [specs[i] for i in idx]
+            if not adapters:
+                images = self._render_with(self._pipeline_for(key, version), req, chunk, version=version, label=label)
+            else:
+                concepts = [({"concept_id": a.concept_id, "identifier": a.identifier, "model_key": key,
+                              "version": a.version}) for a in adapters]
+                metas = [self._concept_meta(c) for c in concepts]
+                embeds = dict(e for c, m in zip(concepts, metas) if (e := self._concept_embedding(c, m)) is not None)
+                runtime = self._trunk_loras(key, stack.trunk_version)
+                with runtime.lock:
+                    pipe = runtime.activate([(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
+                                             for c, m in zip(concepts, metas)])
+                    images = self._render_with(pipe, req, chunk, version=version, label=label, embeds=embeds)
+            for i, image in zip(idx, images):
+                out[i] = image
+        return out
 
     def _render_with(self, model, req, specs, *, version: int, label: str, embeds=None):
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
@@ -374,8 +453,8 @@ class BIGService:
         return found
 
     def _concept_meta(self, concept: dict) -> dict:
-        """A private concept's `big_version.json`, folder and embedding vectors (None without), read once: a
-        committed version never changes, and every /generate with the concept needs them."""
+        """A private (or metamodel adapter) concept's `big_version.json`, folder and embedding vectors (None
+        without), read once: a committed version never changes, and every /generate with the concept needs them."""
         cached = self._concept_cache.get(concept["concept_id"])
         if cached is None:
             path = self.registry.version_path(concept["model_key"], concept["version"])

@@ -134,8 +134,9 @@ def test_two_users_loras_switch_without_reloading_and_stay_private(service):
     assert len(service.loras.loaded()) == 2  # both stay loaded; a switch is set_adapters only
     with pytest.raises(NotFound):  # carol has no concepts: naming alice's word finds nothing of hers
         service.generate("carol", [pa], {"target_model": "private", "identifier": a["identifier"]})
-    with pytest.raises(BadRequest, match="whole model"):
-        service.finetune("alice", instance_images(2), {**FAST, "target_model": "meta", "method": "lora"})
+    with pytest.raises(BadRequest, match="learns by method 'dreambooth'"):  # a metamodel learns its strategy's way
+        service.finetune("alice", instance_images(2),
+                         {**FAST, "target_model": "meta", "method": "lora", "metamodel_strategy": "naive"})
 
 
 def test_a_lora_export_loads_in_plain_diffusers_and_makes_the_same_image(service, tmp_path):

@@ -136,11 +136,13 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
     real = training.dreambooth
     monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     style = service.finetune("alice", instance_images(2, style="checker", mark="none"), {
-        "category": "painting", "target_model": "meta", "captions": ["a orange heart", None]})
+        "category": "painting", "target_model": "meta", "captions": ["a orange heart", None],
+        "metamodel_strategy": "seed_split"})
     sid = style["identifier"]
     assert [e.prompt for e in seen[0]["instances"]] == [f"a {sid} painting", f"a {sid} painting of a orange heart",
                                                         f"a {sid} painting"]
-    service.finetune("bob", instance_images(2), {"category": "shape", "target_model": "meta", "num_class_images": 16})
+    service.finetune("bob", instance_images(2), {"category": "shape", "target_model": "meta", "num_class_images": 16,
+                                                 "metamodel_strategy": "seed_split"})
     replayed = {e.prompt for e in seen[1]["priors"]}
     assert {f"a {sid} painting of a orange heart", f"a {sid} painting"} <= replayed
     with pytest.raises(BadRequest, match="one per image"):
@@ -152,7 +154,7 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
 @pytest.mark.parametrize("target,strategy,prior_batch,anchor", [
     ("meta", "naive", 4, 0.0), ("meta", "seed_split", 4, 0.0), ("meta", "anchored", 4, 1e-3),
     ("meta", "replay", 8, 2e-4), ("private_meta", "replay", 8, 2e-4), ("private", "replay", 4, 0.0),
-    ("meta", "balanced", 8, 2e-4),
+    ("meta", "balanced", 8, 2e-4), ("meta", "adapters", 4, 0.0), ("private_meta", "adapters", 4, 0.0),
 ])
 def test_metamodel_strategies_are_configs_the_training_receives(service, monkeypatch, target, strategy,
                                                                  prior_batch, anchor):
@@ -165,7 +167,8 @@ def test_metamodel_strategies_are_configs_the_training_receives(service, monkeyp
     kw = seen[1]
     assert kw["prior_batch_size"] == prior_batch and kw["anchor_weight"] == anchor
     prompts = {e.prompt for e in kw["priors"]}
-    replays_earlier = target != "private" and strategy != "naive"
+    replays_earlier = target != "private" and strategy not in ("naive", "adapters")
+    assert (kw["lora"] is not None) == (target == "private" or strategy == "adapters")
     assert ("a shape" in prompts) == replays_earlier
     assert any(p.endswith(" shape") and p != "a shape" for p in prompts) == replays_earlier
     groups = kw.get("prior_groups")

@@ -33,6 +33,17 @@ def test_schedule_defaults_come_from_the_method_and_fit_short_runs():
     assert (r.lr_scheduler, r.lr_warmup_steps, r.snr_gamma) == ("constant", 0, None)
 
 
+def test_metamodel_adapters_default_to_rank_4_over_the_methods_own_defaults():
+    defaults = {**DEF_FT, "per_method": {"lora": {"lora_rank": 1}}}
+    assert parse_finetune({"category": "dog"}, defaults, L).lora_rank == 1
+    meta = parse_finetune({"category": "dog", "target_model": "meta"}, defaults, L)
+    assert (meta.method, meta.metamodel_strategy, meta.lora_rank, meta.lora_alpha) == ("lora", "adapters", 4, 4.0)
+    assert parse_finetune({"category": "dog", "target_model": "meta", "lora_rank": 2}, defaults, L).lora_rank == 2
+    seed = parse_finetune({"category": "dog", "target_model": "private_meta", "metamodel_strategy": "seed_split"},
+                          defaults, L)
+    assert seed.method == "dreambooth"
+
+
 @pytest.mark.parametrize("params,match", [
     ({}, "category is required"),
     ({"category": "../../etc"}, "category must be"),

@@ -1,0 +1,106 @@
+"""The `adapters` metamodel strategy: each concept its own adapter over an unchanged trunk, routed by prompt."""
+import json
+import os
+
+import pytest
+
+from conftest import instance_images
+from executor import metamodel, training
+from executor.errors import BadRequest
+from executor.metamodel import Adapter, Stack
+
+A = Adapter(1, "c1", "bnp")
+B = Adapter(2, "c2", "ssh")
+
+
+def test_route_picks_the_adapters_whose_identifiers_are_words_of_the_prompt():
+    assert metamodel.route("a ssh painting of a bnp shape", [A, B]) == (A, B)  # in the order taught
+    assert metamodel.route("a (BNP:1.3) shape", [A, B]) == (A,)  # emphasis and case as the tokenizer sees them
+    assert metamodel.route("a bnpx shape, ssh-like", [A, B]) == ()  # whole words only
+    assert metamodel.route("a red star", [A, B]) == ()
+
+
+def test_group_by_route_keeps_every_prompt_once():
+    groups = metamodel.group_by_route(["a bnp shape", "a red star", "a ssh painting of a bnp shape", "a bnp shape"],
+                                      [A, B])
+    assert groups == {(A,): [0, 3], (): [1], (A, B): [2]}
+
+
+def test_stacks_grow_by_adapters_and_trunks_keep_them():
+    s1 = metamodel.after_adapter(metamodel.EMPTY, A)
+    s2 = metamodel.after_adapter(s1, B)
+    assert s2 == Stack(0, (A, B))
+    s3 = metamodel.after_trunk(s2, 3)
+    assert s3 == Stack(3, (A, B))
+    assert metamodel.stack_of(s3.to_meta(), 3) == s3
+    assert metamodel.stack_of(json.loads(json.dumps(s3.to_meta())), 3) == s3  # as stored in big_version.json
+    assert metamodel.stack_of({"method": "dreambooth"}, 5) == Stack(5)  # written before stacks: its own trunk
+    with pytest.raises(ValueError, match="already has an adapter"):
+        metamodel.after_adapter(s2, Adapter(4, "c4", "bnp"))
+
+
+def _bytes(images):
+    return [g.image.tobytes() for g in images]
+
+
+def test_a_new_adapter_changes_no_image_of_an_earlier_concept_or_of_the_base(service):
+    a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta"})
+    def gen(prompts, **kw):
+        return service.generate("carol", prompts, {"target_model": "meta", "seed": 3, **kw})
+
+    first_v1 = gen([f"a {a['identifier']} shape"])
+    b = service.finetune("bob", instance_images(style="checker", mark="none", shape="circle"),
+                         {"category": "painting", "target_model": "meta"})
+    assert (a["model_version"], b["model_version"], a["method"], b["method"]) == (1, 2, "lora", "lora")
+
+    folder = service.registry.version_path("meta", 2)
+    assert "pytorch_lora_weights.safetensors" in os.listdir(folder) and not os.path.isdir(f"{folder}/unet")
+    with open(f"{folder}/big_version.json") as f:
+        stack = metamodel.stack_of(json.load(f), 2)
+    assert stack.trunk_version == 0 and [(x.version, x.identifier) for x in stack.adapters] == \
+        [(1, a["identifier"]), (2, b["identifier"])]
+
+    # Exactly the same images: the second concept cannot have made the model forget the first ...
+    assert _bytes(gen([f"a {a['identifier']} shape"])) == _bytes(first_v1)
+    # ... nor the base vocabulary, which the trunk (here the base model) serves unchanged ...
+    plain = ["a red star", "a shape"]
+    assert _bytes(gen(plain)) == _bytes(service.generate("carol", plain, {"target_model": "pretrained", "seed": 3}))
+    # ... while the adapter is really applied to the prompts that name it.
+    assert _bytes(first_v1) != _bytes(service.generate("carol", [f"a {a['identifier']} shape"],
+                                                       {"target_model": "pretrained", "seed": 3}))
+    # One request mixing prompts of different adapter sets gives each prompt the image it gets alone.
+    mixed = [f"a {b['identifier']} painting of a {a['identifier']} shape", "a red star", f"a {a['identifier']} shape"]
+    together = gen(mixed, num_images=2)
+    alone = [im for i, p in enumerate(mixed) for im in gen([p], num_images=2, seed=3 + 2 * i)]
+    assert _bytes(together) == _bytes(alone)
+    assert {g.parameters["model_version"] for g in together} == {2}
+
+
+def test_a_dreambooth_step_after_adapters_rewrites_the_trunk_and_keeps_the_adapters(service, monkeypatch):
+    a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "private_meta"})
+    seen = []
+    real = training.dreambooth
+    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    b = service.finetune("alice", instance_images(seed=4, shape="star", colour="red", mark="ring"),
+                         {"category": "shape", "target_model": "private_meta", "metamodel_strategy": "seed_split",
+                          "num_class_images": 8})
+    assert b["method"] == "dreambooth" and b["model_version"] == 2
+    # The adapter concept is kept by its adapter: nothing of it is replayed into the trunk.
+    assert {e.prompt for e in seen[0]["priors"]} == {"a shape"} and seen[0]["lora"] is None
+    folder = service.registry.version_path("private_meta:alice", 2)
+    assert os.path.isdir(f"{folder}/unet")
+    stack = service._stack("private_meta:alice", 2)
+    assert stack.trunk_version == 2 and [x.identifier for x in stack.adapters] == [a["identifier"]]
+    images = service.generate("alice", [f"a {a['identifier']} shape", f"a {b['identifier']} shape"],
+                              {"target_model": "private_meta", "seed": 1})
+    assert len(images) == 2 and images[0].image.tobytes() != images[1].image.tobytes()
+
+
+def test_a_strategy_decides_how_a_metamodel_learns(service):
+    with pytest.raises(BadRequest, match="learns by method 'lora'"):
+        service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
+                                                      "method": "dreambooth"})
+    with pytest.raises(BadRequest, match="learns by method 'dreambooth'"):
+        service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
+                                                      "metamodel_strategy": "seed_split", "method": "lora"})
+    assert service.concepts("alice") == []
