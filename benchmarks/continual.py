@@ -1,19 +1,23 @@
 """Does the metamodel forget? A sequence of concepts taught to one metamodel, scored after each step.
 
-    python benchmarks/continual.py [--strategies naive seed_split replay] [--steps 200] [--n 32] [--no-captions]
+    python benchmarks/continual.py [--strategies naive seed_split adapters] [--steps 200] [--n 32] [--no-captions]
     python benchmarks/continual.py --preset smoke      # the small version the test suite runs
 
 Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker,
-"painting", each image captioned with its subject unless --no-captions), a second object of the same category (a red star with a ring: the seed's hard case), a
-second style (hollow). After each step every concept learned so far is scored (fidelity), the base
+"painting", each image captioned with its subject unless --no-captions), a second object of the same
+category (a red star with a ring: the seed's hard case), a second style (hollow). After each step every concept learned so far is scored (fidelity), the base
 prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
-compositions ("a {style} painting of a {object} shape", both attributes right). Writes a JSON table,
-a PNG line chart per strategy and a contact sheet per step to --out.
+compositions ("a {style} painting of a {object} shape", both attributes right). Every image is made
+through the service's own rendering (`BIGService.render`, what /generate serves: a metamodel's trunk plus
+the adapters a prompt names). Writes a JSON table, a PNG line chart per strategy and a contact sheet per
+step to --out. Training times exclude the class images, made once per category before any step (as one
+service shares them among all its users).
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from executor import generation, personal  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
@@ -50,11 +55,38 @@ def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
     return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
 
 
-def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, captions=True):
+class Served:
+    """A model version as /generate serves it (a metamodel's trunk plus the adapters each prompt names),
+    called like a diffusers pipeline so that shapes_world.evaluate scores exactly what users get."""
+
+    def __init__(self, svc: BIGService, user: str, target: str, version: int):
+        self.svc, self.user, self.params = svc, user, {"target_model": target, "model_version": version}
+
+    def __call__(self, prompts, *, num_inference_steps, guidance_scale, generator, height, width,
+                 negative_prompt=None):
+        specs = [generation.ImageSpec(p, g.initial_seed(), guidance_scale, num_inference_steps)
+                 for p, g in zip(prompts, generator)]
+        params = {**self.params, "height": height, "width": width}
+        if negative_prompt:
+            params["negative_prompt"] = negative_prompt[0]
+        return argparse.Namespace(images=[g.image for g in self.svc.render(self.user, specs, params)])
+
+
+def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, captions=True,
+                 base=None, class_cache=None):
+    """`base`: the base model's scores if already measured (the same for every strategy); `class_cache`: a
+    folder of class images shared by the strategies, as one service shares them among its users."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
-        base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed)
+        base = base or evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
+        shared_class_dir = os.path.join(tmp, "class_images")
+        if class_cache:
+            shutil.copytree(class_cache, shared_class_dir, dirs_exist_ok=True)
+        for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):  # made before any training is timed
+            svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
+        if class_cache:
+            shutil.copytree(shared_class_dir, class_cache, dirs_exist_ok=True)
         learned = []
         for i, (name, category, attrs) in enumerate(SEQUENCE[:concepts]):
             params = {"category": category, "target_model": "meta", "metamodel_strategy": strategy, "seed": seed + i}
@@ -67,16 +99,19 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             r = svc.finetune("bench", images, params)
             train_s = time.time() - t0
             learned.append((name, category, attrs, r["identifier"]))
-            pipe = svc._pipeline_for("meta", r["model_version"])
+            pipe = Served(svc, "bench", "meta", r["model_version"])
+            version_dir = svc.registry.version_path("meta", r["model_version"])
             sheet = []
             fid = {}
             leak = []
+            class_images = {c: evaluate.class_prompt_images(pipe, c, n=n, seed=seed + 7)
+                            for c in sorted({x[1] for x in learned})}
             for (cname, ccat, cattrs, ident) in learned:
                 sc = evaluate.concept_scores(pipe, scorer, identifier=ident, category=ccat, attrs=cattrs, n=n,
-                                             seed=seed + 7, keep_images=sheet)
+                                             seed=seed + 7, keep_images=sheet, class_images=class_images[ccat])
                 fid[cname] = sc["fidelity"]
                 leak.append(sc["prior_leak"])
-            comps = {}
+            comps, per_attribute = {}, {}
             styles = [c for c in learned if c[1] == "painting"]
             objects = [c for c in learned if c[1] == "shape"]
             for (sname, _, sattrs, sid) in styles:
@@ -84,11 +119,16 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                     prompt = f"a {sid} painting of a {oid} shape"
                     imgs = evaluate.generate(pipe, [prompt] * n, seed=seed + 11)
                     reads = scorer.read(imgs)
-                    comps[f"{sname}x{oname}"] = float(np.mean([evaluate.shows(rd, {**sattrs, **oattrs}) for rd in reads]))
+                    both = {**sattrs, **oattrs}
+                    comps[f"{sname}x{oname}"] = float(np.mean([evaluate.shows(rd, both) for rd in reads]))
+                    per_attribute[f"{sname}x{oname}"] = {k: float(np.mean([rd[k] == v for rd in reads]))
+                                                         for k, v in both.items()}
                     sheet += [(im, prompt) for im in imgs[:4]]
-            acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed)
+            acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed, parts=("seen",))
             row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
+                   "version_bytes": personal.version_bytes(version_dir), "method": r["method"],
                    "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
+                   "composition_attributes": per_attribute,
                    "base_both_seen": acc["seen"]["both"],
                    "base_drift_points": round(100 * (base["seen"]["both"] - acc["seen"]["both"]), 1)}
             rows.append(row)
@@ -97,12 +137,12 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                           title=f"{strategy} after {i + 1}: {name}").save(
                 os.path.join(out_dir, f"{strategy}_step{i + 1}.png"))
         svc.close()
-    return {"base": base["seen"], "rows": rows}
+    return {"base": base, "rows": rows}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "replay"])
+    ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "adapters"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--n", type=int)
@@ -121,9 +161,12 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     scorer = Scorer()
     t0 = time.time()
-    results = {s: run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model,
-                               captions=not a.no_captions, **preset)
-               for s in a.strategies}
+    results, base = {}, None
+    with tempfile.TemporaryDirectory() as class_cache:
+        for s in a.strategies:
+            results[s] = run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model,
+                                      captions=not a.no_captions, base=base, class_cache=class_cache, **preset)
+            base = results[s]["base"]
     report = {"preset": a.preset, "seed": a.seed, "threads": a.threads, "style_captions": not a.no_captions,
               **preset, "strategies": results,
               "wall_s": round(time.time() - t0, 1)}

@@ -1,0 +1,201 @@
+"""Why the `adapters` metamodel routes adapters by prompt, and what mixing two of them does to a composition.
+
+    python benchmarks/adapter_mixing.py [--n 32] [--seed 0]
+
+Teaches the four concepts of benchmarks/continual.py to one metamodel with the `adapters` strategy (the
+service's own path), then scores, with the same prompts and seeds as continual.py:
+  routed   what /generate does: a prompt gets the adapters of the identifiers it names
+  merged   every adapter on for every prompt (as if they were fused into one model): each concept's
+           fidelity, the base prompts' accuracy and the class prompts' leak
+  and for each style x object composition, ways of mixing its two adapters in one denoising run:
+  weights (style, object), time splits (one adapter for the first k of 20 steps, then the other or both),
+  the mean of both adapters' predictions at every step, and each adapter in its own UNet region.
+Writes reports/continual/adapter_mixing.json.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+
+from continual import SEQUENCE, Served, instance_images  # noqa: E402
+from executor import generation, personal  # noqa: E402
+from executor.prompting import DEFAULT_EMPHASIS  # noqa: E402
+from executor.service import BIGService, ServiceConfig  # noqa: E402
+from shapes_world import evaluate  # noqa: E402
+from shapes_world.scorer import Scorer  # noqa: E402
+
+STEPS = evaluate.DEFAULT_STEPS
+# (name, [(from step, {"style"|"object": adapter weight})]): the adapters in use from each step on.
+MIXES = [
+    ("both x1 (routed)", [(0, {"style": 1.0, "object": 1.0})]),
+    ("style x0.5", [(0, {"style": 0.5, "object": 1.0})]),
+    ("object x0.5", [(0, {"style": 1.0, "object": 0.5})]),
+    ("object, then both from step 5", [(0, {"object": 1.0}), (5, {"style": 1.0, "object": 1.0})]),
+    ("object, then style from step 5", [(0, {"object": 1.0}), (5, {"style": 1.0})]),
+    ("object, then style from step 10", [(0, {"object": 1.0}), (10, {"style": 1.0})]),
+    ("style, then object from step 10", [(0, {"style": 1.0}), (10, {"object": 1.0})]),
+    # Each adapter's own noise prediction at every step, averaged ("LoRA Composite", Zhong et al. 2024).
+    ("mean of the two predictions", "composite"),
+    # Object adapter in the down and mid blocks, style adapter in the up blocks (the B-LoRA idea that a
+    # UNet's regions carry content and style).
+    ("object down+mid, style up", {"object": ("down_blocks", "mid_block", "conv_in", "time_embedding"),
+                                   "style": ("up_blocks", "conv_out")}),
+]
+
+
+def adapter_parts(svc, concept):
+    meta = svc._concept_meta(concept)
+    return personal.LoraRuntime.adapter_name(concept["concept_id"]), meta["path"], svc._concept_embedding(concept, meta)
+
+
+@torch.no_grad()
+def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
+    """n images of the prompt with the adapters switched as `schedule` says, over the base trunk."""
+    runtime = svc._trunk_loras("meta", 0)
+    with runtime.lock:
+        pipe = runtime.activate([(name, path, 1.0) for name, path, _ in parts.values()])
+
+        def use(weights):
+            pipe.set_adapters([parts[k][0] for k in weights], adapter_weights=list(weights.values()))
+
+        def on_step_end(_pipe, step, _t, kwargs):
+            for start, weights in schedule:
+                if step + 1 == start:
+                    use(weights)
+            return kwargs
+
+        if schedule == "composite":
+            average_predictions(pipe, [parts[k][0] for k in ("style", "object")])
+        elif isinstance(schedule, dict):
+            scale_by_region(pipe, {parts[k][0]: prefixes for k, prefixes in schedule.items()})
+        else:
+            use(schedule[0][1])
+        embeds = dict(p[2] for p in parts.values() if p[2] is not None)
+        e, ne = generation.encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n, [""] * n, pipe.device,
+                                          dtype=pipe.text_encoder.dtype, emphasis=DEFAULT_EMPHASIS, embeddings=embeds)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        try:
+            return pipe(prompt_embeds=e, negative_prompt_embeds=ne, num_inference_steps=STEPS,
+                        guidance_scale=evaluate.DEFAULT_GUIDANCE, generator=gens, height=svc.size, width=svc.size,
+                        callback_on_step_end=on_step_end if isinstance(schedule, list) else None).images
+        finally:
+            pipe.unet.__dict__.pop("forward", None)  # undo average_predictions; activate() resets scales
+
+
+def average_predictions(pipe, names):
+    """The UNet answers with the mean of its answers under each adapter alone (until the override is removed)."""
+    forward = pipe.unet.forward
+
+    def averaged(*args, **kwargs):
+        outs = []
+        for name in names:
+            pipe.set_adapters([name], adapter_weights=[1.0])
+            out = forward(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out.sample)
+        return (sum(outs) / len(outs),)  # the pipeline calls the UNet with return_dict=False
+
+    pipe.unet.forward = averaged
+
+
+def scale_by_region(pipe, regions: dict):
+    """Each adapter at weight 1 in the UNet modules under its prefixes and 0 elsewhere."""
+    for module_name, module in pipe.unet.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter, prefixes in regions.items():
+                if adapter in module.lora_A:
+                    module.set_scale(adapter, 1.0 if module_name.startswith(prefixes) else 0.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="reports/continual")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.out, exist_ok=True)
+    scorer, t0, seed, n = Scorer(), time.time(), a.seed, a.n
+    report = {"seed": seed, "n": n, "threads": a.threads, "seeds": f"concepts {seed + 7}.., class {seed + 100007}.., "
+              f"compositions {seed + 11}.., base {seed}.. (as continual.py)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"}))
+        learned = []
+        for i, (name, category, attrs) in enumerate(SEQUENCE):
+            images, captions = instance_images(attrs, 5, seed + 100 * i)
+            params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
+            r = svc.finetune("bench", images, {**params, **({"captions": captions} if captions else {})})
+            learned.append((name, category, attrs, svc.registry.get_concept(r["concept_id"])))
+            print(name, r["identifier"], flush=True)
+        routed = Served(svc, "bench", "meta", len(learned))
+        runtime = svc._trunk_loras("meta", 0)
+        parts = {c["identifier"]: adapter_parts(svc, c) for *_, c in learned}
+
+        class Merged:  # every adapter on, whatever the prompt names
+            def __call__(self, prompts, **kw):
+                with runtime.lock:
+                    pipe = runtime.activate([(nm, path, 1.0) for nm, path, _ in parts.values()])
+                    embeds = dict(p[2] for p in parts.values() if p[2] is not None)
+                    e, ne = generation.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, [""] * len(prompts),
+                                                      pipe.device, dtype=pipe.text_encoder.dtype,
+                                                      emphasis=DEFAULT_EMPHASIS, embeddings=embeds)
+                    return pipe(prompt_embeds=e, negative_prompt_embeds=ne,
+                                num_inference_steps=kw["num_inference_steps"], guidance_scale=kw["guidance_scale"],
+                                generator=kw["generator"], height=kw["height"], width=kw["width"])
+
+        for label, pipe in (("routed", routed), ("merged", Merged())):
+            fid, leak = {}, {}
+            for name, category, attrs, c in learned:
+                sc = evaluate.concept_scores(pipe, scorer, identifier=c["identifier"], category=category, attrs=attrs,
+                                             n=n, seed=seed + 7)
+                fid[name], leak[name] = sc["fidelity"], sc["prior_leak"]
+            base = evaluate.base_accuracy(pipe, scorer, n=64, seed=seed)["seen"]
+            report[label] = {"fidelity": fid, "class_leak": leak, "base_both_seen": base["both"]}
+            print(label, json.dumps(report[label]), flush=True)
+
+        # What routing costs at generation: one prompt through its adapter vs a plain prompt through the trunk,
+        # n images each, alternated and repeated (adapters already loaded by the scoring above).
+        ident = learned[0][3]["identifier"]
+        times = {"trunk": [], "adapter": []}
+        for _ in range(3):
+            for kind, prompt in (("trunk", "a red star"), ("adapter", f"a {ident} shape")):
+                t = time.perf_counter()
+                evaluate.generate(routed, [prompt] * n, seed=seed)
+                times[kind].append(time.perf_counter() - t)
+        report["generate_s"] = {k: round(min(v), 3) for k, v in times.items()}
+        report["adapter_over_trunk"] = round(min(times["adapter"]) / min(times["trunk"]), 3)
+        print("generate", report["generate_s"], "adapter/trunk", report["adapter_over_trunk"], flush=True)
+
+        report["compositions"] = {}
+        for mix, schedule in MIXES:
+            row = {}
+            for sname, _, sattrs, sc in [x for x in learned if x[1] == "painting"]:
+                for oname, _, oattrs, oc in [x for x in learned if x[1] == "shape"]:
+                    both = {**sattrs, **oattrs}
+                    imgs = mixed_images(svc, {"style": parts[sc["identifier"]], "object": parts[oc["identifier"]]},
+                                        f"a {sc['identifier']} painting of a {oc['identifier']} shape",
+                                        schedule, n, seed + 11)
+                    reads = scorer.read(imgs)
+                    row[f"{sname}x{oname}"] = {
+                        "both": float(np.mean([evaluate.shows(rd, both) for rd in reads])),
+                        **{k: float(np.mean([rd[k] == v for rd in reads])) for k, v in both.items()}}
+            report["compositions"][mix] = row
+            print(f"{mix:34s} mean {np.mean([v['both'] for v in row.values()]):.2f}  {json.dumps(row)}", flush=True)
+        svc.close()
+    report["wall_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(a.out, "adapter_mixing.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wall {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
