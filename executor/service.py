@@ -95,6 +95,9 @@ class BIGService:
         self.finetune_defaults["per_method"] = {  # merged per method, not replaced wholesale
             m: {k: v for layer in layers for k, v in layer.get("per_method", {}).get(m, {}).items()}
             for m in validation.METHODS}
+        self.finetune_defaults["per_strategy"] = {  # a metamodel strategy's own, merged the same way
+            s: {k: v for layer in layers for k, v in layer.get("per_strategy", {}).get(s, {}).items()}
+            for s in validation.METAMODEL_STRATEGIES}
         tok_dir = pipelines.resolve_base(config.base_model)
         self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
         self.cache = generation.PipelineCache(config.cache_max_bytes)

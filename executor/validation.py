@@ -32,7 +32,8 @@ TRAIN_TARGETS = ("private", "meta", "private_meta")
 # `replay_earlier`: plan earlier concepts and other categories into the prior batch; `prior_batch_factor`:
 # prior images per step as a multiple of the instance batch; `anchor_weight`: the L2-SP weight, which a
 # request's own `anchor_weight` overrides; `finetune_defaults`: over the method's defaults (rank 4, because
-# rank 1 learned the star-with-ring concept to 0.62-0.88 over three seeds and rank 4 to 1.00 on each).
+# rank 1 learned the star-with-ring concept to 0.62-0.88 over three seeds and rank 4 to 1.00 on each); a
+# model's `per_strategy` defaults come over those (the embedded model: 600 steps for adapters).
 METAMODEL_STRATEGY_SETTINGS = {
     "naive": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0),
     "seed_split": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=0.0),
@@ -186,8 +187,9 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
                              f"(strategy 'adapters' learns LoRA adapters, the others DreamBooth)")
     # Each method's own defaults (learning rate, steps, class images) come before the shared ones.
     defaults = {**defaults, **defaults.get("per_method", {}).get(method, {})}
-    if target != "private":
+    if target != "private":  # then the strategy's own, then what the model's config sets for that strategy
         defaults.update(METAMODEL_STRATEGY_SETTINGS[strategy].get("finetune_defaults", {}))
+        defaults.update(defaults.get("per_strategy", {}).get(strategy, {}))
     overwrite = params.get("overwrite")
     if overwrite is not None:
         overwrite = word_of(overwrite, "overwrite must be the one lowercase word whose embedding to retrain")

@@ -44,6 +44,16 @@ def test_metamodel_adapters_default_to_rank_4_over_the_methods_own_defaults():
     assert seed.method == "dreambooth"
 
 
+def test_a_models_per_strategy_defaults_apply_to_that_metamodel_strategy_only():
+    defaults = {**DEF_FT, "max_train_steps": 700, "per_strategy": {"adapters": {"max_train_steps": 500}}}
+    assert parse_finetune({"category": "dog", "target_model": "meta"}, defaults, L).max_train_steps == 500
+    assert parse_finetune({"category": "dog"}, defaults, L).max_train_steps == 700  # private
+    naive = {"category": "dog", "target_model": "meta", "metamodel_strategy": "naive"}
+    assert parse_finetune(naive, defaults, L).max_train_steps == 700
+    asked = {"category": "dog", "target_model": "meta", "max_train_steps": 90}
+    assert parse_finetune(asked, defaults, L).max_train_steps == 90
+
+
 @pytest.mark.parametrize("params,match", [
     ({}, "category is required"),
     ({"category": "../../etc"}, "category must be"),
