@@ -46,9 +46,10 @@ def instance_images(n=4, seed=0, **attrs):
 def service(tmp_path):
     from executor.service import BIGService, ServiceConfig
 
+    # The model card's per-strategy steps win over a shared max_train_steps, so both are set short.
+    short = {"max_train_steps": 8, "num_class_images": 4, "per_strategy": {"adapters": {"max_train_steps": 8}}}
     svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws"), base_model=BASE_MODEL,
-                                   auth={"mode": "hs256", "secret": SECRET},
-                                   finetune_defaults={"max_train_steps": 8, "num_class_images": 4},
+                                   auth={"mode": "hs256", "secret": SECRET}, finetune_defaults=short,
                                    generate_defaults={"num_inference_steps": 4}))
     yield svc
     svc.close()
