@@ -11,10 +11,17 @@ compositions ("a {style} painting of a {object} shape", both attributes right). 
 through the service's own rendering (`BIGService.render`, what /generate serves: a metamodel's trunk plus
 the adapters a prompt names). Writes a JSON table, a PNG line chart per strategy and a contact sheet per
 step to --out. Training times exclude the class images, made once per category before any step (as one
-service shares them among all its users).
+service shares them among all its users), as does the base model's score.
+
+The strategies run side by side, one process of one torch thread each (--jobs 1 --threads 2 runs them one
+after another): a training step of this small UNet takes as long on one thread as on two, so the cores are
+better used by separate trainings. Their train_s are then times under the same sharing of the cores:
+compare them with each other, not with a run made alone.
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -73,20 +80,21 @@ class Served:
 
 
 def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, captions=True,
-                 base=None, class_cache=None):
+                 base=None, class_cache=None, threads=None):
     """`base`: the base model's scores if already measured (the same for every strategy); `class_cache`: a
-    folder of class images shared by the strategies, as one service shares them among its users."""
+    folder of class images shared by the strategies, as one service shares them among its users; `scorer`:
+    None makes one here (a worker process); `threads`: torch's thread count for this strategy."""
+    if threads:
+        torch.set_num_threads(threads)
+    scorer = scorer or Scorer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
         base = base or evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
-        shared_class_dir = os.path.join(tmp, "class_images")
-        if class_cache:
-            shutil.copytree(class_cache, shared_class_dir, dirs_exist_ok=True)
+        if class_cache:  # read only: strategies running side by side share it
+            shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
         for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):  # made before any training is timed
             svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
-        if class_cache:
-            shutil.copytree(shared_class_dir, class_cache, dirs_exist_ok=True)
         learned = []
         for i, (name, category, attrs) in enumerate(SEQUENCE[:concepts]):
             params = {"category": category, "target_model": "meta", "metamodel_strategy": strategy, "seed": seed + i}
@@ -140,6 +148,18 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
     return {"base": base, "rows": rows}
 
 
+def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache):
+    """The base model's scores, and the class images of the sequence's categories written to `class_cache`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
+        base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
+        for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):
+            svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
+        shutil.copytree(os.path.join(tmp, "class_images"), class_cache, dirs_exist_ok=True)
+        svc.close()
+    return base
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "adapters"])
@@ -147,7 +167,10 @@ def main():
     ap.add_argument("--steps", type=int)
     ap.add_argument("--n", type=int)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the shared setup and of each "
+                    "strategy when --jobs is 1")
+    ap.add_argument("--jobs", type=int, help="strategies run side by side in this many processes of one torch "
+                    "thread each (default: one per strategy; 1 runs them one after another with --threads)")
     ap.add_argument("--base-model", default="embedded")
     ap.add_argument("--out", default="reports/continual")
     ap.add_argument("--no-captions", action="store_true", help="teach styles without per-image captions")
@@ -160,14 +183,26 @@ def main():
         preset["n"] = a.n
     os.makedirs(a.out, exist_ok=True)
     scorer = Scorer()
+    jobs = a.jobs or len(a.strategies)
     t0 = time.time()
-    results, base = {}, None
     with tempfile.TemporaryDirectory() as class_cache:
-        for s in a.strategies:
-            results[s] = run_strategy(s, seed=a.seed, scorer=scorer, out_dir=a.out, base_model=a.base_model,
-                                      captions=not a.no_captions, base=base, class_cache=class_cache, **preset)
-            base = results[s]["base"]
-    report = {"preset": a.preset, "seed": a.seed, "threads": a.threads, "style_captions": not a.no_captions,
+        # What every strategy shares is made once, before any of them starts: the base model's scores
+        # and the class images (as one service shares them among its users).
+        base = prepare_shared(base_model=a.base_model, scorer=scorer, seed=a.seed, base_n=preset["base_n"],
+                              concepts=preset["concepts"], class_cache=class_cache)
+        common = dict(seed=a.seed, out_dir=a.out, base_model=a.base_model, captions=not a.no_captions, base=base,
+                      class_cache=class_cache, **preset)
+        if jobs == 1:
+            results = {s: run_strategy(s, scorer=scorer, **common) for s in a.strategies}
+        else:
+            # Training a small UNet at batch 8 gains nothing from a second thread (0.12-0.14 s a step with one
+            # or two on this CPU), so two cores do twice the work as separate processes.
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {s: pool.submit(run_strategy, s, scorer=None, threads=1, **common) for s in a.strategies}
+                results = {s: f.result() for s, f in futures.items()}
+    report = {"preset": a.preset, "seed": a.seed, "threads": a.threads if jobs == 1 else 1, "jobs": jobs,
+              "cores": os.cpu_count(), "style_captions": not a.no_captions,
               **preset, "strategies": results,
               "wall_s": round(time.time() - t0, 1)}
     with open(os.path.join(a.out, "continual.json"), "w") as f:
