@@ -28,7 +28,8 @@ class BIGExecutor(Executor):
     def __init__(self, workspace: Optional[str] = None, base_model: str = "embedded", device: str = "auto",
                  auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
-                 train_workers: int = 1, class_image_steps: int = 20, limits: Optional[dict] = None, **kwargs):
+                 train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
+                 limits: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
@@ -40,6 +41,7 @@ class BIGExecutor(Executor):
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
+            train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps),
             limits=validation.Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s, workspace %s", base_model, self.service.device,

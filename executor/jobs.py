@@ -40,8 +40,10 @@ class JobContext:
 
 
 class JobManager:
-    def __init__(self, registry: Registry, workers: int = 1):
+    def __init__(self, registry: Registry, workers: int = 1, threads: int | None = None):
+        """`threads`: torch's CPU thread count on each job's thread (None: torch's own default)."""
         self.registry = registry
+        self.threads = threads
         self._queue: "queue.Queue[tuple[str, Callable[[JobContext], dict]] | None]" = queue.Queue()
         self._done: dict[str, threading.Event] = {}
         self._cancel: set[str] = set()
@@ -91,6 +93,13 @@ class JobManager:
 
     def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
         job = self.registry.get_job(job_id)
+        if self.threads:
+            # This thread's own OpenMP team (the serving thread keeps its own). On a 2-core CPU a 600-step
+            # adapter job took 189 s with two threads beside an idle serving team and 85 s with one
+            # (benchmarks/train_threads.py).
+            import torch
+
+            torch.set_num_threads(self.threads)
         try:
             if self.is_cancel_requested(job_id):
                 raise JobCancelled("cancelled before it started")

@@ -53,6 +53,7 @@ class ServiceConfig:
     class_image_steps: int = 20
     cache_max_bytes: int = 4 * 1024**3
     train_workers: int = 1
+    train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
     limits: validation.Limits = dataclasses.field(default_factory=validation.Limits)
 
 
@@ -105,7 +106,7 @@ class BIGService:
         self._trunk_runtimes: dict[str, personal.LoraRuntime] = {}  # "key@trunk version" -> adapters over it
         self._stacks: dict[tuple[str, int], metamodel.Stack] = {}  # committed versions never change
         self._concept_cache: dict[str, dict] = {}  # concept id -> its version's meta and vectors
-        self.jobs = JobManager(self.registry, workers=config.train_workers)
+        self.jobs = JobManager(self.registry, workers=config.train_workers, threads=config.train_threads)
         self._model_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 

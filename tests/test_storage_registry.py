@@ -61,3 +61,26 @@ def test_startup_removes_uncommitted_versions_and_fails_orphaned_jobs(tmp_path):
     removed = ws.clean_stale(reg2.live_version_paths())
     assert crashed in removed and leftover in removed and os.path.isdir(good)
     assert reg2.get_job(job)["status"] == "failed"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_runs_with_the_configured_torch_threads_and_the_caller_keeps_its_own(tmp_path, threads):
+    import torch
+
+    from executor.jobs import JobManager
+
+    reg = Registry(str(tmp_path / "registry.sqlite"))
+    caller = torch.get_num_threads()
+    seen = {}
+
+    def job(ctx):
+        seen["threads"] = torch.get_num_threads()
+        return {}
+
+    jobs = JobManager(reg, threads=threads)
+    job_id = reg.create_job("u", "meta", "shape", 1, {})
+    jobs.submit(job_id, job)
+    assert jobs.wait(job_id, timeout=30)["status"] == "succeeded"
+    assert seen["threads"] == threads
+    assert torch.get_num_threads() == caller
+    jobs.close()
