@@ -160,7 +160,7 @@ def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache):
     return base
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", nargs="+", default=["naive", "seed_split", "adapters"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -174,7 +174,7 @@ def main():
     ap.add_argument("--base-model", default="embedded")
     ap.add_argument("--out", default="reports/continual")
     ap.add_argument("--no-captions", action="store_true", help="teach styles without per-image captions")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     preset = dict(PRESETS[a.preset])
     if a.steps:
