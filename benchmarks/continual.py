@@ -79,20 +79,19 @@ class Served:
         return argparse.Namespace(images=[g.image for g in self.svc.render(self.user, specs, params)])
 
 
-def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, captions=True,
-                 base=None, class_cache=None, threads=None):
-    """`base`: the base model's scores if already measured (the same for every strategy); `class_cache`: a
-    folder of class images shared by the strategies, as one service shares them among its users; `scorer`:
-    None makes one here (a worker process); `threads`: torch's thread count for this strategy."""
+def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, base, class_cache,
+                 captions=True, threads=None):
+    """`base` and `class_cache`: the base model's scores and a folder of class images, from `prepare_shared`
+    (the same for every strategy, as one service shares class images among its users); `scorer`: None makes
+    one here (a worker process); `threads`: torch's thread count for this strategy."""
     if threads:
         torch.set_num_threads(threads)
     scorer = scorer or Scorer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
-        base = base or evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
-        if class_cache:  # read only: strategies running side by side share it
-            shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
+        # Read only: strategies running side by side share it.
+        shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
         for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):  # made before any training is timed
             svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
         learned = []

@@ -1,12 +1,11 @@
 """How many CPU threads a training job should use: the same /finetune job with the service's `train_threads`
-unset (torch's default) and set, alternating in one process, as a server runs it.
+unset (torch's default) and set, alternating, as a server runs it.
 
     python benchmarks/train_threads.py [--threads 2] [--steps 150] [--repeats 2] [--settings default 1]
 
 Each job runs in a fresh process (torch's thread settings outlive a job) whose main thread first serves a
 /generate, as a running server's serving thread has, so that its OpenMP team exists beside the job
-thread's. Each job: 5 images of a new concept, the
-shapes-world embedded model, class images already made. Jobs: a metamodel `adapters` step (rank-4 LoRA +
+thread's. Each job: 5 images of a new concept, the shapes-world embedded model, class images already made. Jobs: a metamodel `adapters` step (rank-4 LoRA +
 identifier embedding) and a `naive` DreamBooth step. Prints each job's seconds and, per job kind, the ratio
 of each setting's median time to the first setting's.
 """

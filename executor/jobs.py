@@ -94,8 +94,8 @@ class JobManager:
     def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
         job = self.registry.get_job(job_id)
         if self.threads:
-            # This thread's own OpenMP team (the serving thread keeps its own). On a 2-core CPU a 600-step
-            # adapter job took 189 s with two threads beside an idle serving team and 85 s with one
+            # This thread's own OpenMP team (the serving thread keeps its own). On a 2-core CPU a 150-step
+            # adapter job took 41 s with two threads beside an idle serving team and 20 s with one
             # (benchmarks/train_threads.py).
             import torch
 

@@ -19,7 +19,7 @@ def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):
     first = lambda s, step: res[s]["rows"][step]["fidelity"]["heart-dot"]  # noqa: E731
     # Measured (seed 0, this short preset, one thread per strategy): naive learns the first concept to 0.42 and
     # keeps 0.00 of it after the second; the default (adapters, rank 4) learns it to 0.75 and keeps 0.75 (its
-    # images do not change; 1.00 -> 1.00 on two threads: LoRA training is not bit-identical across thread counts).
+    # images do not change; 0.92-1.00 on two threads: LoRA training is not bit-identical across thread counts).
     assert first(default, 0) >= 0.3
     assert first(default, 1) >= first("naive", 1) + 0.25  # and kept, where naive lost it
     assert res[default]["rows"][1]["base_drift_points"] <= 5.0  # the bar: base prompts never see an adapter
