@@ -29,7 +29,7 @@ class BIGExecutor(Executor):
                  auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
-                 limits: Optional[dict] = None, **kwargs):
+                 fuse_adapters: bool = True, limits: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
@@ -42,7 +42,7 @@ class BIGExecutor(Executor):
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             train_threads=int(train_threads) if train_threads else None,
-            class_image_steps=int(class_image_steps),
+            class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             limits=validation.Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s, workspace %s", base_model, self.service.device,
                  self.service.ws.root)

@@ -104,3 +104,41 @@ def test_a_strategy_decides_how_a_metamodel_learns(service):
         service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
                                                       "metamodel_strategy": "seed_split", "method": "lora"})
     assert service.concepts("alice") == []
+
+
+def test_a_route_is_served_by_a_cached_unet_with_its_adapters_merged(service):
+    import numpy as np
+    import torch
+
+    from executor import personal
+
+    a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta"})
+    prompts, params = [f"a {a['identifier']} shape"], {"target_model": "meta", "seed": 3}
+    fused_images = service.generate("carol", prompts, params)
+    name = personal.LoraRuntime.adapter_name(service.registry.find_concept(
+        owner="alice", target="meta", identifier=a["identifier"])["concept_id"])
+    assert [k for k in service.cache._items if "+" in k] == [f"meta@0+{name}*1.0"]
+    assert _bytes(service.generate("carol", prompts, params)) == _bytes(fused_images)  # merged once, reused
+
+    # The merged UNet computes what peft's unmerged layers compute, and the adapter really changes it.
+    fused = service.cache.get(f"meta@0+{name}*1.0", lambda: pytest.fail("not cached")).unet
+    lora_unet = service.loras.activate([(name, service.registry.version_path("meta", 1), 1.0)]).unet
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, 128, generator=g)
+    with torch.no_grad():
+        out = {k: u(x, torch.tensor([500, 900]), states).sample for k, u in
+               (("fused", fused), ("peft", lora_unet), ("base", service.base_pipe.unet))}
+    effect, error = (out["peft"] - out["base"]).abs().max(), (out["fused"] - out["peft"]).abs().max()
+    assert effect > 1e-4 and error < 0.01 * effect, (effect, error)
+
+    service.config.fuse_adapters = False  # the unmerged path paints the same images within rounding
+    unmerged = np.asarray(service.generate("carol", prompts, params)[0].image, dtype=int)
+    assert np.abs(unmerged - np.asarray(fused_images[0].image, dtype=int)).max() <= 2
+
+
+def test_a_route_whose_adapter_also_adapts_the_text_encoder_is_not_merged(service):
+    a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
+                                                      "lora_text_encoder": True})
+    images = service.generate("carol", [f"a {a['identifier']} shape"], {"target_model": "meta", "seed": 3})
+    assert len(images) == 1
+    assert [v for k, (v, _) in service.cache._items.items() if "+" in k] == [None]  # known unmergeable: unmerged

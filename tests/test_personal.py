@@ -247,12 +247,13 @@ def test_overwrite_retrains_an_existing_word_for_its_owner_only(service):
         service.finetune("alice", instance_images(2), {**FAST, "overwrite": "star"})
 
 
-def test_delete_unloads_the_adapter(service):
+def test_delete_unloads_the_adapter_and_its_merged_routes(service):
     r = service.finetune("alice", instance_images(4), FAST)
     service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
     assert len(service.loras.loaded()) == 1
+    assert len([k for k in service.cache._items if k.startswith("base@0+")]) == 1  # its merged route
     service.delete("alice", r["identifier"])
-    assert service.loras.loaded() == []
+    assert service.loras.loaded() == [] and not [k for k in service.cache._items if k.startswith("base@0+")]
     with pytest.raises(BadRequest):
         service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
 
