@@ -54,8 +54,8 @@ class ServiceConfig:
     cache_max_bytes: int = 4 * 1024**3
     train_workers: int = 1
     train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
-    # A metamodel prompt's adapters merged into a cached UNet copy (in cache_max_bytes) instead of applied
-    # unmerged per call: same images within rounding, the base's speed.
+    # A request's LoRA adapters (a metamodel prompt's route, private concepts) merged into a cached UNet copy
+    # (in cache_max_bytes) instead of applied unmerged per call: same images within rounding, the base's speed.
     fuse_adapters: bool = True
     limits: validation.Limits = dataclasses.field(default_factory=validation.Limits)
 
