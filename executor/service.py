@@ -427,16 +427,22 @@ class BIGService:
                 runtime = self._trunk_loras(key, stack.trunk_version)
                 loras = [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
                          for c, m in zip(concepts, metas)]
-                fused = self._fused_route(key, stack.trunk_version, runtime, loras)
-                if fused is not None:  # read-only, like any cached version: no lock held while rendering
-                    images = self._render_with(fused, req, chunk, version=version, label=label, embeds=embeds)
-                else:
-                    with runtime.lock:
-                        pipe = runtime.activate(loras)
-                        images = self._render_with(pipe, req, chunk, version=version, label=label, embeds=embeds)
+                images = self._render_loras(key, stack.trunk_version, runtime, loras, req, chunk, version=version,
+                                            label=label, embeds=embeds)
             for i, image in zip(idx, images):
                 out[i] = image
         return out
+
+    def _render_loras(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras, req, specs, *,
+                      version: int, label: str, embeds):
+        """Images through these (name, folder, weight) adapters over a trunk: merged into a cached copy where
+        they can be, else through the runtime's unmerged layers."""
+        fused = self._fused_route(key, trunk, runtime, loras)
+        if fused is not None:  # read-only, like any cached version: no lock held while rendering
+            return self._render_with(fused, req, specs, version=version, label=label, embeds=embeds)
+        with runtime.lock:  # the adapter set is this request's until its images are made
+            return self._render_with(runtime.activate(loras), req, specs, version=version, label=label,
+                                     embeds=embeds)
 
     def _fused_route(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras):
         """The trunk with this route's adapters merged, cached beside the loaded versions (None: not fused).
@@ -532,12 +538,7 @@ class BIGService:
             return self._render_with(self.base_pipe, req, specs, version=1, label=label, embeds=embeds)
         adapters = [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], tags.get(c["identifier"], 1.0))
                     for c, m in loras]
-        fused = self._fused_route("base", 0, self.loras, adapters)
-        if fused is not None:
-            return self._render_with(fused, req, specs, version=1, label=label, embeds=embeds)
-        with self.loras.lock:  # the adapter set is this request's until its images are made
-            pipe = self.loras.activate(adapters)
-            return self._render_with(pipe, req, specs, version=1, label=label, embeds=embeds)
+        return self._render_loras("base", 0, self.loras, adapters, req, specs, version=1, label=label, embeds=embeds)
 
     def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
         """One prompt, one seed, one parameter over a range: the frames and an animated GIF of them."""
