@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers.image_processor import VaeImageProcessor  # noqa: E402
 
 from continual import SEQUENCE, instance_images  # noqa: E402
 from executor import personal  # noqa: E402
@@ -49,7 +48,8 @@ def conjunction(svc, embeds, terms, *, n: int, seed: int, steps: int = evaluate.
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n, [""] * n, pipe.device,
                               dtype=torch.float32, embeddings=embeds)[0]
 
-    shape = (1, pipe.unet.config.in_channels, svc.size // 2, svc.size // 2)
+    side = svc.size // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, side, side)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
     latents = latents * scheduler.init_noise_sigma
     conds = [(unet, states(prompt), states(""), weight) for unet, prompt, weight in terms]
@@ -61,7 +61,7 @@ def conjunction(svc, embeds, terms, *, n: int, seed: int, steps: int = evaluate.
             eps = eps + uncond_eps / len(conds) + weight * (cond_eps - uncond_eps)
         latents = scheduler.step(eps, t, latents).prev_sample
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return VaeImageProcessor(vae_scale_factor=2).postprocess(images, output_type="pil")
+    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 def main(argv=None):
