@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-from continual import SEQUENCE, Served, instance_images  # noqa: E402
+from continual import Served, teach_as_adapters  # noqa: E402
 from executor import generation, personal  # noqa: E402
 from executor.prompting import DEFAULT_EMPHASIS  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
@@ -129,13 +129,7 @@ def main():
               f"compositions {seed + 11}.., base {seed}.. (as continual.py)"}
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"}))
-        learned = []
-        for i, (name, category, attrs) in enumerate(SEQUENCE):
-            images, captions = instance_images(attrs, 5, seed + 100 * i)
-            params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
-            r = svc.finetune("bench", images, {**params, **({"captions": captions} if captions else {})})
-            learned.append((name, category, attrs, svc.registry.get_concept(r["concept_id"])))
-            print(name, r["identifier"], flush=True)
+        learned = teach_as_adapters(svc, seed)
         routed = Served(svc, "bench", "meta", len(learned))
         runtime = svc._trunk_loras("meta", 0)
         parts = {c["identifier"]: adapter_parts(svc, c) for *_, c in learned}

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from continual import SEQUENCE, instance_images  # noqa: E402
-from executor import personal  # noqa: E402
+from adapter_mixing import adapter_parts  # noqa: E402
+from continual import SEQUENCE, teach_as_adapters  # noqa: E402
 from executor.prompting import encode_prompts  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
@@ -81,22 +81,14 @@ def main(argv=None):
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
         svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
                                        train_threads=1))
-        concepts = {}
-        for i, (name, category, at) in enumerate(SEQUENCE):
-            images, captions = instance_images(at, 5, 100 * i)
-            params = {"category": category, "target_model": "meta", "seed": i, **({"captions": captions} if captions
-                                                                                   else {})}
-            r = svc.finetune("bench", images, params)
-            concepts[name] = svc.registry.find_concept(owner="bench", target="meta", identifier=r["identifier"])
-            print(f"taught {name} as {r['identifier']}", flush=True)
+        concepts = {name: c for name, _, _, c in teach_as_adapters(svc)}
         report["train_s"] = round(time.time() - t0, 1)
-        metas = {k: svc._concept_meta(c) for k, c in concepts.items()}
-        embeds = dict(svc._concept_embedding(c, metas[k]) for k, c in concepts.items())
+        parts = {k: adapter_parts(svc, c) for k, c in concepts.items()}  # (adapter name, folder, embedding)
+        embeds = dict(p[2] for p in parts.values())
         runtime = svc._trunk_loras("meta", 0)
 
         def unet_with(*names):
-            return runtime.fused_unet([(personal.LoraRuntime.adapter_name(concepts[k]["concept_id"]),
-                                        metas[k]["path"], 1.0) for k in names])
+            return runtime.fused_unet([(parts[k][0], parts[k][1], 1.0) for k in names])
 
         scorer = Scorer()
         for style in ("checker", "hollow"):

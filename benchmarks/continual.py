@@ -62,6 +62,19 @@ def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
     return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
 
 
+def teach_as_adapters(svc: BIGService, seed: int = 0) -> list[tuple[str, str, dict, dict]]:
+    """The whole SEQUENCE taught to `svc`'s shared metamodel with the `adapters` strategy, one concept after
+    another (the benchmarks that study adapters once learned): (name, category, attributes, registry row)."""
+    learned = []
+    for i, (name, category, attrs) in enumerate(SEQUENCE):
+        images, captions = instance_images(attrs, 5, seed + 100 * i)
+        params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
+        r = svc.finetune("bench", images, {**params, **({"captions": captions} if captions else {})})
+        learned.append((name, category, attrs, svc.registry.get_concept(r["concept_id"])))
+        print(name, r["identifier"], flush=True)
+    return learned
+
+
 class Served:
     """A model version as /generate serves it (a metamodel's trunk plus the adapters each prompt names),
     called like a diffusers pipeline so that shapes_world.evaluate scores exactly what users get."""
