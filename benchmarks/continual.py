@@ -7,7 +7,8 @@ Sequence: an object (an orange heart with a centre dot, category "shape"), a sty
 "painting", each image captioned with its subject unless --no-captions), a second object of the same
 category (a red star with a ring: the seed's hard case), a second style (hollow). After each step every concept learned so far is scored (fidelity), the base
 prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
-compositions ("a {style} painting of a {object} shape", both attributes right). Every image is made
+compositions ("a {style} painting of a {object} shape", both attributes right; and the composable prompt
+"... AND a {object} shape :2", whose second part is the object's adapter alone). Every image is made
 through the service's own rendering (`BIGService.render`, what /generate serves: a metamodel's trunk plus
 the adapters a prompt names). Writes a JSON table, a PNG line chart per strategy and a contact sheet per
 step to --out. Training times exclude the class images, made once per category before any step (as one
@@ -131,7 +132,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                                              seed=seed + 7, keep_images=sheet, class_images=class_images[ccat])
                 fid[cname] = sc["fidelity"]
                 leak.append(sc["prior_leak"])
-            comps, per_attribute = {}, {}
+            comps, per_attribute, comps_and = {}, {}, {}
             styles = [c for c in learned if c[1] == "painting"]
             objects = [c for c in learned if c[1] == "shape"]
             for (sname, _, sattrs, sid) in styles:
@@ -144,11 +145,16 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                     per_attribute[f"{sname}x{oname}"] = {k: float(np.mean([rd[k] == v for rd in reads]))
                                                          for k, v in both.items()}
                     sheet += [(im, prompt) for im in imgs[:4]]
+                    composed = f"{prompt} AND a {oid} shape :2"
+                    imgs = evaluate.generate(pipe, [composed] * n, seed=seed + 11)
+                    comps_and[f"{sname}x{oname}"] = float(np.mean([evaluate.shows(rd, both)
+                                                                   for rd in scorer.read(imgs)]))
+                    sheet += [(im, composed) for im in imgs[:4]]
             acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed, parts=("seen",))
             row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
                    "version_bytes": personal.version_bytes(version_dir), "method": r["method"],
                    "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
-                   "composition_attributes": per_attribute,
+                   "composition_attributes": per_attribute, "compositions_and_object": comps_and,
                    "base_both_seen": acc["seen"]["both"],
                    "base_drift_points": round(100 * (base["seen"]["both"] - acc["seen"]["both"]), 1)}
             rows.append(row)
@@ -230,6 +236,7 @@ def main(argv=None):
         print(f"{s:12s} {[round(r['fidelity'][first], 2) for r in res['rows']]!s:45s} "
               f"{res['rows'][-1]['base_drift_points']:>9}  {max(r['class_leak_max'] for r in res['rows']):.2f}  "
               f"{res['rows'][-1]['compositions']}")
+        print(f"{'':12s} compositions with 'AND a {{object}} shape :2': {res['rows'][-1]['compositions_and_object']}")
     print(f"wall {report['wall_s']} s")
 
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import secrets
 import threading
 from typing import Callable
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -136,6 +138,79 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
             out[i] = GeneratedImage(im, s.prompt, s.seed, {
                 **common, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps})
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPart:
+    """One `AND` part of a composable prompt and the pipeline that denoises it (its own adapters' route)."""
+
+    pipe: object
+    text: str
+    weight: float
+    embeddings: dict | None = None
+
+
+@torch.no_grad()
+def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, scheduler=None, negative_prompt: str | None,
+                    height: int, width: int, model_label: str, model_version: int, max_batch: int = 16,
+                    emphasis: str = DEFAULT_EMPHASIS) -> list[GeneratedImage]:
+    """Images of one composable prompt (every spec has the same `AND` prompt): at each step every part's
+    pipeline predicts the noise for its text and for the negative prompt, and
+
+        eps = mean_i uncond_i + sum_i weight_i * guidance * (cond_i - uncond_i)
+
+    AUTOMATIC1111's rule, with each part's own unconditional prediction because parts may run through
+    different UNets. One part of weight 1 is exactly the pipeline's classifier-free guidance; guidance at or
+    below 1 is applied by the same formula (the pipeline would switch guidance off there). The first part's
+    pipeline supplies the scheduler's config, the latents and the VAE."""
+    lead = parts[0].pipe
+    out: list[GeneratedImage | None] = [None] * len(specs)
+    gen_device = "cpu" if lead.device.type == "mps" else lead.device
+    for idx in batches(specs, max_batch):
+        chunk = [specs[i] for i in idx]
+        for guidance in sorted({s.guidance_scale for s in chunk}):
+            sub = [i for i in idx if specs[i].guidance_scale == guidance]
+            images, label = _denoise_composed(parts, [specs[i] for i in sub], guidance, scheduler, negative_prompt,
+                                              height, width, emphasis, gen_device)
+            for i, im in zip(sub, images):
+                s = specs[i]
+                out[i] = GeneratedImage(im, s.prompt, s.seed, {
+                    "negative_prompt": negative_prompt, "height": height, "width": width, "model": model_label,
+                    "model_version": model_version, "scheduler": label, "emphasis": emphasis,
+                    "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps})
+    return out
+
+
+def _denoise_composed(parts, chunk, guidance, scheduler, negative_prompt, height, width, emphasis, gen_device):
+    lead = parts[0].pipe
+    n = len(chunk)
+    # A fresh scheduler: it keeps per-call state (timesteps, step index), and calls can overlap.
+    scheduler = type(scheduler or lead.scheduler).from_config((scheduler or lead.scheduler).config)
+    scheduler.set_timesteps(chunk[0].num_inference_steps, device=lead.device)
+    gens = [torch.Generator(device=gen_device).manual_seed(s.seed) for s in chunk]
+    # As the pipeline's prepare_latents, but scaled by this scheduler's initial sigma (the pipeline's own
+    # scheduler may be another sampler).
+    shape = (n, lead.unet.config.in_channels, height // lead.vae_scale_factor, width // lead.vae_scale_factor)
+    latents = randn_tensor(shape, generator=gens, device=lead.device, dtype=lead.unet.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    # Ancestral samplers draw noise at every step: from the images' own generators, as the pipeline does.
+    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    terms = []
+    for part in parts:
+        cond, uncond = encode_prompts(part.pipe.tokenizer, part.pipe.text_encoder, [part.text] * n,
+                                      [negative_prompt or ""] * n, lead.device, dtype=part.pipe.text_encoder.dtype,
+                                      emphasis=emphasis, embeddings=part.embeddings)
+        terms.append((part.pipe.unet, torch.cat([uncond, cond]), part.weight))
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps = 0
+        for unet, states, weight in terms:
+            uncond_eps, cond_eps = unet(x, t, encoder_hidden_states=states).sample.chunk(2)
+            eps = eps + uncond_eps / len(terms) + weight * guidance * (cond_eps - uncond_eps)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+    vae = lead.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return lead.image_processor.postprocess(images, output_type="pil"), label_of_scheduler(scheduler)
 
 
 def prompt_specs(prompts: list[str], *, num_images: int, seed: int | None, guidance_scale: float,

@@ -18,6 +18,10 @@ How a weight acts on the text encoder's states (`EMPHASIS_MODES`, per request):
 A prompt longer than the encoder window is
 encoded in window-sized chunks that are concatenated along the sequence axis (cross-attention accepts any
 length), never truncated; prompt and negative prompt are padded with empty chunks to the same length.
+
+Composable prompts (AUTOMATIC1111's `AND`, after Liu et al. 2022, "Compositional Visual Generation with
+Composable Diffusion Models"): `a qzq painting of a sks dog AND a sks dog :2` is two parts, each denoised on
+its own and guided with its weight times the guidance scale (`composable_parts`; generation.render_composed).
 """
 from __future__ import annotations
 
@@ -86,6 +90,24 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
 
 
 _LORA_TAG = re.compile(r"<lora:([A-Za-z0-9_\-]{1,64})(?::\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)))?\s*>")
+
+
+_AND = re.compile(r"\bAND\b")  # upper case only: "and" and "sandbox" are ordinary words
+_PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)))?\s*$", re.DOTALL)
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """The (text, weight) parts of an `AND` prompt, each part's weight from a trailing `:number` (default 1);
+    a prompt without `AND` is one part of weight 1 with its text unchanged. An emphasis group's `(word:1.5)`
+    ends with a bracket and is never read as a part weight."""
+    pieces = _AND.split(prompt)
+    if len(pieces) == 1:
+        return [(prompt, 1.0)]
+    parts = []
+    for piece in pieces:
+        text, weight = _PART_WEIGHT.match(piece).groups()
+        parts.append((text.strip(), float(weight) if weight is not None else 1.0))
+    return parts
 
 
 def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:

@@ -412,26 +412,56 @@ class BIGService:
     def _render_routed(self, key: str, stack: metamodel.Stack, req, specs: list[generation.ImageSpec], *,
                        version: int, label: str) -> list[generation.GeneratedImage]:
         """A metamodel version with adapters: each prompt gets the adapters (and embeddings) of the concepts it
-        names, over the trunk; a prompt naming none gets the trunk alone. An image depends on its own spec
-        only, so rendering the groups separately changes no image."""
+        names, over the trunk; a prompt naming none gets the trunk alone, and each `AND` part of a composable
+        prompt gets its own. An image depends on its own spec only, so rendering the groups separately changes
+        no image."""
         out: list[generation.GeneratedImage | None] = [None] * len(specs)
-        for adapters, idx in metamodel.group_by_route([s.prompt for s in specs], stack.adapters).items():
+        plain, composed = _split_composed(specs)
+        for prompt, idx in composed.items():
+            parts = []
+            for text, weight in prompting.composable_parts(prompt):
+                model, embeds = self._route_model(key, stack, version, text)
+                parts.append(generation.PromptPart(model, text, weight, embeds))
+            images = self._render_parts(parts, req, [specs[i] for i in idx], version=version, label=label)
+            for i, image in zip(idx, images):
+                out[i] = image
+        for adapters, group in metamodel.group_by_route([specs[i].prompt for i in plain], stack.adapters).items():
+            idx = [plain[j] for j in group]
             chunk = [specs[i] for i in idx]
             if not adapters:
                 images = self._render_with(self._pipeline_for(key, version), req, chunk, version=version, label=label)
             else:
-                concepts = [({"concept_id": a.concept_id, "identifier": a.identifier, "model_key": key,
-                              "version": a.version}) for a in adapters]
-                metas = [self._concept_meta(c) for c in concepts]
-                embeds = dict(e for c, m in zip(concepts, metas) if (e := self._concept_embedding(c, m)) is not None)
+                embeds, loras = self._route_adapters(key, adapters)
                 runtime = self._trunk_loras(key, stack.trunk_version)
-                loras = [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
-                         for c, m in zip(concepts, metas)]
                 images = self._render_loras(key, stack.trunk_version, runtime, loras, req, chunk, version=version,
                                             label=label, embeds=embeds)
             for i, image in zip(idx, images):
                 out[i] = image
         return out
+
+    def _route_adapters(self, key: str, adapters) -> tuple[dict, list[tuple[str, str, float]]]:
+        """The embeddings and the (adapter name, folder, weight 1) of a route's metamodel adapters."""
+        concepts = [({"concept_id": a.concept_id, "identifier": a.identifier, "model_key": key,
+                      "version": a.version}) for a in adapters]
+        metas = [self._concept_meta(c) for c in concepts]
+        embeds = dict(e for c, m in zip(concepts, metas) if (e := self._concept_embedding(c, m)) is not None)
+        return embeds, [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
+                        for c, m in zip(concepts, metas)]
+
+    def _route_model(self, key: str, stack: metamodel.Stack, version: int, prompt: str):
+        """(pipeline, embeddings) that serve one `AND` part of a metamodel prompt. Parts denoise side by side,
+        so a part's adapters are always merged into their own UNet copy (even with `fuse_adapters: false`)."""
+        adapters = metamodel.route(prompt, stack.adapters)
+        if not adapters:
+            return self._pipeline_for(key, version), None
+        embeds, loras = self._route_adapters(key, adapters)
+        fused = self._fused_route(key, stack.trunk_version, self._trunk_loras(key, stack.trunk_version), loras,
+                                  force=True)
+        if fused is None:
+            raise BadRequest("an AND part's concepts must merge into the UNet (no text-encoder LoRA, DoRA or "
+                             f"adapted embedding): {', '.join(a.identifier for a in adapters)} do not; "
+                             "send the parts as separate prompts")
+        return fused, embeds
 
     def _render_loras(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras, req, specs, *,
                       version: int, label: str, embeds):
@@ -444,10 +474,11 @@ class BIGService:
             return self._render_with(runtime.activate(loras), req, specs, version=version, label=label,
                                      embeds=embeds)
 
-    def _fused_route(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras):
+    def _fused_route(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras, force: bool = False):
         """The trunk with this route's adapters merged, cached beside the loaded versions (None: not fused).
-        `key` "base" with trunk 0: private LoRA concepts over the base model."""
-        if not self.config.fuse_adapters:
+        `key` "base" with trunk 0: private LoRA concepts over the base model. `force`: merge even with
+        `fuse_adapters` off (the `AND` parts of one prompt need their UNets at the same time)."""
+        if not (self.config.fuse_adapters or force):
             return None
         loras = sorted(loras)  # one merged copy (and one summation order) per set, however a request lists it
 
@@ -461,12 +492,32 @@ class BIGService:
         return self.cache.get(f"{key}@{trunk}+{route}", load)
 
     def _render_with(self, model, req, specs, *, version: int, label: str, embeds=None):
+        """Images through one pipeline; the `AND` parts of a composable prompt all go through it too."""
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
-        return generation.render(
-            pipelines.compose(model, scheduler=scheduler), specs, negative_prompt=req.negative_prompt,
-            height=req.height, width=req.width, model_version=version, emphasis=req.emphasis,
-            model_label=label, embeddings=embeds)
+        out: list[generation.GeneratedImage | None] = [None] * len(specs)
+        plain, composed = _split_composed(specs)
+        if plain:
+            images = generation.render(
+                pipelines.compose(model, scheduler=scheduler), [specs[i] for i in plain],
+                negative_prompt=req.negative_prompt, height=req.height, width=req.width, model_version=version,
+                emphasis=req.emphasis, model_label=label, embeddings=embeds)
+            for i, image in zip(plain, images):
+                out[i] = image
+        for prompt, idx in composed.items():
+            parts = [generation.PromptPart(model, text, weight, embeds)
+                     for text, weight in prompting.composable_parts(prompt)]
+            for i, image in zip(idx, self._render_parts(parts, req, [specs[i] for i in idx], version=version,
+                                                        label=label, scheduler=scheduler)):
+                out[i] = image
+        return out
+
+    def _render_parts(self, parts, req, specs, *, version: int, label: str, scheduler=None):
+        if scheduler is None and req.scheduler:
+            scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], parts[0].pipe.scheduler.config)
+        return generation.render_composed(parts, specs, scheduler=scheduler, negative_prompt=req.negative_prompt,
+                                          height=req.height, width=req.width, model_label=label,
+                                          model_version=version, emphasis=req.emphasis)
 
     # ================================================================== private concepts
     def private_concepts_for(self, user: str, names: Sequence[str], prompts: Sequence[str]) -> list[dict]:
@@ -722,6 +773,17 @@ class BIGService:
 
     def list_jobs(self, user: str) -> list[dict]:
         return [self.job_view(j) for j in self.registry.list_jobs(user)]
+
+
+def _split_composed(specs) -> tuple[list[int], dict[str, list[int]]]:
+    """Indices of the plain specs, and of each composable (`AND`) prompt's specs."""
+    plain, composed = [], {}
+    for i, s in enumerate(specs):
+        if len(prompting.composable_parts(s.prompt)) > 1:
+            composed.setdefault(s.prompt, []).append(i)
+        else:
+            plain.append(i)
+    return plain, composed
 
 
 def _as_dtype(module, dtype):

@@ -71,6 +71,8 @@ class Limits:
     max_side: int = 1024
     max_num_class_images: int = 1000
     max_prompt_chars: int = 1000
+    max_prompt_parts: int = 8  # `AND` parts: each is one more UNet pass per step
+    max_part_weight: float = 10.0  # |weight| of an `AND` part (it multiplies the guidance scale)
     max_grid_images: int = 256  # /grid and /sweep: images in one request
     max_import_bytes: int = 64 * 1024 * 1024  # /import: one concept file
     max_export_bytes: int = 512 * 1024 * 1024  # /export: a DreamBooth concept is a whole UNet
@@ -361,6 +363,14 @@ def prompt_of(text: Any, limits: Limits) -> str:
         raise BadRequest("each document needs a non-empty `text` prompt")
     if len(text) > limits.max_prompt_chars:
         raise BadRequest(f"prompt longer than {limits.max_prompt_chars} characters")
+    parts = prompting.composable_parts(text.strip())
+    if len(parts) > limits.max_prompt_parts:
+        raise BadRequest(f"a prompt has at most {limits.max_prompt_parts} AND parts (this one: {len(parts)})")
+    for part, weight in parts:
+        if not part:
+            raise BadRequest("an AND part is empty: write `a qzq painting AND a sks dog :1.5`")
+        if not abs(weight) <= limits.max_part_weight:
+            raise BadRequest(f"an AND part's weight must be within +-{limits.max_part_weight:g} (got {weight:g})")
     return text.strip()
 
 

@@ -26,19 +26,3 @@ def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):
     assert res[default]["rows"][1]["base_drift_points"] <= 5.0  # the bar: base prompts never see an adapter
     for name in (f"{default}_step2.png", f"{default}_fidelity.png", "naive_fidelity.png"):
         assert os.path.exists(tmp_path / name)
-
-
-def test_composition_guidance_with_one_term_is_the_pipeline_s_classifier_free_guidance(service):
-    """benchmarks/composition_guidance.py samples with its own loop: with the route's term alone it must make
-    the images /generate's pipeline makes, so its object-weight-0 row is what users get."""
-    import numpy as np
-    import torch
-
-    from benchmarks.composition_guidance import conjunction
-
-    pipe = service.base_pipe
-    ours = conjunction(service, {}, [(pipe.unet, "a red star", 4.0)], n=2, seed=7, steps=6)
-    theirs = pipe(["a red star"] * 2, num_inference_steps=6, guidance_scale=4.0, height=service.size,
-                  width=service.size, generator=[torch.Generator().manual_seed(7 + i) for i in range(2)]).images
-    for a, b in zip(ours, theirs):
-        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

@@ -33,6 +33,20 @@ def test_emphasis_syntax(prompt, expected):
     assert approx(P(prompt)) == approx(expected)
 
 
+@pytest.mark.parametrize("prompt,expected", [
+    ("a red star", [("a red star", 1.0)]),
+    ("a red star :2", [("a red star :2", 1.0)]),  # a weight means something only beside AND
+    ("a red star AND a blue circle", [("a red star", 1.0), ("a blue circle", 1.0)]),
+    ("a qzq painting of a sks dog AND a sks dog :2", [("a qzq painting of a sks dog", 1.0), ("a sks dog", 2.0)]),
+    ("a cat:0.5 AND a dog : -1.5", [("a cat", 0.5), ("a dog", -1.5)]),
+    ("a (red:1.5) star AND a circle :.5", [("a (red:1.5) star", 1.0), ("a circle", 0.5)]),
+    ("sand and ANDROID AND x", [("sand and ANDROID", 1.0), ("x", 1.0)]),
+    ("a star AND", [("a star", 1.0), ("", 1.0)]),
+])
+def test_composable_prompt_syntax(prompt, expected):
+    assert prompting.composable_parts(prompt) == expected
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return load_base_pipeline("embedded", torch.device("cpu"))

@@ -6,7 +6,7 @@ from docarray.documents import ImageDoc
 from PIL import Image
 
 from executor.errors import BadRequest
-from executor.validation import Limits, decode_instance_images, parse_finetune, parse_generate
+from executor.validation import Limits, decode_instance_images, parse_finetune, parse_generate, prompt_of
 
 DEF_FT = dict(learning_rate=1e-4, max_train_steps=100, num_class_images=10)
 DEF_GEN = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)
@@ -84,6 +84,17 @@ def test_finetune_rejects(params, match):
 def test_generate_rejects(params, match):
     with pytest.raises(BadRequest, match=match):
         parse_generate(params, DEF_GEN, L)
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ("a star AND", "AND part is empty"),
+    ("a star AND a circle :11", "within"),
+    (" AND ".join(["a star"] * 9), "at most 8 AND parts"),
+])
+def test_composable_prompts_are_checked(prompt, match):
+    with pytest.raises(BadRequest, match=match):
+        prompt_of(prompt, L)
+    assert prompt_of("a star AND a circle :-10", L) == "a star AND a circle :-10"
 
 
 def test_images_decode_from_bytes_and_tensors():
