@@ -114,8 +114,8 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
            emphasis: str = DEFAULT_EMPHASIS, embeddings: dict | None = None) -> list[GeneratedImage]:
     """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
     out: list[GeneratedImage | None] = [None] * len(specs)
-    common = dict(negative_prompt=negative_prompt, height=height, width=width, model=model_label,
-                  model_version=model_version, scheduler=label_of_scheduler(pipe.scheduler), emphasis=emphasis)
+    common = dict(negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
+                  model_version=model_version, scheduler_label=label_of_scheduler(pipe.scheduler), emphasis=emphasis)
     # A generator per image makes each image depend on its own seed only, not on its batch-mates.
     gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     for idx in batches(specs, max_batch):
@@ -135,9 +135,16 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
             generator=gens,
         ).images
         for i, s, im in zip(idx, chunk, images):
-            out[i] = GeneratedImage(im, s.prompt, s.seed, {
-                **common, "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps})
+            out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(s, **common))
     return out
+
+
+def _parameters(spec: ImageSpec, *, negative_prompt, height, width, model_label, model_version, scheduler_label,
+                emphasis) -> dict:
+    """What an image's PNG parameters text records besides its prompt and seed."""
+    return {"negative_prompt": negative_prompt, "height": height, "width": width, "model": model_label,
+            "model_version": model_version, "scheduler": scheduler_label, "emphasis": emphasis,
+            "guidance_scale": spec.guidance_scale, "num_inference_steps": spec.num_inference_steps}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,30 +170,31 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
     different UNets. One part of weight 1 is exactly the pipeline's classifier-free guidance; guidance at or
     below 1 is applied by the same formula (the pipeline would switch guidance off there). The first part's
     pipeline supplies the scheduler's config, the latents and the VAE."""
-    lead = parts[0].pipe
     out: list[GeneratedImage | None] = [None] * len(specs)
-    gen_device = "cpu" if lead.device.type == "mps" else lead.device
-    for idx in batches(specs, max_batch):
-        chunk = [specs[i] for i in idx]
-        for guidance in sorted({s.guidance_scale for s in chunk}):
-            sub = [i for i in idx if specs[i].guidance_scale == guidance]
-            images, label = _denoise_composed(parts, [specs[i] for i in sub], guidance, scheduler, negative_prompt,
-                                              height, width, emphasis, gen_device)
-            for i, im in zip(sub, images):
-                s = specs[i]
-                out[i] = GeneratedImage(im, s.prompt, s.seed, {
-                    "negative_prompt": negative_prompt, "height": height, "width": width, "model": model_label,
-                    "model_version": model_version, "scheduler": label, "emphasis": emphasis,
-                    "guidance_scale": s.guidance_scale, "num_inference_steps": s.num_inference_steps})
+    # One denoising loop per step count and guidance scale (both are scalars in it).
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((s.num_inference_steps, s.guidance_scale), []).append(i)
+    for (steps, guidance), same in groups.items():
+        for k in range(0, len(same), max_batch):
+            idx = same[k : k + max_batch]
+            chunk = [specs[i] for i in idx]
+            images, label = _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt, height,
+                                              width, emphasis)
+            for i, s, im in zip(idx, chunk, images):
+                out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(
+                    s, negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
+                    model_version=model_version, scheduler_label=label, emphasis=emphasis))
     return out
 
 
-def _denoise_composed(parts, chunk, guidance, scheduler, negative_prompt, height, width, emphasis, gen_device):
+def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt, height, width, emphasis):
     lead = parts[0].pipe
     n = len(chunk)
+    gen_device = "cpu" if lead.device.type == "mps" else lead.device
     # A fresh scheduler: it keeps per-call state (timesteps, step index), and calls can overlap.
     scheduler = type(scheduler or lead.scheduler).from_config((scheduler or lead.scheduler).config)
-    scheduler.set_timesteps(chunk[0].num_inference_steps, device=lead.device)
+    scheduler.set_timesteps(steps, device=lead.device)
     gens = [torch.Generator(device=gen_device).manual_seed(s.seed) for s in chunk]
     # As the pipeline's prepare_latents, but scaled by this scheduler's initial sigma (the pipeline's own
     # scheduler may be another sampler).
