@@ -1,7 +1,7 @@
 """The continual-learning benchmark's smoke preset, run as the benchmark runs (strategies side by side in
 processes of their own): the service's default metamodel strategy keeps a first concept that naive
-sequential DreamBooth forgets (the full bars are printed by benchmarks/continual.py); and the composition
-benchmark's own sampler, checked against the pipeline."""
+sequential DreamBooth forgets (the full bars are printed by benchmarks/continual.py). The composition
+benchmark samples through the service's `AND` prompts, tested in tests/test_composable.py."""
 import json
 import os
 
