@@ -508,13 +508,14 @@ class BIGService:
             parts = [generation.PromptPart(model, text, weight, embeds)
                      for text, weight in prompting.composable_parts(prompt)]
             for i, image in zip(idx, self._render_parts(parts, req, [specs[i] for i in idx], version=version,
-                                                        label=label, scheduler=scheduler)):
+                                                        label=label)):
                 out[i] = image
         return out
 
-    def _render_parts(self, parts, req, specs, *, version: int, label: str, scheduler=None):
-        if scheduler is None and req.scheduler:
-            scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], parts[0].pipe.scheduler.config)
+    def _render_parts(self, parts, req, specs, *, version: int, label: str):
+        """Images of one composable prompt whose parts are already routed; the sampler from the first part's config."""
+        scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], parts[0].pipe.scheduler.config) \
+            if req.scheduler else None
         return generation.render_composed(parts, specs, scheduler=scheduler, negative_prompt=req.negative_prompt,
                                           height=req.height, width=req.width, model_label=label,
                                           model_version=version, emphasis=req.emphasis)

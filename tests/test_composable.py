@@ -40,6 +40,9 @@ def test_and_prompts_through_the_service_follow_the_composable_rule(service):
     # Twice the same part: its guidance adds up, as one part at twice the scale (same UNet, same uncond) ...
     twice = service.generate("carol", ["a red star AND a red star"], params)
     assert _bytes(twice) == _bytes(service.generate("carol", ["a red star"], {**params, "guidance_scale": 8.0}))
+    euler_a = {**params, "scheduler": "euler_a"}  # the request's sampler drives the composed loop too
+    assert _bytes(service.generate("carol", ["a red star AND a red star"], euler_a)) == \
+        _bytes(service.generate("carol", ["a red star"], {**euler_a, "guidance_scale": 8.0}))
     # ... and a part of weight 0 only adds its unconditional prediction, here the same as the first part's.
     assert _bytes(service.generate("carol", ["a red star AND a blue circle :0"], params)) == \
         _bytes(service.generate("carol", ["a red star"], params))
