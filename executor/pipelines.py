@@ -27,7 +27,11 @@ def resolve_base(spec: str) -> str:
 
 
 def base_key(spec: str) -> str:
-    """A stable name for the base model, used to key caches shared between users."""
+    """A stable name for the base model, used to key caches shared between users.
+
+    A folder's key covers its configs and a sample of every weight file's bytes: two fine-tunes of one
+    architecture have the same configs and file sizes, and must not share class images.
+    """
     path = resolve_base(spec)
     if os.path.isdir(path):
         h = hashlib.sha256()
@@ -35,12 +39,28 @@ def base_key(spec: str) -> str:
             cfg = os.path.join(path, sub, "config.json")
             if os.path.exists(cfg):
                 h.update(open(cfg, "rb").read())
-        for root, _, files in os.walk(os.path.join(path, "unet")):
-            for f in sorted(files):
-                st = os.stat(os.path.join(root, f))
-                h.update(f"{f}:{st.st_size}".encode())
+            for root, dirs, files in os.walk(os.path.join(path, sub)):
+                dirs.sort()
+                for f in sorted(files):
+                    if f != "config.json":
+                        file = os.path.join(root, f)
+                        _update_with_file_sample(h, file, label=os.path.relpath(file, path))
         return f"local-{h.hexdigest()[:16]}"
     return f"hub-{spec}"
+
+
+def _update_with_file_sample(h, path: str, label: str, chunk: int = 1 << 16, samples: int = 16) -> None:
+    """Hash a file's size and `samples` evenly spaced chunks: any retrained weights differ in every chunk,
+    and a multi-GB checkpoint costs about 1 MiB of reading instead of a full pass."""
+    size = os.path.getsize(path)
+    h.update(f"{label}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= chunk * samples:
+            h.update(f.read())
+            return
+        for i in range(samples):
+            f.seek((size - chunk) * i // (samples - 1))
+            h.update(f.read(chunk))
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -6,6 +6,7 @@ from PIL import Image
 
 from executor.class_images import ensure_class_images, is_blank
 from executor.generation import PipelineCache
+from executor.pipelines import base_key
 from executor.storage import Workspace
 
 
@@ -76,3 +77,33 @@ def test_pipeline_cache_is_lru_bounded_by_bytes_and_loads_once():
     cache.drop(lambda k: k == "a")
     cache.get("a", loader("a", 60))
     assert loads[-1] == "a"
+
+
+def _model_folder(root, weights: dict[str, bytes]):
+    for sub, data in weights.items():
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text('{"_class_name": "X"}')
+        (root / sub / "model.safetensors").write_bytes(data)
+    return str(root)
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20])  # read whole, and sampled in chunks
+def test_class_image_cache_key_tells_same_shaped_fine_tunes_apart(tmp_path, size):
+    # Two fine-tunes of one architecture share configs and file sizes; a cache keyed by those alone
+    # would hand one model's class images to the other.
+    rng = np.random.default_rng(0)
+    unet, text = rng.bytes(size), rng.bytes(size)
+    if size < (1 << 20):
+        retrained = bytearray(unet)
+        retrained[size // 2] ^= 0xFF  # a small file is hashed whole: one byte is enough
+    else:
+        retrained = rng.bytes(size)  # a large one is sampled: retrained weights differ everywhere
+    base = _model_folder(tmp_path / "base", {"unet": unet, "text_encoder": text})
+    copy = _model_folder(tmp_path / "copy", {"unet": unet, "text_encoder": text})
+    tuned = _model_folder(tmp_path / "tuned", {"unet": bytes(retrained), "text_encoder": text})
+    other_text = _model_folder(tmp_path / "other_text", {"unet": unet, "text_encoder": rng.bytes(size)})
+    keys = {name: base_key(p) for name, p in
+            [("base", base), ("copy", copy), ("tuned", tuned), ("other_text", other_text)]}
+    assert keys["base"] == keys["copy"]  # a copied folder keeps its cache
+    assert len({keys["base"], keys["tuned"], keys["other_text"]}) == 3, keys
+    assert all(k.startswith("local-") for k in keys.values())
