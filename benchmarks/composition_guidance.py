@@ -47,17 +47,18 @@ def main(argv=None):
     ap.add_argument("--object-weights", type=float, nargs="+", default=[0.0, 1.0, 2.0],
                     help="the object part's AND weight (times the guidance scale 4)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
     ap.add_argument("--out", default="reports/continual")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
-    report = {"seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
+    report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
               "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"},
                                        train_threads=1))
         concepts = {name: c for name, _, _, c in teach_as_adapters(svc)}
         report["train_s"] = round(time.time() - t0, 1)
