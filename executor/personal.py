@@ -161,7 +161,8 @@ class LoraRuntime:
                 for path, module in pipe.unet.named_modules():
                     if not isinstance(module, LoraLayer):
                         continue
-                    used = [n for n in module.active_adapters if n in names]
+                    # Adapters trained with other `lora_targets` may not adapt this module at all.
+                    used = [n for n in module.active_adapters if n in names and n in module.lora_A]
                     if any(module.use_dora.get(n) or n in module.lora_embedding_A for n in used):
                         return None
                     target = fused.get_submodule(path).weight

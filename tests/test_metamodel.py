@@ -136,6 +136,27 @@ def test_a_route_is_served_by_a_cached_unet_with_its_adapters_merged(service):
     assert np.abs(unmerged - np.asarray(fused_images[0].image, dtype=int)).max() <= 2
 
 
+def test_adapters_with_different_lora_targets_merge_into_one_route(service):
+    import numpy as np
+
+    # One concept adapts attention only, the next every layer: a prompt naming both merges both, each
+    # into the modules it has (this crashed with a KeyError before).
+    a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
+                                                      "lora_targets": "attention"})
+    b = service.finetune("bob", instance_images(seed=9, shape="star", colour="red", mark="ring"),
+                         {"category": "shape", "target_model": "meta", "lora_targets": "all"})
+    prompts = [f"a {a['identifier']} shape next to a {b['identifier']} shape"]
+    params = {"target_model": "meta", "seed": 3}
+    fused = np.asarray(service.generate("carol", prompts, params)[0].image, dtype=int)
+    assert len([k for k in service.cache._items if "+" in k]) == 1
+    service.config.fuse_adapters = False
+    unmerged = np.asarray(service.generate("carol", prompts, params)[0].image, dtype=int)
+    assert np.abs(unmerged - fused).max() <= 2
+    only_a = np.asarray(service.generate("carol", [f"a {a['identifier']} shape next to a shape"], params)[0].image,
+                        dtype=int)
+    assert np.abs(only_a - fused).max() > 2  # the second adapter really is in the merged route
+
+
 def test_a_route_whose_adapter_also_adapts_the_text_encoder_is_not_merged(service):
     a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta",
                                                       "lora_text_encoder": True})
