@@ -24,7 +24,7 @@ SWEEPABLE = {
 def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None, stop=None, num=None,
                  *, max_frames: int, max_steps: int, max_guidance: float) -> list:
     """The swept values: `values` as given, else `num` evenly spaced from `start` to `stop` (both included)."""
-    if parameter not in SWEEPABLE:
+    if not isinstance(parameter, str) or parameter not in SWEEPABLE:
         raise BadRequest(f"sweep parameter must be one of {', '.join(SWEEPABLE)}")
     d_start, d_stop, d_num, integer = SWEEPABLE[parameter]
     if values is not None:
@@ -35,6 +35,8 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
         start = d_start if start is None else start
         stop = d_stop if stop is None else stop
         num = d_num if num is None else num
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (start, stop)):
+            raise BadRequest("sweep `start` and `stop` must be numbers")
         if not isinstance(num, (int, float)) or int(num) != num or num < 1:
             raise BadRequest("sweep `num` must be a positive whole number")
         num = int(num)

@@ -26,6 +26,8 @@ def test_steps_sweep_rounds_to_whole_steps():
     dict(parameter="guidance_scale", values=["x"]), dict(parameter="guidance_scale", num=0),
     dict(parameter="guidance_scale", num=100), dict(parameter="guidance_scale", values=[60]),
     dict(parameter="num_inference_steps", values=[0]),
+    dict(parameter={"guidance_scale": [2, 4]}), dict(parameter=None), dict(parameter="guidance_scale", start="1"),
+    dict(parameter="guidance_scale", stop=[9]), dict(parameter="guidance_scale", start=True),
 ])
 def test_bad_sweeps_are_clear_errors(kw):
     with pytest.raises(BadRequest):
