@@ -598,7 +598,7 @@ class BIGService:
         if len(prompts) != 1:
             raise BadRequest("a sweep takes exactly one prompt document")
         lim = self.config.limits
-        parameter = params.get("sweep", "guidance_scale")
+        parameter = validation.given(params, "sweep", "guidance_scale")
         values = studio.sweep_values(parameter, params.get("values"), params.get("start"), params.get("stop"),
                                      params.get("num"), max_frames=lim.max_grid_images,
                                      max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
@@ -632,6 +632,10 @@ class BIGService:
             seeds = validation.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
                 generation.seeds_for(seed, validation.number(params, "num_seeds", 1, 1, lim.max_grid_images,
                                                              integer=True))
+            # Counted before the grid is built: long lists must not take the server's memory.
+            size = len(prompts) * len(guidance) * len(steps) * len(seeds)
+            if size > lim.max_grid_images:
+                raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {size})")
             specs = studio.grid_specs(prompts, guidance, steps, seeds)
         if len(specs) > lim.max_grid_images:
             raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {len(specs)})")

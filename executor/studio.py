@@ -8,6 +8,7 @@ image with its own PNG parameters, so any frame or cell can be made again with /
 from __future__ import annotations
 
 import io
+import math
 import random
 from typing import Any, Sequence
 
@@ -30,6 +31,8 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
     if values is not None:
         if not isinstance(values, (list, tuple)) or not values:
             raise BadRequest("sweep `values` must be a non-empty list of numbers")
+        if len(values) > max_frames:
+            raise BadRequest(f"a sweep has at most {max_frames} frames")
         out = list(values)
     else:
         start = d_start if start is None else start
@@ -37,8 +40,11 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
         num = d_num if num is None else num
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (start, stop)):
             raise BadRequest("sweep `start` and `stop` must be numbers")
-        if not isinstance(num, (int, float)) or int(num) != num or num < 1:
+        if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or \
+                int(num) != num or num < 1:
             raise BadRequest("sweep `num` must be a positive whole number")
+        if num > max_frames:  # before the list is built: a huge `num` must not take the server's memory
+            raise BadRequest(f"a sweep has at most {max_frames} frames")
         num = int(num)
         out = [start + (stop - start) * i / (num - 1) for i in range(num)] if num > 1 else [start]
     try:

@@ -79,8 +79,15 @@ class Limits:
     max_lora_rank: int = 128
 
 
+def given(params: dict, name: str, default):
+    """The parameter's value, or `default` when it is absent or null: JSON clients send `"seed": null`
+    for "not set", and a null must never reach the training or sampling code."""
+    v = params.get(name)
+    return default if v is None else v
+
+
 def number(params: dict, name: str, default, lo, hi, *, integer: bool):
-    v = params.get(name, default)
+    v = given(params, name, default)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -101,7 +108,7 @@ def number(params: dict, name: str, default, lo, hi, *, integer: bool):
 
 def number_list(params: dict, name: str, default, lo, hi, *, integer: bool) -> list | None:
     """A list of numbers (or one number, taken as a list of one), each within [lo, hi]."""
-    v = params.get(name, default)
+    v = given(params, name, default)
     if v is None:
         return None
     items = v if isinstance(v, (list, tuple)) else [v]
@@ -111,7 +118,7 @@ def number_list(params: dict, name: str, default, lo, hi, *, integer: bool) -> l
 
 
 def _bool(params: dict, name: str, default: bool) -> bool:
-    v = params.get(name, default)
+    v = given(params, name, default)
     if isinstance(v, bool):
         return v
     if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -132,7 +139,7 @@ def category_of(params: dict) -> str:
 
 
 def target_of(params: dict, allowed: tuple[str, ...], default: str) -> str:
-    t = params.get("target_model", default)
+    t = given(params, "target_model", default)
     if t not in allowed:
         raise BadRequest(f"target_model must be one of {', '.join(allowed)}; got {t!r}")
     return t
@@ -292,7 +299,7 @@ def captions_of(params: dict) -> tuple[str | None, ...] | None:
 
 
 def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str) -> str:
-    v = params.get(name, default)
+    v = given(params, name, default)
     if v not in allowed:
         raise BadRequest(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
     return v
@@ -343,10 +350,10 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
         seed=number(params, "seed", None, 0, 2**31 - 1, integer=True),
         height=h,
         width=w,
-        scheduler=schedulers.resolve(sched).key if (sched := params.get("scheduler", defaults.get("scheduler")))
+        scheduler=schedulers.resolve(sched).key if (sched := given(params, "scheduler", defaults.get("scheduler")))
         else None,
         model_version=number(params, "model_version", None, 0, 2**31 - 1, integer=True),
-        emphasis=emphasis_of(params.get("emphasis", defaults.get("emphasis", prompting.DEFAULT_EMPHASIS))),
+        emphasis=emphasis_of(given(params, "emphasis", defaults.get("emphasis", prompting.DEFAULT_EMPHASIS))),
         identifiers=tuple(dict.fromkeys(names)),
     )
 

@@ -28,6 +28,9 @@ def test_steps_sweep_rounds_to_whole_steps():
     dict(parameter="num_inference_steps", values=[0]),
     dict(parameter={"guidance_scale": [2, 4]}), dict(parameter=None), dict(parameter="guidance_scale", start="1"),
     dict(parameter="guidance_scale", stop=[9]), dict(parameter="guidance_scale", start=True),
+    dict(parameter="guidance_scale", num=float("nan")), dict(parameter="guidance_scale", num=float("inf")),
+    dict(parameter="guidance_scale", num=10**12),  # refused before a list of that length is built
+    dict(parameter="guidance_scale", values=list(range(65))),
 ])
 def test_bad_sweeps_are_clear_errors(kw):
     with pytest.raises(BadRequest):
@@ -77,3 +80,9 @@ def test_a_grid_returns_every_image_and_a_captioned_sheet(service):
         assert im.format == "PNG" and im.width > 4 * 32
     with pytest.raises(BadRequest, match="at most"):
         service.grid("alice", ["x"], {"num_seeds": 200, "guidance_scales": [1, 2]})
+    # Counted before the grid is built: 10^9 combinations are refused at once, not allocated.
+    long = {"guidance_scales": [1.0] * 1000, "steps": [3] * 1000, "seeds": list(range(1000))}
+    with pytest.raises(BadRequest, match="this one: 1000000000"):
+        service.grid("alice", ["x"], long)
+    with pytest.raises(BadRequest, match="at most"):
+        service.sweep("alice", ["x"], {"num": 10**12})

@@ -54,6 +54,25 @@ def test_a_models_per_strategy_defaults_apply_to_that_metamodel_strategy_only():
     assert parse_finetune(asked, defaults, L).max_train_steps == 90
 
 
+FINETUNE_KEYS = ("learning_rate", "max_train_steps", "num_class_images", "seed", "train_text_encoder",
+                 "prior_loss_weight", "train_batch_size", "wait", "metamodel_strategy", "anchor_weight",
+                 "train_identifier_embedding", "embedding_learning_rate", "method", "lora_rank", "lora_alpha",
+                 "lora_text_encoder", "lora_targets", "num_vectors", "crop", "flip", "split_oversized",
+                 "lr_scheduler", "lr_warmup_steps", "snr_gamma", "target_model")
+GENERATE_KEYS = ("target_model", "num_images", "num_inference_steps", "guidance_scale", "seed", "height", "width",
+                 "scheduler", "model_version", "emphasis")
+
+
+@pytest.mark.parametrize("target", ["private", "meta"])
+def test_a_null_parameter_means_its_default(target):
+    # JSON clients send null for "not set"; it must never reach training as None (seed None crashed a job).
+    base = {"category": "dog", "target_model": target}
+    nulls = {k: None for k in FINETUNE_KEYS if k != "target_model"}
+    assert parse_finetune({**base, **nulls}, DEF_FT, L) == parse_finetune(base, DEF_FT, L)
+    nulls = {k: None for k in GENERATE_KEYS}
+    assert parse_generate(nulls, DEF_GEN, L) == parse_generate({}, DEF_GEN, L)
+
+
 @pytest.mark.parametrize("params,match", [
     ({}, "category is required"),
     ({"category": "../../etc"}, "category must be"),
