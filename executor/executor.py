@@ -133,7 +133,7 @@ class BIGExecutor(Executor):
         user = self._user(parameters)
         job_id = parameters.get("job_id")
         if job_id:
-            cancel = bool(parameters.get("cancel", False))
+            cancel = validation.flag(parameters, "cancel", False)
             rows = [await asyncio.to_thread(self.service.job, user, str(job_id), cancel)]
         else:
             rows = await asyncio.to_thread(self.service.list_jobs, user)

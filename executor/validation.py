@@ -117,7 +117,8 @@ def number_list(params: dict, name: str, default, lo, hi, *, integer: bool) -> l
     return [number({name: x}, name, None, lo, hi, integer=integer) for x in items]
 
 
-def _bool(params: dict, name: str, default: bool) -> bool:
+def flag(params: dict, name: str, default: bool) -> bool:
+    """true/false, also as the strings and 0/1 a command line sends ("false" must not read as true)."""
     v = given(params, name, default)
     if isinstance(v, bool):
         return v
@@ -218,7 +219,7 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         method=method,
         lora_rank=rank,
         lora_alpha=number(params, "lora_alpha", float(rank), 1e-3, 1e4, integer=False),
-        lora_text_encoder=_bool(params, "lora_text_encoder", False),
+        lora_text_encoder=flag(params, "lora_text_encoder", False),
         lora_targets=_choice(params, "lora_targets", ("attention", "attention_ff", "all"),
                              defaults.get("lora_targets", "attention")),
         num_vectors=number(params, "num_vectors", 1, 1, 16, integer=True) if not overwrite else
@@ -226,8 +227,8 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         init_text=init_text or None,
         overwrite=overwrite or None,
         crop=_choice(params, "crop", CROPS, "center"),
-        flip=_bool(params, "flip", False),
-        split_oversized=_bool(params, "split_oversized", False),
+        flip=flag(params, "flip", False),
+        split_oversized=flag(params, "split_oversized", False),
         prompt_templates=templates_of(params),
         target=target,
         category=category_of(params),
@@ -237,15 +238,15 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         num_class_images=number(params, "num_class_images", defaults["num_class_images"], 0,
                                  limits.max_num_class_images, integer=True),
         seed=number(params, "seed", 0, 0, 2**31 - 1, integer=True),
-        train_text_encoder=_bool(params, "train_text_encoder", defaults.get("train_text_encoder", False)),
+        train_text_encoder=flag(params, "train_text_encoder", defaults.get("train_text_encoder", False)),
         prior_loss_weight=number(params, "prior_loss_weight", 1.0, 0.0, 10.0, integer=False),
         train_batch_size=number(params, "train_batch_size", defaults.get("train_batch_size", 4), 1, 64,
                                  integer=True),
-        wait=_bool(params, "wait", True),
+        wait=flag(params, "wait", True),
         metamodel_strategy=strategy,
         anchor_weight=number(params, "anchor_weight", defaults.get("anchor_weight"), 0.0, 1e6,
                               integer=False),
-        train_identifier_embedding=_bool(params, "train_identifier_embedding",
+        train_identifier_embedding=flag(params, "train_identifier_embedding",
                                          defaults.get("train_identifier_embedding", True)),
         embedding_learning_rate=number(params, "embedding_learning_rate",
                                         defaults.get("embedding_learning_rate", 1e-3), limits.min_learning_rate,

@@ -93,7 +93,9 @@ def test_async_finetune_reports_progress_as_a_job(flow):
     assert res[0].status == "queued" and job_id
     deadline = time.time() + 120
     while True:
-        job = flow.post("/jobs", inputs=DocList[TextDoc](), parameters={**jwt("dave"), "job_id": job_id},
+        # A command line's "false" must not read as true and cancel the job.
+        job = flow.post("/jobs", inputs=DocList[TextDoc](), parameters={**jwt("dave"), "job_id": job_id,
+                                                                         "cancel": "false"},
                         return_type=DocList[JobDoc])[0]
         if job.status in ("succeeded", "failed", "cancelled") or time.time() > deadline:
             break

@@ -6,7 +6,7 @@ from docarray.documents import ImageDoc
 from PIL import Image
 
 from executor.errors import BadRequest
-from executor.validation import Limits, decode_instance_images, parse_finetune, parse_generate, prompt_of
+from executor.validation import Limits, decode_instance_images, flag, parse_finetune, parse_generate, prompt_of
 
 DEF_FT = dict(learning_rate=1e-4, max_train_steps=100, num_class_images=10)
 DEF_GEN = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)
@@ -61,6 +61,14 @@ FINETUNE_KEYS = ("learning_rate", "max_train_steps", "num_class_images", "seed",
                  "lr_scheduler", "lr_warmup_steps", "snr_gamma", "target_model")
 GENERATE_KEYS = ("target_model", "num_images", "num_inference_steps", "guidance_scale", "seed", "height", "width",
                  "scheduler", "model_version", "emphasis")
+
+
+def test_flags_read_what_a_command_line_sends():
+    assert [flag({"x": v}, "x", True) for v in ("false", "0", "no", 0, False)] == [False] * 5
+    assert [flag({"x": v}, "x", False) for v in ("true", "1", "yes", 1, True)] == [True] * 5
+    assert flag({"x": None}, "x", True) is True and flag({}, "x", False) is False
+    with pytest.raises(BadRequest, match="true or false"):
+        flag({"x": "maybe"}, "x", False)
 
 
 @pytest.mark.parametrize("target", ["private", "meta"])
