@@ -617,6 +617,18 @@ class BIGService:
         lim = self.config.limits
         seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
         n_random = validation.number(params, "random_samples", None, 1, lim.max_grid_images, integer=True)
+        if not n_random:
+            guidance = validation.number_list(params, "guidance_scales", [req.guidance_scale], 0.0,
+                                              lim.max_guidance_scale, integer=False)
+            steps = validation.number_list(params, "steps", [req.num_inference_steps], 1, lim.max_inference_steps,
+                                           integer=True)
+            seeds = validation.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
+                generation.seeds_for(seed, validation.number(params, "num_seeds", 1, 1, lim.max_grid_images,
+                                                             integer=True))
+        # Counted before the grid is built: long lists must not take the server's memory.
+        size = len(prompts) * (n_random or len(guidance) * len(steps) * len(seeds))
+        if size > lim.max_grid_images:
+            raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {size})")
         if n_random:
             specs = studio.random_specs(
                 prompts, n_random, seed=seed, guidance_scale=req.guidance_scale,
@@ -625,20 +637,7 @@ class BIGService:
                 steps_spread=validation.number(params, "steps_spread", 0.5, 0.0, 1.0, integer=False),
                 max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
         else:
-            guidance = validation.number_list(params, "guidance_scales", [req.guidance_scale], 0.0,
-                                              lim.max_guidance_scale, integer=False)
-            steps = validation.number_list(params, "steps", [req.num_inference_steps], 1, lim.max_inference_steps,
-                                           integer=True)
-            seeds = validation.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
-                generation.seeds_for(seed, validation.number(params, "num_seeds", 1, 1, lim.max_grid_images,
-                                                             integer=True))
-            # Counted before the grid is built: long lists must not take the server's memory.
-            size = len(prompts) * len(guidance) * len(steps) * len(seeds)
-            if size > lim.max_grid_images:
-                raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {size})")
             specs = studio.grid_specs(prompts, guidance, steps, seeds)
-        if len(specs) > lim.max_grid_images:
-            raise BadRequest(f"a grid has at most {lim.max_grid_images} images (this one: {len(specs)})")
         images = self._render(user, req, specs)
         return images, studio.sheet_png(images, columns=len(specs) // len(prompts))
 

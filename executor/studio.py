@@ -31,9 +31,7 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
     if values is not None:
         if not isinstance(values, (list, tuple)) or not values:
             raise BadRequest("sweep `values` must be a non-empty list of numbers")
-        if len(values) > max_frames:
-            raise BadRequest(f"a sweep has at most {max_frames} frames")
-        out = list(values)
+        frames = len(values)
     else:
         start = d_start if start is None else start
         stop = d_stop if stop is None else stop
@@ -43,16 +41,17 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
         if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or \
                 int(num) != num or num < 1:
             raise BadRequest("sweep `num` must be a positive whole number")
-        if num > max_frames:  # before the list is built: a huge `num` must not take the server's memory
-            raise BadRequest(f"a sweep has at most {max_frames} frames")
-        num = int(num)
-        out = [start + (stop - start) * i / (num - 1) for i in range(num)] if num > 1 else [start]
+        frames = int(num)
+    if frames > max_frames:  # counted before any list is built: a huge `num` must not take the server's memory
+        raise BadRequest(f"a sweep has at most {max_frames} frames")
+    if values is not None:
+        out = list(values)
+    else:
+        out = [start + (stop - start) * i / (frames - 1) for i in range(frames)] if frames > 1 else [start]
     try:
         out = [int(round(float(v))) if integer else round(float(v), 4) for v in out]
     except (TypeError, ValueError):
         raise BadRequest("sweep values must be numbers") from None
-    if len(out) > max_frames:
-        raise BadRequest(f"a sweep has at most {max_frames} frames")
     lo, hi = (1, max_steps) if integer else (0.0, max_guidance)
     if any(not lo <= v <= hi for v in out):
         raise BadRequest(f"{parameter} values must lie in [{lo}, {hi}]")
