@@ -71,7 +71,8 @@ class BIGExecutor(Executor):
     async def export(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptFileDoc]:
         """A private concept's files (`identifier`; `format`: all, diffusers, a1111)."""
         user, ident = self._user(parameters), _identifier_of(parameters)
-        files = await asyncio.to_thread(self.service.export, user, ident, parameters.get("format", "all"))
+        files = await asyncio.to_thread(self.service.export, user, ident,
+                                       validation.given(parameters, "format", "all"))
         return DocList[ConceptFileDoc]([ConceptFileDoc(text=name, bytes_=data, identifier=ident,
                                                        sha256=hashlib.sha256(data).hexdigest()) for name, data in files])
 
@@ -99,7 +100,7 @@ class BIGExecutor(Executor):
         `values` or `start`/`stop`/`num`; the last document is the animated GIF."""
         user = self._user(parameters)
         frames, gif = await self._on_generate_thread(self.service.sweep, user, [d.text for d in docs], parameters)
-        parameter = parameters.get("sweep", "guidance_scale")
+        parameter = validation.given(parameters, "sweep", "guidance_scale")
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in frames] + [GeneratedImageDoc(
             bytes_=gif, kind="animation", text=f"{parameter} sweep: {frames[0].prompt}", seed=frames[0].seed)])
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import BASE_MODEL, SECRET, instance_images
 from executor.auth import mint_token
-from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
+from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 from executor.serving import REPO, FlowProcess
 
 
@@ -184,6 +184,9 @@ def test_cli_textual_inversion_export_and_import_over_grpc(flow, tmp_path, capsy
     out = tmp_path / "concept"
     assert cli.main(["--host", host, "--token", token, "export", ident, "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == sorted(["learned_embeds.safetensors", f"{ident}.pt"])
+    files = flow.post("/export", inputs=DocList[TextDoc](), parameters={  # a null format is the default, all
+        **jwt("hana"), "identifier": ident, "format": None}, return_type=DocList[ConceptFileDoc])
+    assert sorted(f.text for f in files) == sorted(os.listdir(out))
     assert cli.main(["--host", host, "--token", other, "import", str(out / f"{ident}.pt"), "--category",
                      "shape"]) == 0
     printed = capsys.readouterr().out
