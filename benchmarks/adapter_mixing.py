@@ -9,10 +9,12 @@ service's own path), then scores, with the same prompts and seeds as continual.p
            fidelity, the base prompts' accuracy and the class prompts' leak
   and for each style x object composition, ways of mixing its two adapters in one denoising run:
   weights (style, object), time splits (one adapter for the first k of 20 steps, then the other or both),
-  the mean of both adapters' predictions at every step, and each adapter in its own UNet region.
+  the mean of both adapters' predictions at every step, each adapter in its own UNet region, and one
+  adapter per layer chosen by the size of its weights (K-LoRA).
 Writes reports/continual/adapter_mixing.json.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +36,17 @@ from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
 STEPS = evaluate.DEFAULT_STEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLayerChoice:
+    """One adapter per LoRA layer instead of their sum (K-LoRA, Ouyang et al. 2025): a layer takes the object's
+    adapter while the sum of its k largest |delta W| entries, divided by gamma (the object's mean total |delta W|
+    over the style's, per layer), exceeds the style's times alpha * progress + beta; so the object holds the
+    early steps (the layout) and the style the late ones (the texture) where alpha > 0."""
+    k: int = 64
+    alpha: float = 1.5
+    beta: float = 0.5
 # (name, [(from step, {"style"|"object": adapter weight})]): the adapters in use from each step on.
 MIXES = [
     ("both x1 (routed)", [(0, {"style": 1.0, "object": 1.0})]),
@@ -49,6 +62,8 @@ MIXES = [
     # UNet's regions carry content and style).
     ("object down+mid, style up", {"object": ("down_blocks", "mid_block", "conv_in", "time_embedding"),
                                    "style": ("up_blocks", "conv_out")}),
+    ("one adapter per layer (K-LoRA)", PerLayerChoice()),
+    ("one adapter per layer, by size only", PerLayerChoice(alpha=0.0, beta=1.0)),
 ]
 
 
@@ -68,15 +83,21 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
             pipe.set_adapters([parts[k][0] for k in weights], adapter_weights=list(weights.values()))
 
         def on_step_end(_pipe, step, _t, kwargs):
-            for start, weights in schedule:
-                if step + 1 == start:
-                    use(weights)
+            if isinstance(schedule, PerLayerChoice):
+                choose((step + 1) / STEPS)
+            else:
+                for start, weights in schedule:
+                    if step + 1 == start:
+                        use(weights)
             return kwargs
 
         if schedule == "composite":
             average_predictions(pipe, [parts[k][0] for k in ("style", "object")])
         elif isinstance(schedule, dict):
             scale_by_region(pipe, {parts[k][0]: prefixes for k, prefixes in schedule.items()})
+        elif isinstance(schedule, PerLayerChoice):
+            choose = per_layer_choice(pipe, parts["style"][0], parts["object"][0], schedule)
+            choose(0.0)
         else:
             use(schedule[0][1])
         embeds = dict(p[2] for p in parts.values() if p[2] is not None)
@@ -86,7 +107,7 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
         try:
             return pipe(prompt_embeds=e, negative_prompt_embeds=ne, num_inference_steps=STEPS,
                         guidance_scale=evaluate.DEFAULT_GUIDANCE, generator=gens, height=svc.size, width=svc.size,
-                        callback_on_step_end=on_step_end if isinstance(schedule, list) else None).images
+                        callback_on_step_end=on_step_end if isinstance(schedule, (list, PerLayerChoice)) else None).images
         finally:
             pipe.unet.__dict__.pop("forward", None)  # undo average_predictions; activate() resets scales
 
@@ -104,6 +125,26 @@ def average_predictions(pipe, names):
         return (sum(outs) / len(outs),)  # the pipeline calls the UNet with return_dict=False
 
     pipe.unet.forward = averaged
+
+
+def per_layer_choice(pipe, style: str, obj: str, rule: PerLayerChoice):
+    """A function of the denoising progress (0..1) that switches each LoRA layer to one of the two adapters."""
+    def delta(module, name):
+        return (module.lora_B[name].weight.flatten(1) @ module.lora_A[name].weight.flatten(1)) * module.scaling[name]
+
+    def top_k(d):
+        return torch.topk(d.abs().flatten(), min(rule.k, d.numel())).values.sum().item()
+
+    layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer) and style in m.lora_A and obj in m.lora_A]
+    sizes = [(top_k(delta(m, obj)), top_k(delta(m, style))) for m in layers]
+    gamma = float(np.mean([delta(m, obj).abs().sum().item() / delta(m, style).abs().sum().item() for m in layers]))
+
+    def choose(progress: float):
+        for m, (s_obj, s_style) in zip(layers, sizes):
+            use_obj = s_obj / gamma > s_style * (rule.alpha * progress + rule.beta)
+            m.set_scale(obj, float(use_obj))
+            m.set_scale(style, float(not use_obj))
+    return choose
 
 
 def scale_by_region(pipe, regions: dict):
