@@ -108,13 +108,13 @@ class JobManager:
             self.registry.update_job(job_id, status="succeeded", finished=time.time(), eta_s=0.0,
                                      step=job["total_steps"], **result)
         except JobCancelled as e:
-            self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time())
+            self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time(), eta_s=0.0)
         except BIGError as e:
-            self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time())
+            self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time(), eta_s=0.0)
         except Exception as e:  # a crash in training must not take the server down
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             self.registry.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}",
-                                     finished=time.time())
+                                     finished=time.time(), eta_s=0.0)
         finally:
             with self._lock:
                 self._cancel.discard(job_id)

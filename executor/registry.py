@@ -42,9 +42,10 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        # Jobs that were running when the process died will never finish: say so.
-        self._db.execute("UPDATE jobs SET status='failed', error='server restarted during the job', finished=? "
-                         "WHERE status IN ('queued','running')", (time.time(),))
+        # Jobs that were running when the process died will never finish: say so (and that nothing is left to
+        # wait for: an ended job's ETA is 0, not its last estimate).
+        self._db.execute("UPDATE jobs SET status='failed', error='server restarted during the job', finished=?, "
+                         "eta_s=0 WHERE status IN ('queued','running')", (time.time(),))
 
     def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

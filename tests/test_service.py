@@ -100,6 +100,7 @@ def test_async_job_progress_and_cancel_leave_nothing_behind(service):
     service.job("alice", job_id, cancel=True)
     final = service.jobs.wait(job_id, timeout=60)
     assert final["status"] == "cancelled"
+    assert service.job("alice", job_id)["eta_s"] == 0.0  # ended: nothing left to wait for
     assert service.registry.get_model("private_meta:alice")["current_version"] == 0
     assert service.concepts("alice") == []
 

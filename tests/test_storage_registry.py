@@ -55,12 +55,13 @@ def test_startup_removes_uncommitted_versions_and_fails_orphaned_jobs(tmp_path):
     crashed = ws.publish_version(ws.new_staging_dir(), "meta", 2)  # written, never committed
     leftover = ws.new_staging_dir()
     job = reg.create_job("u", "meta", "dog", 10, {})
-    reg.update_job(job, status="running")
+    reg.update_job(job, status="running", step=4, eta_s=12.5)
 
     reg2 = Registry(ws.registry_path)  # "restart"
     removed = ws.clean_stale(reg2.live_version_paths())
     assert crashed in removed and leftover in removed and os.path.isdir(good)
     assert reg2.get_job(job)["status"] == "failed"
+    assert reg2.get_job(job)["eta_s"] == 0.0 and reg2.get_job(job)["step"] == 4  # the progress made stays
 
 
 @pytest.mark.parametrize("threads", [1, 2])
