@@ -91,6 +91,10 @@ class JobManager:
             runner.start()
             runner.join()
 
+    def _end(self, job_id: str, status: str, **fields) -> None:
+        """However a job ends, nothing is left to wait for: its ETA is 0, not its last estimate."""
+        self.registry.update_job(job_id, status=status, finished=time.time(), eta_s=0.0, **fields)
+
     def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
         job = self.registry.get_job(job_id)
         if self.threads:
@@ -105,16 +109,14 @@ class JobManager:
                 raise JobCancelled("cancelled before it started")
             self.registry.update_job(job_id, status="running", started=time.time())
             result = fn(JobContext(self, job_id, job["total_steps"]))
-            self.registry.update_job(job_id, status="succeeded", finished=time.time(), eta_s=0.0,
-                                     step=job["total_steps"], **result)
+            self._end(job_id, "succeeded", step=job["total_steps"], **result)
         except JobCancelled as e:
-            self.registry.update_job(job_id, status="cancelled", error=str(e), finished=time.time(), eta_s=0.0)
+            self._end(job_id, "cancelled", error=str(e))
         except BIGError as e:
-            self.registry.update_job(job_id, status="failed", error=str(e), finished=time.time(), eta_s=0.0)
+            self._end(job_id, "failed", error=str(e))
         except Exception as e:  # a crash in training must not take the server down
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            self.registry.update_job(job_id, status="failed", error=f"{type(e).__name__}: {e}",
-                                     finished=time.time(), eta_s=0.0)
+            self._end(job_id, "failed", error=f"{type(e).__name__}: {e}")
         finally:
             with self._lock:
                 self._cancel.discard(job_id)
