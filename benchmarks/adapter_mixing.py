@@ -82,15 +82,7 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
         def use(weights):
             pipe.set_adapters([parts[k][0] for k in weights], adapter_weights=list(weights.values()))
 
-        def on_step_end(_pipe, step, _t, kwargs):
-            if isinstance(schedule, PerLayerChoice):
-                choose((step + 1) / STEPS)
-            else:
-                for start, weights in schedule:
-                    if step + 1 == start:
-                        use(weights)
-            return kwargs
-
+        step_hook = None  # called before each denoising step 1..STEPS-1 by the schedules that change over time
         if schedule == "composite":
             average_predictions(pipe, [parts[k][0] for k in ("style", "object")])
         elif isinstance(schedule, dict):
@@ -98,8 +90,21 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
         elif isinstance(schedule, PerLayerChoice):
             choose = per_layer_choice(pipe, parts["style"][0], parts["object"][0], schedule)
             choose(0.0)
+
+            def step_hook(step):
+                choose(step / STEPS)
         else:
             use(schedule[0][1])
+
+            def step_hook(step):
+                for start, weights in schedule:
+                    if step == start:
+                        use(weights)
+
+        def on_step_end(_pipe, step, _t, kwargs):
+            step_hook(step + 1)
+            return kwargs
+
         embeds = dict(p[2] for p in parts.values() if p[2] is not None)
         e, ne = generation.encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n, [""] * n, pipe.device,
                                           dtype=pipe.text_encoder.dtype, emphasis=DEFAULT_EMPHASIS, embeddings=embeds)
@@ -107,7 +112,7 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
         try:
             return pipe(prompt_embeds=e, negative_prompt_embeds=ne, num_inference_steps=STEPS,
                         guidance_scale=evaluate.DEFAULT_GUIDANCE, generator=gens, height=svc.size, width=svc.size,
-                        callback_on_step_end=on_step_end if isinstance(schedule, (list, PerLayerChoice)) else None).images
+                        callback_on_step_end=on_step_end if step_hook else None).images
         finally:
             pipe.unet.__dict__.pop("forward", None)  # undo average_predictions; activate() resets scales
 
@@ -136,8 +141,9 @@ def per_layer_choice(pipe, style: str, obj: str, rule: PerLayerChoice):
         return torch.topk(d.abs().flatten(), min(rule.k, d.numel())).values.sum().item()
 
     layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer) and style in m.lora_A and obj in m.lora_A]
-    sizes = [(top_k(delta(m, obj)), top_k(delta(m, style))) for m in layers]
-    gamma = float(np.mean([delta(m, obj).abs().sum().item() / delta(m, style).abs().sum().item() for m in layers]))
+    deltas = [(delta(m, obj), delta(m, style)) for m in layers]
+    sizes = [(top_k(d_obj), top_k(d_style)) for d_obj, d_style in deltas]
+    gamma = float(np.mean([d_obj.abs().sum().item() / d_style.abs().sum().item() for d_obj, d_style in deltas]))
 
     def choose(progress: float):
         for m, (s_obj, s_style) in zip(layers, sizes):
