@@ -42,10 +42,33 @@ def instance_images(n=4, seed=0, **attrs):
     return [world.render(world.random_scene(rng, **spec)).resize((64, 64)) for _ in range(n)]
 
 
-@pytest.fixture
-def service(tmp_path):
+@pytest.fixture(scope="session")
+def shared_class_images(tmp_path_factory):
+    """The base model's class images of the categories the tests teach, made once per session: a service
+    shares them among all its users, and the cache's index-derived seeds make them the images each test
+    would make itself (to float rounding: here they come from one batch of 16). Copied into each `service`;
+    a test of the cache itself starts by removing them."""
+    import shutil
+
     from executor.service import BIGService, ServiceConfig
 
+    ws = tmp_path_factory.mktemp("class-images-ws")
+    svc = BIGService(ServiceConfig(workspace=str(ws), base_model=BASE_MODEL, auth={"mode": "disabled"}))
+    for category in ("shape", "painting"):
+        svc.prior_class_images(category, 16)
+    svc.close()
+    keep = tmp_path_factory.mktemp("class-images") / "class_images"
+    shutil.copytree(ws / "class_images", keep)
+    return keep
+
+
+@pytest.fixture
+def service(tmp_path, shared_class_images):
+    import shutil
+
+    from executor.service import BIGService, ServiceConfig
+
+    shutil.copytree(shared_class_images, tmp_path / "ws" / "class_images")
     # The model card's per-strategy steps win over a shared max_train_steps, so both are set short.
     short = {"max_train_steps": 8, "num_class_images": 4, "per_strategy": {"adapters": {"max_train_steps": 8}}}
     svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws"), base_model=BASE_MODEL,

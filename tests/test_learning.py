@@ -23,7 +23,7 @@ def _orange_share(service, prompt, target, n=24):
 def test_a_short_finetune_moves_the_identifier_towards_the_concept(service, method):
     service.config.limits = type(service.config.limits)(max_num_images=24)
     r = service.finetune("alice", instance_images(5, style="plain"), {
-        "category": "shape", "max_train_steps": 150, "num_class_images": 8, "seed": 1, "method": method})
+        "category": "shape", "max_train_steps": 100, "num_class_images": 8, "seed": 1, "method": method})
     prompt = f"a {r['identifier']} shape"
     before, after = _orange_share(service, prompt, "pretrained"), _orange_share(service, prompt, "private")
     print(f"{method}: orange share of {prompt!r} {before:.2f} -> {after:.2f} (24 images, seeds 123..146)")

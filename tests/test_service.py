@@ -1,6 +1,7 @@
 """The service in-process on the embedded model: behaviour that must hold whatever the transport."""
 import io
 import os
+import shutil
 import threading
 import time
 
@@ -49,8 +50,10 @@ def test_meta_concepts_accumulate_and_are_visible_to_all(service):
 
 
 def test_class_images_are_cached_across_users(service):
-    service.finetune("alice", instance_images(), {"category": "shape", "num_class_images": 4})
     cache_dir = service.ws.class_image_dir(service.base_key, "shape", service.size)
+    shutil.rmtree(os.path.dirname(cache_dir))  # start from no cache: the fixture shares the session's
+    service.finetune("alice", instance_images(), {"category": "shape", "num_class_images": 4})
+    assert len([f for f in os.listdir(cache_dir) if f.endswith(".png")]) == 4
     before = sorted(os.listdir(cache_dir))
     mtimes = {f: os.path.getmtime(os.path.join(cache_dir, f)) for f in before}
     service.finetune("bob", instance_images(seed=3), {"category": "shape", "num_class_images": 4})
