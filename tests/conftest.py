@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -48,8 +49,6 @@ def shared_class_images(tmp_path_factory):
     shares them among all its users, and the cache's index-derived seeds make them the images each test
     would make itself (to float rounding: here they come from one batch of 16). Copied into each `service`;
     a test of the cache itself starts by removing them."""
-    import shutil
-
     from executor.service import BIGService, ServiceConfig
 
     ws = tmp_path_factory.mktemp("class-images-ws")
@@ -57,15 +56,11 @@ def shared_class_images(tmp_path_factory):
     for category in ("shape", "painting"):
         svc.prior_class_images(category, 16)
     svc.close()
-    keep = tmp_path_factory.mktemp("class-images") / "class_images"
-    shutil.copytree(ws / "class_images", keep)
-    return keep
+    return ws / "class_images"
 
 
 @pytest.fixture
 def service(tmp_path, shared_class_images):
-    import shutil
-
     from executor.service import BIGService, ServiceConfig
 
     shutil.copytree(shared_class_images, tmp_path / "ws" / "class_images")
