@@ -1,0 +1,101 @@
+"""Does the scorer read the marks that generated images draw? A cross-check with a geometric dot rule.
+
+    python benchmarks/scorer_marks.py            # ~2.5 minutes on 2 CPU cores; --out for the contact sheet
+
+The scorer is trained on rendered scenes, whose centre dot is pure black. A concept's adapter draws softer
+dots, more so before it is fully trained. This script compares the scorer's "dot" reads with a simple rule
+(a dark blob at the shape's centroid). It first checks the rule itself: on rendered hearts with and without
+a dot, and on the base model's generated hearts, which have no dot. Then it teaches the heart-dot concept as
+a metamodel adapter stopped early (`--steps`, default 250: the continual smoke preset's) and reads its images
+both ways. A contact sheet labels each image with both reads, so an eye can judge who is right.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.continual import Served, instance_images  # noqa: E402
+from executor.service import BIGService, ServiceConfig  # noqa: E402
+from shapes_world import evaluate, world  # noqa: E402
+from shapes_world.scorer import Scorer  # noqa: E402
+from shapes_world.sheets import contact_sheet  # noqa: E402
+
+HEART_DOT = {"shape": "heart", "colour": "orange", "mark": "dot"}
+
+
+def has_centre_dot(img) -> bool:
+    """A dark blob (>= 3 pixels under 0.45 x the fill's median luminance) within 3.5 px of the shape's centroid;
+    the background is the border's median colour, the shape every pixel far from it."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    shape = np.abs(a - np.median(border, axis=0)).sum(-1) > 120
+    if shape.sum() < 20:
+        return False
+    ys, xs = np.nonzero(shape)
+    lum = a.mean(-1)
+    yy, xx = np.mgrid[: a.shape[0], : a.shape[1]]
+    near = (yy - ys.mean()) ** 2 + (xx - xs.mean()) ** 2 <= 3.5**2
+    return int((near & (lum < 0.45 * np.median(lum[shape]))).sum()) >= 3
+
+
+def shares(images, scorer) -> tuple[float, float]:
+    """(share the rule sees a dot in, share the scorer reads as "dot")."""
+    return (float(np.mean([has_centre_dot(im) for im in images])),
+            float(np.mean([r["mark"] == "dot" for r in scorer.read(images)])))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="reports/scorer_marks")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    scorer = Scorer()
+    rng = random.Random(4242)
+    report = {"seeds": {"rendered": 4242, "generated": a.seed, "training": 0}, "n": a.n, "steps": a.steps,
+              "threads": a.threads}
+    print(f"seeds: rendered scenes 4242, generated images {a.seed}..{a.seed + a.n - 1}, training 0")
+    for mark in ("dot", "none"):
+        rendered = [world.render(world.random_scene(rng, **{**HEART_DOT, "mark": mark}, style="plain"))
+                    for _ in range(200)]
+        rule, read = shares(rendered, scorer)
+        report[f"rendered_mark_{mark}"] = {"rule": rule, "scorer": read, "n": 200}
+        print(f"rendered orange hearts, mark {mark}: rule sees a dot in {rule:.2f}, scorer in {read:.2f} (n=200)")
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"}))
+        base = evaluate.generate(svc.base_pipe, ["a orange heart"] * a.n, seed=a.seed)
+        rule, read = shares(base, scorer)
+        report["base_orange_heart"] = {"rule": rule, "scorer": read}
+        print(f"base model 'a orange heart' (no dot): rule {rule:.2f}, scorer {read:.2f} (n={a.n})")
+        images, _ = instance_images(HEART_DOT, 5, 0)
+        r = svc.finetune("bench", images, {"category": "shape", "target_model": "meta", "seed": 0,
+                                           "metamodel_strategy": "adapters", "max_train_steps": a.steps})
+        prompt = f"a {r['identifier']} shape"
+        generated = evaluate.generate(Served(svc, "bench", "meta", r["model_version"]), [prompt] * a.n, seed=a.seed)
+        reads = scorer.read(generated)
+        rule, read = shares(generated, scorer)
+        svc.close()
+    right = float(np.mean([rd["shape"] == "heart" and rd["colour"] == "orange" for rd in reads]))
+    print(f"{prompt!r} after {a.steps} adapter steps: rule {rule:.2f}, scorer {read:.2f}; shape and colour "
+          f"right {right:.2f} (n={a.n})")
+    report["adapter"] = {"prompt": prompt, "rule": rule, "scorer": read, "shape_and_colour": right}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "scorer_marks.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    labels = [f"scorer {rd['mark']}, rule {'dot' if has_centre_dot(im) else 'none'}" for im, rd in zip(generated, reads)]
+    contact_sheet(generated, labels, columns=8, title=f"{prompt} after {a.steps} steps").save(
+        os.path.join(a.out, "adapter_marks.png"))
+
+
+if __name__ == "__main__":
+    main()
