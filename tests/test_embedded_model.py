@@ -72,6 +72,21 @@ def test_scorer_reads_each_concept_mark_and_style(scorer):
         assert np.mean([r["style"] == style for r in scorer.read([world.render(s) for s in scenes])]) >= 0.95
 
 
+def test_the_geometric_dot_rule_that_cross_checks_the_scorer_reads_rendered_marks():
+    """benchmarks/scorer_marks.py trusts this rule where it disagrees with the scorer, so it must be right on
+    rendered truth: a dot on any shape, colour and background, and no dot for the other marks or none."""
+    from PIL import Image
+
+    from benchmarks.scorer_marks import has_centre_dot
+
+    rng = random.Random(9)
+    for mark in world.MARKS:
+        scenes = [world.random_scene(rng, mark=mark, style="plain", allow_held_out=True) for _ in range(40)]
+        found = [has_centre_dot(world.render(s)) for s in scenes]
+        assert all(found) if mark == "dot" else not any(found), (mark, found)
+    assert not has_centre_dot(Image.new("RGB", (32, 32), (128, 128, 128)))  # nothing drawn
+
+
 def test_the_model_follows_colour_words(pipe, scorer):
     """A fast sanity check of prompt following (the full bars are in shapes_world.evaluate)."""
     colours = ["red", "green", "blue", "yellow"]
