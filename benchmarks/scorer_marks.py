@@ -28,6 +28,8 @@ from shapes_world.scorer import Scorer  # noqa: E402
 from shapes_world.sheets import contact_sheet  # noqa: E402
 
 HEART_DOT = {"shape": "heart", "colour": "orange", "mark": "dot"}
+RENDER_SEED = 4242
+TRAIN_SEED = 0
 
 
 def has_centre_dot(img) -> bool:
@@ -45,10 +47,14 @@ def has_centre_dot(img) -> bool:
     return int((near & (lum < 0.45 * np.median(lum[shape]))).sum()) >= 3
 
 
-def shares(images, scorer) -> tuple[float, float]:
+def both_reads(images, scorer) -> tuple[list[bool], list[dict]]:
+    """For each image: whether the rule sees a dot, and the scorer's read."""
+    return [has_centre_dot(im) for im in images], scorer.read(images)
+
+
+def shares(rule_dots: list[bool], reads: list[dict]) -> tuple[float, float]:
     """(share the rule sees a dot in, share the scorer reads as "dot")."""
-    return (float(np.mean([has_centre_dot(im) for im in images])),
-            float(np.mean([r["mark"] == "dot" for r in scorer.read(images)])))
+    return float(np.mean(rule_dots)), float(np.mean([r["mark"] == "dot" for r in reads]))
 
 
 def main(argv=None):
@@ -61,30 +67,31 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     scorer = Scorer()
-    rng = random.Random(4242)
-    report = {"seeds": {"rendered": 4242, "generated": a.seed, "training": 0}, "n": a.n, "steps": a.steps,
-              "threads": a.threads}
-    print(f"seeds: rendered scenes 4242, generated images {a.seed}..{a.seed + a.n - 1}, training 0")
+    rng = random.Random(RENDER_SEED)
+    report = {"seeds": {"rendered": RENDER_SEED, "generated": a.seed, "training": TRAIN_SEED}, "n": a.n,
+              "steps": a.steps, "threads": a.threads}
+    print(f"seeds: rendered scenes {RENDER_SEED}, generated images {a.seed}..{a.seed + a.n - 1}, "
+          f"training {TRAIN_SEED}")
     for mark in ("dot", "none"):
         rendered = [world.render(world.random_scene(rng, **{**HEART_DOT, "mark": mark}, style="plain"))
                     for _ in range(200)]
-        rule, read = shares(rendered, scorer)
+        rule, read = shares(*both_reads(rendered, scorer))
         report[f"rendered_mark_{mark}"] = {"rule": rule, "scorer": read, "n": 200}
         print(f"rendered orange hearts, mark {mark}: rule sees a dot in {rule:.2f}, scorer in {read:.2f} (n=200)")
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"}))
         base = evaluate.generate(svc.base_pipe, ["a orange heart"] * a.n, seed=a.seed)
-        rule, read = shares(base, scorer)
+        rule, read = shares(*both_reads(base, scorer))
         report["base_orange_heart"] = {"rule": rule, "scorer": read}
         print(f"base model 'a orange heart' (no dot): rule {rule:.2f}, scorer {read:.2f} (n={a.n})")
-        images, _ = instance_images(HEART_DOT, 5, 0)
-        r = svc.finetune("bench", images, {"category": "shape", "target_model": "meta", "seed": 0,
+        images, _ = instance_images(HEART_DOT, 5, TRAIN_SEED)
+        r = svc.finetune("bench", images, {"category": "shape", "target_model": "meta", "seed": TRAIN_SEED,
                                            "metamodel_strategy": "adapters", "max_train_steps": a.steps})
         prompt = f"a {r['identifier']} shape"
         generated = evaluate.generate(Served(svc, "bench", "meta", r["model_version"]), [prompt] * a.n, seed=a.seed)
-        reads = scorer.read(generated)
-        rule, read = shares(generated, scorer)
+        rule_dots, reads = both_reads(generated, scorer)
         svc.close()
+    rule, read = shares(rule_dots, reads)
     right = float(np.mean([rd["shape"] == "heart" and rd["colour"] == "orange" for rd in reads]))
     print(f"{prompt!r} after {a.steps} adapter steps: rule {rule:.2f}, scorer {read:.2f}; shape and colour "
           f"right {right:.2f} (n={a.n})")
@@ -92,7 +99,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "scorer_marks.json"), "w") as f:
         json.dump(report, f, indent=1)
-    labels = [f"scorer {rd['mark']}, rule {'dot' if has_centre_dot(im) else 'none'}" for im, rd in zip(generated, reads)]
+    labels = [f"scorer {rd['mark']}, rule {'dot' if dot else 'none'}" for dot, rd in zip(rule_dots, reads)]
     contact_sheet(generated, labels, columns=8, title=f"{prompt} after {a.steps} steps").save(
         os.path.join(a.out, "adapter_marks.png"))
 
