@@ -45,9 +45,12 @@ class FlowProcess:
         # The child imports config.yml's py_modules and executor/ from the repo, wherever it was started.
         full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
         # A spawn start method set by a parent (our tests set it) is fine for jina; leave it to the caller.
-        jina = os.path.join(os.path.dirname(sys.executable), "jina")
+        # The `jina` script beside this interpreter, as a user would type it; an interpreter without one
+        # beside it (packages installed with --target or --user) runs the same CLI as `python -m jina`.
+        script = os.path.join(os.path.dirname(sys.executable), "jina")
+        jina = [script] if os.path.exists(script) else [sys.executable, "-m", "jina"]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([jina, "flow", "--uses", flow_yml], cwd=REPO, env=full_env,
+        self.proc = subprocess.Popen([*jina, "flow", "--uses", flow_yml], cwd=REPO, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
