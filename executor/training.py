@@ -324,9 +324,12 @@ def dreambooth(
         t = torch.randint(0, n_train, (latents.shape[0],), generator=g).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with accelerator.accumulate(unet_t):
-            states = _text_states(text_t if text_t is not None else text_encoder, all_ids, frozen_states, live,
-                                  live_index, pidx.to(device), override)
-            pred = unet_t(noisy, t, states).sample
+            # Autocast covers modules that were not prepared too: plain textual inversion runs the served
+            # (fp16 on a GPU) UNet and text encoder on fp32 latents and vectors.
+            with accelerator.autocast():
+                states = _text_states(text_t if text_t is not None else text_encoder, all_ids, frozen_states,
+                                      live, live_index, pidx.to(device), override)
+                pred = unet_t(noisy, t, states).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
             per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
