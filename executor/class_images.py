@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .generation import seeded_generators
 from .storage import Workspace
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def ensure_class_images(ws: Workspace, base_key: str, make_pipe: Callable[[], ob
             with torch.no_grad():
                 imgs = pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance_scale,
                             height=size, width=size,
-                            generator=[torch.Generator(device=pipe.device).manual_seed(s) for s in seeds]).images
+                            generator=seeded_generators(seeds)).images
             for i, img in zip(idx, imgs):
                 if is_blank(img):
                     if redraws[i] >= MAX_REDRAWS:

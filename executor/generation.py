@@ -18,6 +18,13 @@ from .prompting import DEFAULT_EMPHASIS, encode_prompts
 from .schedulers import label_of_scheduler
 
 
+def seeded_generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per image. Noise drawn on the CPU (then moved to the model's device) is the same on
+    every machine, so a seed, or a PNG's own text, gives the same image on a GPU host as on a CPU host, to
+    within the device's float rounding; a CUDA generator draws other numbers from the same seed."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
 class PipelineCache:
     """LRU of loaded model versions, bounded by the bytes of the modules they do not share with the base."""
 
@@ -116,11 +123,10 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
     out: list[GeneratedImage | None] = [None] * len(specs)
     common = dict(negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
                   model_version=model_version, scheduler_label=label_of_scheduler(pipe.scheduler), emphasis=emphasis)
-    # A generator per image makes each image depend on its own seed only, not on its batch-mates.
-    gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     for idx in batches(specs, max_batch):
         chunk = [specs[i] for i in idx]
-        gens = [torch.Generator(device=gen_device).manual_seed(s.seed) for s in chunk]
+        # A generator per image makes each image depend on its own seed only, not on its batch-mates.
+        gens = seeded_generators(s.seed for s in chunk)
         # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
         embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.prompt for s in chunk],
                                                  [negative_prompt or ""] * len(chunk), pipe.device,
@@ -191,11 +197,10 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
 def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt, height, width, emphasis):
     lead = parts[0].pipe
     n = len(chunk)
-    gen_device = "cpu" if lead.device.type == "mps" else lead.device
     # A fresh scheduler: it keeps per-call state (timesteps, step index), and calls can overlap.
     scheduler = type(scheduler or lead.scheduler).from_config((scheduler or lead.scheduler).config)
     scheduler.set_timesteps(steps, device=lead.device)
-    gens = [torch.Generator(device=gen_device).manual_seed(s.seed) for s in chunk]
+    gens = seeded_generators(s.seed for s in chunk)
     # As the pipeline's prepare_latents, but scaled by this scheduler's initial sigma (the pipeline's own
     # scheduler may be another sampler).
     shape = (n, lead.unet.config.in_channels, height // lead.vae_scale_factor, width // lead.vae_scale_factor)
