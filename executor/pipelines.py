@@ -75,7 +75,7 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
     path = resolve_base(spec)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         local_files_only=os.path.isdir(path),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -113,9 +113,9 @@ def load_version_modules(version_dir: str, like_pipe):
     from transformers import CLIPTextModel
 
     dtype, device = like_pipe.unet.dtype, like_pipe.device
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), torch_dtype=dtype).to(device)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), dtype=dtype).to(device)
     te_dir = os.path.join(version_dir, "text_encoder")
-    text = CLIPTextModel.from_pretrained(te_dir, torch_dtype=dtype).to(device) if os.path.isdir(te_dir) else None
+    text = CLIPTextModel.from_pretrained(te_dir, dtype=dtype).to(device) if os.path.isdir(te_dir) else None
     unet.requires_grad_(False)
     if text is not None:
         text.requires_grad_(False)

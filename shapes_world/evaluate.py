@@ -37,7 +37,7 @@ DEFAULT_GUIDANCE = 4.0
 def load_pipeline(path: str = DEFAULT_MODEL_DIR):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -153,7 +153,7 @@ def test_a_lora_export_loads_in_plain_diffusers_and_makes_the_same_image(service
         "target_model": "private", "seed": 9, "num_inference_steps": 6})
     plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
                                                     requires_safety_checker=False,
-                                                    torch_dtype=service.base_pipe.unet.dtype).to(service.device)
+                                                    dtype=service.base_pipe.unet.dtype).to(service.device)
     plain.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     # The identifier is already a word of the vocabulary, so plain diffusers loads its tuned vector as a new token.
     plain.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token="<alice-concept>")
@@ -215,7 +215,7 @@ def test_textual_inversion_matches_plain_diffusers_and_combines_with_a_lora(serv
     (tmp_path / "e.safetensors").write_bytes(data)
     plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
                                                     requires_safety_checker=False,
-                                                    torch_dtype=service.base_pipe.unet.dtype).to(service.device)
+                                                    dtype=service.base_pipe.unet.dtype).to(service.device)
     plain.load_textual_inversion(str(tmp_path / "e.safetensors"), token="<t>")
     theirs = plain.encode_prompt("a <t> shape", service.device, 1, False)[0]
     vec = personal.load_embedding(folder)
@@ -281,7 +281,7 @@ def test_a_lora_with_text_encoder_adapters_round_trips_through_plain_diffusers(s
         "target_model": "private", "seed": 9, "num_inference_steps": 6})
     plain = StableDiffusionPipeline.from_pretrained(resolve_base("embedded"), safety_checker=None,
                                                     requires_safety_checker=False,
-                                                    torch_dtype=service.base_pipe.unet.dtype).to(service.device)
+                                                    dtype=service.base_pipe.unet.dtype).to(service.device)
     plain.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
     assert plain.get_list_adapters() and "text_encoder" in plain.get_list_adapters()
     theirs = plain(f"a {r['identifier']} shape", num_inference_steps=6, guidance_scale=service.generate_defaults[
