@@ -7,6 +7,7 @@ instance MSE plus `prior_loss_weight` times the prior MSE, as in the DreamBooth 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -104,6 +105,17 @@ def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Ten
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr
+
+
+@contextlib.contextmanager
+def _seeded_init(seed: int, device: torch.device):
+    """Seeds torch's global generators for the code inside, then puts them back. peft draws a new adapter's
+    starting A matrices from them: seeded, one request trains the same adapter every time (unseeded, two runs
+    of the same request differed from their second step on), and the rest of the process draws as before."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def _fused_adamw_ok(device: torch.device) -> bool:
@@ -217,14 +229,16 @@ def dreambooth(
     if copy_unet:
         unet_t.requires_grad_(train_unet and lora is None)
     if lora is not None:
-        unet_t.add_adapter(lora.config(lora.unet_targets))  # only the adapters require grad
+        with _seeded_init(seed, device):
+            unet_t.add_adapter(lora.config(lora.unet_targets))  # only the adapters require grad
     learn_tokens = list(train_token_ids) if not train_text_encoder and lora is None and embedding is None else []
     text_t = None
     if train_text_encoder or learn_tokens:
         text_t = copy.deepcopy(text_encoder).to(device, dtype=torch.float32).train()
         text_t.requires_grad_(False)
         if lora is not None:
-            text_t.add_adapter(lora.config(LoraSettings.TEXT_TARGETS))
+            with _seeded_init(seed + 1, device):
+                text_t.add_adapter(lora.config(LoraSettings.TEXT_TARGETS))
         elif train_text_encoder:
             text_t.requires_grad_(True)
     token_table = None

@@ -108,3 +108,27 @@ def test_min_snr_weights_damp_only_the_nearly_clean_timesteps(service):
     # the weighted loss trains and stays finite
     r = _one_step(service, max_train_steps=3, snr_gamma=5.0)
     assert all(torch.isfinite(torch.tensor(r.losses)))
+
+
+def test_the_same_lora_request_trains_the_same_adapter(service):
+    """peft draws a new adapter's starting weights from torch's global generator; training seeds it with the
+    request's seed (two runs differed from their second step on before), and leaves the process's draws alone."""
+    import torch
+
+    from executor import training
+
+    pipe = service.base_pipe
+    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(3)]
+
+    def adapter(seed):
+        return training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                   unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
+                                   priors=[], learning_rate=1e-3, max_train_steps=3, train_batch_size=2,
+                                   size=service.size, seed=seed, lora=training.LoraSettings()).lora_unet
+
+    global_state = torch.random.get_rng_state()
+    first = adapter(0)
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    again, other = adapter(0), adapter(1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
