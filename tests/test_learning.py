@@ -132,3 +132,54 @@ def test_the_same_lora_request_trains_the_same_adapter(service):
     again, other = adapter(0), adapter(1)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+HALF_PRECISION_TRAINING = r"""
+import json
+
+import torch
+from diffusers import DDPMScheduler
+
+from conftest import instance_images
+from executor import embeddings, pipelines, training
+
+pipe = pipelines.load_base_pipeline("embedded", torch.device("cpu"), torch.bfloat16)
+tok = pipe.tokenizer
+token_id = tok("sks", add_special_tokens=False).input_ids[0]
+examples = [training.TrainExample(im, "a sks shape") for im in instance_images(2)]
+priors = [training.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
+methods = {
+    "dreambooth": {},
+    "lora": {"lora": training.LoraSettings(4, 4, False, "attention")},
+    "textual_inversion": {"train_unet": False, "embedding": embeddings.ConceptEmbedding(
+        "sks", token_id, embeddings.init_vectors(pipe.text_encoder, tok, "shape", 1, "sks"))},
+}
+losses = {}
+for name, kw in methods.items():
+    r = training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tok, unet=pipe.unet,
+                            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), instances=examples,
+                            priors=priors, learning_rate=1e-4, max_train_steps=2, train_batch_size=2, size=32,
+                            mixed_precision="bf16", **kw)
+    losses[name] = r.final_loss
+print("LOSSES", json.dumps(losses))
+"""
+
+
+def test_training_runs_on_half_precision_served_modules_as_on_a_gpu():
+    """On a GPU the service serves fp16 modules and trains in mixed precision; this CPU stand-in serves bf16
+    and trains with bf16 autocast (textual inversion crashed there on dtypes before its forward was autocast).
+    A child process, because accelerate keeps one precision per process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    r = subprocess.run([sys.executable, "-c", HALF_PRECISION_TRAINING], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("LOSSES "))[len("LOSSES "):])
+    assert set(losses) == {"dreambooth", "lora", "textual_inversion"}
+    assert all(np.isfinite(v) for v in losses.values()), losses
