@@ -112,8 +112,8 @@ def _seeded_init(seed: int, device: torch.device):
     """Seeds torch's global generators for the code inside, then puts them back. peft draws a new adapter's
     starting A matrices from them: seeded, one request trains the same adapter every time (unseeded, two runs
     of the same request differed from their second step on), and the rest of the process draws as before."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # manual_seed seeds them all
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield
 
