@@ -1,7 +1,7 @@
 """Style x object compositions with extra guidance towards the object alone: a composable prompt
 (`AND`, Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion Models") through /generate.
 
-    python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2]
+    python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2] [--emphasis 1,1 0.6,1.3]
 
 Teaches the four concepts of benchmarks/continual.py to one `adapters` metamodel (the service's own path), then
 asks the service for
@@ -10,7 +10,8 @@ asks the service for
 
 Each AND part is routed to the adapters it names, so the second part is the object's adapter alone; at every
 step eps = mean_i uncond_i + guidance * sum_i weight_i (cond_i - uncond_i) (generation.render_composed).
-Object weight 0 is the plain prompt, i.e. what /generate does without AND. Guidance 4 (the default), so a
+Object weight 0 is the plain prompt, i.e. what /generate does without AND. `--emphasis S,O` also weights the
+words themselves ("a (ssh:0.6) painting of a (bnp:1.3) shape", the service's prompt emphasis; 1,1: none). Guidance 4 (the default), so a
 weight of 2 adds the object's own guidance at 8. Images i use seed + i; the scorer reads every attribute of
 both concepts. Writes reports/continual/composition_guidance.json and a contact sheet of the first images of
 each pair and weight.
@@ -35,8 +36,12 @@ from shapes_world.scorer import Scorer  # noqa: E402
 from shapes_world.sheets import contact_sheet  # noqa: E402
 
 
-def composed_prompt(style_word: str, object_word: str, weight: float) -> str:
-    prompt = f"a {style_word} painting of a {object_word} shape"
+def emphasised(word: str, weight: float) -> str:
+    return word if weight == 1 else f"({word}:{weight:g})"
+
+
+def composed_prompt(style_word: str, object_word: str, weight: float, emphasis=(1.0, 1.0)) -> str:
+    prompt = f"a {emphasised(style_word, emphasis[0])} painting of a {emphasised(object_word, emphasis[1])} shape"
     return f"{prompt} AND a {object_word} shape :{weight:g}" if weight else prompt
 
 
@@ -46,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--object-weights", type=float, nargs="+", default=[0.0, 1.0, 2.0],
                     help="the object part's AND weight (times the guidance scale 4)")
+    ap.add_argument("--emphasis", type=_weight_pair, nargs="+", default=[(1.0, 1.0)],
+                    help="STYLE,OBJECT emphasis weights of the two identifiers in the composition part (1,1: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
     ap.add_argument("--out", default="reports/continual")
@@ -69,8 +76,8 @@ def main(argv=None):
                 s, o = concepts[style]["identifier"], concepts[obj]["identifier"]
                 want = {**attrs[style], **attrs[obj]}
                 rows = {}
-                for w in a.object_weights:
-                    prompt = composed_prompt(s, o, w)
+                for w, emphasis in [(w, e) for e in a.emphasis for w in a.object_weights]:
+                    prompt = composed_prompt(s, o, w, emphasis)
                     per_seed, per_attr = [], {k: [] for k in want}
                     for seed in a.seeds:
                         images = evaluate.generate(served, [prompt] * a.n, seed=seed)
@@ -80,10 +87,10 @@ def main(argv=None):
                             per_attr[k].append(float(np.mean([rd[k] == v for rd in reads])))
                         if seed == a.seeds[0]:
                             sheet += [(im, prompt) for im in images[:4]]
-                    rows[f"{w:g}"] = {"prompt": prompt, "both_right": per_seed,
+                    rows[_row_key(w, emphasis)] = {"prompt": prompt, "both_right": per_seed,
                                       "mean": round(float(np.mean(per_seed)), 3),
                                       "attributes": {k: round(float(np.mean(v)), 3) for k, v in per_attr.items()}}
-                    print(f"{prompt}: both right {per_seed} {rows[f'{w:g}']['attributes']}", flush=True)
+                    print(f"{prompt}: both right {per_seed} {rows[_row_key(w, emphasis)]['attributes']}", flush=True)
                 report["pairs"][f"{style}x{obj}"] = rows
         svc.close()
     report["wall_s"] = round(time.time() - t0, 1)
@@ -94,10 +101,20 @@ def main(argv=None):
                   title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)").save(
         os.path.join(a.out, "composition_guidance.png"))
     print("\nmean over the seeds of the share of images with every attribute right")
-    print("AND weight     " + "  ".join(f"{p:>18s}" for p in report["pairs"]))
-    for w in a.object_weights:
-        print(f"{w:13g}  " + "  ".join(f"{report['pairs'][p][f'{w:g}']['mean']:18.2f}" for p in report["pairs"]))
+    print(f"{'AND weight':24s}" + "  ".join(f"{p:>18s}" for p in report["pairs"]))
+    for key in next(iter(report["pairs"].values())):
+        print(f"{key:24s}" + "  ".join(f"{report['pairs'][p][key]['mean']:18.2f}" for p in report["pairs"]))
     print(f"wall {report['wall_s']} s (training {report['train_s']} s)")
+
+
+def _weight_pair(text: str) -> tuple[float, float]:
+    style, obj = (float(x) for x in text.split(","))
+    return style, obj
+
+
+def _row_key(weight: float, emphasis) -> str:
+    """The object weight ("2", as in earlier reports), with the emphasis when there is one ("2 emphasis 0.6,1.3")."""
+    return f"{weight:g}" if tuple(emphasis) == (1.0, 1.0) else f"{weight:g} emphasis {emphasis[0]:g},{emphasis[1]:g}"
 
 
 if __name__ == "__main__":

@@ -26,3 +26,16 @@ def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):
     assert res[default]["rows"][1]["base_drift_points"] <= 5.0  # the bar: base prompts never see an adapter
     for name in (f"{default}_step2.png", f"{default}_fidelity.png", "naive_fidelity.png"):
         assert os.path.exists(tmp_path / name)
+
+
+def test_composition_prompts_weight_the_words_and_still_route_both_adapters():
+    from benchmarks.composition_guidance import composed_prompt
+    from executor import metamodel, prompting
+
+    adapters = (metamodel.Adapter(1, "a", "bnp"), metamodel.Adapter(2, "b", "ssh"))
+    assert composed_prompt("ssh", "bnp", 0) == "a ssh painting of a bnp shape"
+    prompt = composed_prompt("ssh", "bnp", 2, (0.6, 1.3))
+    (first, w1), (second, w2) = prompting.composable_parts(prompt)
+    assert (w1, w2) == (1.0, 2.0) and second == "a bnp shape"
+    assert ("ssh", 0.6) in prompting.parse_emphasis(first) and ("bnp", 1.3) in prompting.parse_emphasis(first)
+    assert metamodel.route(first, adapters) == adapters and metamodel.route(second, adapters) == adapters[:1]
