@@ -18,6 +18,7 @@ import threading
 import uuid
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 from . import (class_images, embeddings, generation, infotext, metamodel, personal, pipelines, planner,
@@ -791,9 +792,12 @@ def _split_composed(specs) -> tuple[list[int], dict[str, list[int]]]:
 
 
 def _as_dtype(module, dtype):
+    """`module` in the served dtype. Through `half()` / `bfloat16()` / `float()`: diffusers warns on every dtype
+    `to()` of a model that lists fp32-only modules, even none (as the embedded UNet does)."""
     if module is None or next(module.parameters()).dtype == dtype:
         return module
-    return module.to(dtype)
+    casts = {torch.float16: module.half, torch.bfloat16: module.bfloat16, torch.float32: module.float}
+    return casts[dtype]() if dtype in casts else module.to(dtype)
 
 
 def _examples(images, identifier: str, category: str, captions, templates=None) -> list[training.TrainExample]:
