@@ -87,10 +87,10 @@ def main(argv=None):
                             per_attr[k].append(float(np.mean([rd[k] == v for rd in reads])))
                         if seed == a.seeds[0]:
                             sheet += [(im, prompt) for im in images[:4]]
-                    rows[_row_key(w, emphasis)] = {"prompt": prompt, "both_right": per_seed,
-                                      "mean": round(float(np.mean(per_seed)), 3),
-                                      "attributes": {k: round(float(np.mean(v)), 3) for k, v in per_attr.items()}}
-                    print(f"{prompt}: both right {per_seed} {rows[_row_key(w, emphasis)]['attributes']}", flush=True)
+                    row = rows[_row_key(w, emphasis)] = {
+                        "prompt": prompt, "both_right": per_seed, "mean": round(float(np.mean(per_seed)), 3),
+                        "attributes": {k: round(float(np.mean(v)), 3) for k, v in per_attr.items()}}
+                    print(f"{prompt}: both right {per_seed} {row['attributes']}", flush=True)
                 report["pairs"][f"{style}x{obj}"] = rows
         svc.close()
     report["wall_s"] = round(time.time() - t0, 1)

@@ -159,3 +159,13 @@ def compose(base_pipe, unet=None, text_encoder=None, scheduler=None):
 
 def module_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+def as_dtype(module, dtype):
+    """`module` (None passes through) cast in place to `dtype`. Through `half()` / `bfloat16()` / `float()`:
+    diffusers warns on every dtype `to()` of a model that lists fp32-only modules, even none (as the embedded
+    UNet does)."""
+    if module is None or next(module.parameters()).dtype == dtype:
+        return module
+    casts = {torch.float16: module.half, torch.bfloat16: module.bfloat16, torch.float32: module.float}
+    return casts[dtype]() if dtype in casts else module.to(dtype)

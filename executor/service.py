@@ -18,7 +18,6 @@ import threading
 import uuid
 from typing import Sequence
 
-import torch
 from PIL import Image
 
 from . import (class_images, embeddings, generation, infotext, metamodel, personal, pipelines, planner,
@@ -231,8 +230,8 @@ class BIGService:
                 if req.method == "dreambooth":
                     had_text = text_encoder is not self.base_pipe.text_encoder
                     new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
-                    pipelines.save_version(staging, _as_dtype(result.unet, self.base_pipe.unet.dtype),
-                                           _as_dtype(new_text, self.base_pipe.text_encoder.dtype), meta)
+                    pipelines.save_version(staging, pipelines.as_dtype(result.unet, self.base_pipe.unet.dtype),
+                                           pipelines.as_dtype(new_text, self.base_pipe.text_encoder.dtype), meta)
                 else:
                     if req.method == "lora":
                         personal.save_lora(staging, result.lora_unet, result.lora_text_encoder, result.lora_metadata)
@@ -789,15 +788,6 @@ def _split_composed(specs) -> tuple[list[int], dict[str, list[int]]]:
         else:
             plain.append(i)
     return plain, composed
-
-
-def _as_dtype(module, dtype):
-    """`module` in the served dtype. Through `half()` / `bfloat16()` / `float()`: diffusers warns on every dtype
-    `to()` of a model that lists fp32-only modules, even none (as the embedded UNet does)."""
-    if module is None or next(module.parameters()).dtype == dtype:
-        return module
-    casts = {torch.float16: module.half, torch.bfloat16: module.bfloat16, torch.float32: module.float}
-    return casts[dtype]() if dtype in casts else module.to(dtype)
 
 
 def _examples(images, identifier: str, category: str, captions, templates=None) -> list[training.TrainExample]:
