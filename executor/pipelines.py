@@ -162,9 +162,9 @@ def module_bytes(*modules) -> int:
 
 
 def as_dtype(module, dtype):
-    """`module` (None passes through) cast in place to `dtype`. Through `half()` / `bfloat16()` / `float()`:
-    diffusers warns on every dtype `to()` of a model that lists fp32-only modules, even none (as the embedded
-    UNet does)."""
+    """`module` (None passes through) cast in place to `dtype`, left untouched when it already has it (it may be
+    a served module). Through `half()` / `bfloat16()` / `float()`: diffusers warns on every dtype `to()` of a
+    model that lists fp32-only modules, even none (as the embedded UNet does)."""
     if module is None or next(module.parameters()).dtype == dtype:
         return module
     casts = {torch.float16: module.half, torch.bfloat16: module.bfloat16, torch.float32: module.float}

@@ -21,7 +21,6 @@ from PIL import Image
 
 from .embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
 from .errors import JobCancelled
-from .pipelines import as_dtype
 
 
 @dataclasses.dataclass
@@ -223,10 +222,12 @@ def dreambooth(
     g = torch.Generator().manual_seed(seed)
     t_start = time.time()
 
-    # Trainable copies in fp32 (the served modules stay as they are, possibly fp16).
+    # Trainable copies in fp32 (the served modules stay as they are, possibly fp16): every parameter cast, whatever
+    # dtype the first one has. `.float()` rather than `.to(dtype=...)`: diffusers warns on every dtype `to()` of a
+    # model that lists fp32-only modules, even none.
     # Plain textual inversion trains no UNet weight: it runs the served UNet itself, which stays frozen.
     copy_unet = train_unet or lora is not None
-    unet_t = as_dtype(copy.deepcopy(unet).to(device), torch.float32).train() if copy_unet else unet
+    unet_t = copy.deepcopy(unet).to(device).float().train() if copy_unet else unet
     if copy_unet:
         unet_t.requires_grad_(train_unet and lora is None)
     if lora is not None:
@@ -235,7 +236,7 @@ def dreambooth(
     learn_tokens = list(train_token_ids) if not train_text_encoder and lora is None and embedding is None else []
     text_t = None
     if train_text_encoder or learn_tokens:
-        text_t = as_dtype(copy.deepcopy(text_encoder).to(device), torch.float32).train()
+        text_t = copy.deepcopy(text_encoder).to(device).float().train()
         text_t.requires_grad_(False)
         if lora is not None:
             with _seeded_init(seed + 1, device):
