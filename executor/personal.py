@@ -129,7 +129,7 @@ class LoraRuntime:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
-        pipe.load_lora_weights(version_dir, weight_name=LORA_FILE, adapter_name=name)
+        load_lora(pipe, version_dir, name, weight_name=LORA_FILE)
         self._loaded[name] = version_dir
         while len(self._loaded) > self.max_adapters:
             old, _ = self._loaded.popitem(last=False)
@@ -183,7 +183,7 @@ class LoraRuntime:
         pipe = self._ensure_pipe()
         scratch = f"check{name}"
         try:
-            pipe.load_lora_weights(dict(state), adapter_name=scratch)
+            load_lora(pipe, dict(state), scratch)
         except Exception as e:  # noqa: BLE001 - a file that does not load is the caller's bad file
             raise BadRequest(f"this LoRA does not fit the model ({type(e).__name__}: {str(e)[:160]})") from None
         try:
@@ -206,6 +206,22 @@ class LoraRuntime:
 
     def extra_bytes(self) -> int:
         return 0 if self._pipe is None else pipelines.module_bytes(self._pipe.unet, self._pipe.text_encoder)
+
+
+def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:
+    """diffusers' `load_lora_weights`, without its text-encoder half when the LoRA adapts no text-encoder
+    module. That half would only log "No LoRA keys associated to CLIPTextModel ... safe to ignore" each time
+    a metamodel adapter or a UNet-only private LoRA is loaded, i.e. for nearly every concept a server serves."""
+    # lora_state_dict may convert a dict in place; load_lora_weights, too, reads a copy.
+    state, alphas, metadata = pipe.lora_state_dict(dict(source) if isinstance(source, dict) else source,
+                                                   return_lora_metadata=True, **kwargs)
+    if any(k.startswith(f"{pipe.text_encoder_name}.") for k in state):
+        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        return
+    if not all("lora" in k for k in state):  # load_lora_weights' own check, with its message
+        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                             metadata=metadata, _pipeline=pipe)
 
 
 def embedding_for(tokenizer, word: str, vectors: torch.Tensor, device, dtype) -> tuple[int, ConceptEmbedding]:
