@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import threading
+import warnings
 
 import torch
 from safetensors.torch import load_file
@@ -209,19 +210,23 @@ class LoraRuntime:
 
 
 def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:
-    """diffusers' `load_lora_weights`, without its text-encoder half when the LoRA adapts no text-encoder
-    module. That half would only log "No LoRA keys associated to CLIPTextModel ... safe to ignore" each time
-    a metamodel adapter or a UNet-only private LoRA is loaded, i.e. for nearly every concept a server serves."""
-    # lora_state_dict may convert a dict in place; load_lora_weights, too, reads a copy.
-    state, alphas, metadata = pipe.lora_state_dict(dict(source) if isinstance(source, dict) else source,
-                                                   return_lora_metadata=True, **kwargs)
-    if any(k.startswith(f"{pipe.text_encoder_name}.") for k in state):
-        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-        return
-    if not all("lora" in k for k in state):  # load_lora_weights' own check, with its message
-        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
-    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
-                             metadata=metadata, _pipeline=pipe)
+    """diffusers' `load_lora_weights`, without two warnings about what the service does on purpose: its
+    text-encoder half, when the LoRA adapts no text-encoder module, would only log "No LoRA keys associated to
+    CLIPTextModel ... safe to ignore" (nearly every concept a server loads: metamodel adapters and UNet-only
+    private LoRAs), and peft warns "Already found a `peft_config` attribute in the model ... multiple
+    adapters" when a second adapter joins the shared copy, which is what `LoraRuntime` is for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        # lora_state_dict may convert a dict in place; load_lora_weights, too, reads a copy.
+        state, alphas, metadata = pipe.lora_state_dict(dict(source) if isinstance(source, dict) else source,
+                                                       return_lora_metadata=True, **kwargs)
+        if any(k.startswith(f"{pipe.text_encoder_name}.") for k in state):
+            pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+            return
+        if not all("lora" in k for k in state):  # load_lora_weights' own check, with its message
+            raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+        pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                                 metadata=metadata, _pipeline=pipe)
 
 
 def embedding_for(tokenizer, word: str, vectors: torch.Tensor, device, dtype) -> tuple[int, ConceptEmbedding]:
