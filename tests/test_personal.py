@@ -129,10 +129,9 @@ def test_a_private_concept_is_a_lora_by_default_and_weighs_kilobytes(service):
     assert personal.version_bytes(folder) <= 0.02 * unet_bytes
     # Every adapter in the file is loaded back (attention and convolutions alike), and a UNet-only file
     # loads without diffusers' "No LoRA keys associated to CLIPTextModel" warning.
-    warnings = _DiffusersWarnings()
-    with warnings:
+    with _DiffusersWarnings() as diffusers_warnings:
         service.loras.load("probe", folder)
-    assert not [m for m in warnings.messages if "No LoRA keys" in m], warnings.messages
+    assert not [m for m in diffusers_warnings.messages if "No LoRA keys" in m], diffusers_warnings.messages
     from safetensors.torch import load_file
     saved = {k for k in load_file(os.path.join(folder, "pytorch_lora_weights.safetensors")) if "lora_A" in k}
     loaded = [n for n, _ in service.loras._pipe.unet.named_parameters() if "lora_A.probe" in n]
@@ -152,12 +151,9 @@ def test_two_users_loras_switch_without_reloading_and_stay_private(service):
     pa, pb = f"a {a['identifier']} shape", f"a {b['identifier']} shape"
     params = {"target_model": "private", "seed": 5, "num_images": 2}
     first = service.generate("alice", [pa], params)
-    import peft.tuners.tuners_utils
-
-    getattr(peft.tuners.tuners_utils, "__warningregistry__", {}).clear()
     with warnings.catch_warnings(record=True) as caught:
-        # pytest.ini's blanket UserWarning filter would hide what this checks: peft's multiple-adapters
-        # warning when bob's adapter joins alice's on the shared copy.
+        # "always": neither pytest.ini's blanket UserWarning filter nor an earlier warning from the same line
+        # hides what this checks, peft's multiple-adapters warning when bob's adapter joins alice's.
         warnings.simplefilter("always")
         service.generate("bob", [pb], params)
     assert not [w for w in caught if "peft_config" in str(w.message)]
