@@ -1,11 +1,16 @@
+import atexit
 import os
 import shutil
 import tempfile
 
 import pytest
 
-# hubble keeps its config (and cached JWKS) under JINA_HUB_ROOT: keep tests away from ~/.jina.
-os.environ.setdefault("JINA_HUB_ROOT", tempfile.mkdtemp(prefix="big-test-hub-"))
+# hubble keeps its config (and cached JWKS) under JINA_HUB_ROOT: keep tests away from ~/.jina, in a folder the
+# session removes. Only the process that makes it removes it: spawned children import this file again (through
+# the test modules) with the variable inherited, and must neither make another folder nor delete this one.
+if "JINA_HUB_ROOT" not in os.environ:
+    os.environ["JINA_HUB_ROOT"] = tempfile.mkdtemp(prefix="big-test-hub-")
+    atexit.register(shutil.rmtree, os.environ["JINA_HUB_ROOT"], ignore_errors=True)
 
 os.environ.setdefault("JINA_LOG_LEVEL", "ERROR")
 os.environ.setdefault("JINA_HIDE_SURVEY", "1")

@@ -22,8 +22,10 @@ def notebook_code(path: str) -> str:
 def test_quickstart_notebook_runs_end_to_end(tmp_path):
     script = tmp_path / "nb.py"
     script.write_text(notebook_code(os.path.join(REPO, "client_examples", "quickstart.ipynb")))
+    scratch = tmp_path / "tmp"  # the notebook's temporary folders, to see that a given workspace makes none
+    scratch.mkdir()
     env = {**os.environ, "BIG_WORKSPACE": str(tmp_path / "ws"), "BIG_BASE_MODEL": BASE_MODEL,
-           "BIG_NOTEBOOK_STEPS": "5", "BIG_NOTEBOOK_FRAMES": "5", "JINA_LOG_LEVEL": "ERROR"}
+           "BIG_NOTEBOOK_STEPS": "5", "BIG_NOTEBOOK_FRAMES": "5", "JINA_LOG_LEVEL": "ERROR", "TMPDIR": str(scratch)}
     # A notebook is not a __main__ module that a spawned child could re-import: run it as Colab
     # does, with jina's default (fork) start method.
     env.pop("JINA_MP_START_METHOD", None)
@@ -34,3 +36,4 @@ def test_quickstart_notebook_runs_end_to_end(tmp_path):
     assert "sweep frames: 5 | grid images: 12" in r.stdout
     studio = tmp_path / "ws" / "notebook_studio"
     assert (studio / "sweep.gif").exists() and (studio / "grid.png").exists()
+    assert not list(scratch.glob("big-notebook-*"))  # the workspace it was given is the only one
