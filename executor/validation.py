@@ -90,7 +90,9 @@ def number(params: dict, name: str, default, lo, hi, *, integer: bool):
     v = given(params, name, default)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool):  # Python counts True as 1: a client that sends a flag here has the wrong parameter
+        raise BadRequest(f"{name} must be a number, got {v!r}")
+    if not isinstance(v, (int, float)):
         try:
             v = float(v)
         except (TypeError, ValueError):
@@ -327,6 +329,8 @@ def parse_generate(params: dict, defaults: dict, limits: Limits) -> GenerateRequ
     neg = params.get("negative_prompt")
     if neg is not None and not isinstance(neg, str):
         raise BadRequest("negative_prompt must be a string")
+    if neg is not None and len(neg) > limits.max_prompt_chars:  # it costs text-encoder passes as a prompt does
+        raise BadRequest(f"negative_prompt longer than {limits.max_prompt_chars} characters")
     ident = params.get("identifier")
     idents = params.get("identifiers")
     if idents is not None and (not isinstance(idents, (list, tuple)) or len(idents) > 16):

@@ -95,6 +95,7 @@ def test_a_null_parameter_means_its_default(target):
     ({"category": "dog", "lr_scheduler": "exponential"}, "lr_scheduler"),
     ({"category": "dog", "max_train_steps": 50, "lr_warmup_steps": 51}, "lr_warmup_steps"),
     ({"category": "dog", "snr_gamma": 0}, "snr_gamma"),
+    ({"category": "dog", "max_train_steps": True}, "max_train_steps must be a number, got True"),
 ])
 def test_finetune_rejects(params, match):
     with pytest.raises(BadRequest, match=match):
@@ -107,6 +108,8 @@ def test_finetune_rejects(params, match):
     ({"height": 33}, "multiples of 8"),
     ({"guidance_scale": -1}, "guidance_scale"),
     ({"identifier": "../x"}, "identifier"),
+    ({"num_images": True}, "num_images must be a number"),
+    ({"negative_prompt": "blurry, " * 200}, "negative_prompt longer than 1000 characters"),
 ])
 def test_generate_rejects(params, match):
     with pytest.raises(BadRequest, match=match):
