@@ -49,9 +49,12 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
     else:
         out = [start + (stop - start) * i / (frames - 1) for i in range(frames)] if frames > 1 else [start]
     try:
-        out = [int(round(float(v))) if integer else round(float(v), 4) for v in out]
+        floats = [float(v) for v in out if not isinstance(v, bool)]
     except (TypeError, ValueError):
-        raise BadRequest("sweep values must be numbers") from None
+        floats = []
+    if len(floats) != len(out) or not all(math.isfinite(v) for v in floats):  # an infinite step count cannot round
+        raise BadRequest("sweep values must be finite numbers")
+    out = [int(round(v)) if integer else round(v, 4) for v in floats]
     lo, hi = (1, max_steps) if integer else (0.0, max_guidance)
     if any(not lo <= v <= hi for v in out):
         raise BadRequest(f"{parameter} values must lie in [{lo}, {hi}]")
