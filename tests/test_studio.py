@@ -33,7 +33,8 @@ def test_steps_sweep_rounds_to_whole_steps():
     dict(parameter="guidance_scale", num=float("nan")), dict(parameter="guidance_scale", num=float("inf")),
     dict(parameter="guidance_scale", num=10**12),  # refused before a list of that length is built
     dict(parameter="guidance_scale", values=list(range(65))),
-    dict(parameter="num_inference_steps", values=[float("inf")]), dict(parameter="num_inference_steps", values=["1e400"]),
+    dict(parameter="num_inference_steps", values=[float("inf")]),
+    dict(parameter="num_inference_steps", values=["1e400"]),
     dict(parameter="num_inference_steps", start=float("inf")), dict(parameter="guidance_scale", values=[True, 2]),
 ])
 def test_bad_sweeps_are_clear_errors(kw):
