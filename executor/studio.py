@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .errors import BadRequest
 from .generation import GeneratedImage, ImageSpec
+from .validation import number
 
 SWEEPABLE = {
     # parameter: (default start, default stop, default number of frames, integer?)
@@ -48,13 +49,9 @@ def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None
         out = list(values)
     else:
         out = [start + (stop - start) * i / (frames - 1) for i in range(frames)] if frames > 1 else [start]
-    try:
-        floats = [float(v) for v in out if not isinstance(v, bool)]
-    except (TypeError, ValueError):
-        floats = []
-    if len(floats) != len(out) or not all(math.isfinite(v) for v in floats):  # an infinite step count cannot round
-        raise BadRequest("sweep values must be finite numbers")
-    out = [int(round(v)) if integer else round(v, 4) for v in floats]
+    # Checked as any number parameter is (no bools, finite: an infinite step count cannot round), then rounded.
+    out = [number({"sweep values": v}, "sweep values", None, -math.inf, math.inf, integer=False) for v in out]
+    out = [int(round(v)) if integer else round(v, 4) for v in out]
     lo, hi = (1, max_steps) if integer else (0.0, max_guidance)
     if any(not lo <= v <= hi for v in out):
         raise BadRequest(f"{parameter} values must lie in [{lo}, {hi}]")
