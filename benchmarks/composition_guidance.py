@@ -2,6 +2,7 @@
 (`AND`, Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion Models") through /generate.
 
     python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2] [--emphasis 1,1 0.6,1.3]
+        [--described-weights 1 0.7] [--backgrounds free white] [--teach-seed 0]
 
 Teaches the four concepts of benchmarks/continual.py to one `adapters` metamodel (the service's own path), then
 asks the service for
@@ -11,10 +12,15 @@ asks the service for
 Each AND part is routed to the adapters it names, so the second part is the object's adapter alone; at every
 step eps = mean_i uncond_i + guidance * sum_i weight_i (cond_i - uncond_i) (generation.render_composed).
 Object weight 0 is the plain prompt, i.e. what /generate does without AND. `--emphasis S,O` also weights the
-words themselves ("a (ssh:0.6) painting of a (bnp:1.3) shape", the service's prompt emphasis; 1,1: none). Guidance 4 (the default), so a
-weight of 2 adds the object's own guidance at 8. Images i use seed + i; the scorer reads every attribute of
-both concepts. Writes reports/continual/composition_guidance.json and a contact sheet of the first images of
-each pair and weight.
+words themselves ("a (ssh:0.6) painting of a (bnp:1.3) shape", the service's prompt emphasis; 1,1: none).
+Guidance 4 (the default), so a weight of 2 adds the object's own guidance at 8. `--described-weights 0.7
+--backgrounds white` also asks for the object described in the base model's words in the style's part, with a
+named background (described_prompt; "free" names none), as a user who knows the base model's words would:
+
+    "a {style} painting of a orange heart on a white background AND a {object} shape on a white background :0.7"
+
+Images i use seed + i; the scorer reads every attribute of both concepts. Writes
+reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
 """
 import argparse
 import json
@@ -45,6 +51,15 @@ def composed_prompt(style_word: str, object_word: str, weight: float, emphasis=(
     return f"{prompt} AND a {object_word} shape :{weight:g}" if weight else prompt
 
 
+def described_prompt(style_word: str, object_word: str, description: str, weight: float,
+                     background: str | None = None) -> str:
+    """The user describes the object in the base model's words ("orange heart") in the style's part, which is
+    then routed to the style's adapter alone, as each adapter composes with base words; the object's part is
+    its adapter alone. A named background goes into both parts."""
+    where = f" on a {background} background" if background else ""
+    return f"a {style_word} painting of a {description}{where} AND a {object_word} shape{where} :{weight:g}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 40])
@@ -53,6 +68,11 @@ def main(argv=None):
                     help="the object part's AND weight (times the guidance scale 4)")
     ap.add_argument("--emphasis", type=_weight_pair, nargs="+", default=[(1.0, 1.0)],
                     help="STYLE,OBJECT emphasis weights of the two identifiers in the composition part (1,1: none)")
+    ap.add_argument("--described-weights", type=float, nargs="+", default=[],
+                    help="also score the described prompt (described_prompt) at these object weights")
+    ap.add_argument("--backgrounds", nargs="+", default=["free"],
+                    help="backgrounds named in the described prompt: black, white, gray or free (none named)")
+    ap.add_argument("--teach-seed", type=int, default=0, help="seed of the concepts' images and training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
     ap.add_argument("--out", default="reports/continual")
@@ -61,13 +81,13 @@ def main(argv=None):
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
     report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
-              "object_weight_means": "the AND weight of the object part"}
+              "teach_seed": a.teach_seed, "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"},
                                        train_threads=1))
-        concepts = {name: c for name, _, _, c in teach_as_adapters(svc)}
+        concepts = {name: c for name, _, _, c in teach_as_adapters(svc, seed=a.teach_seed)}
         report["train_s"] = round(time.time() - t0, 1)
         served = Served(svc, "bench", "meta", concepts[SEQUENCE[-1][0]]["version"])  # the last concept's version
         scorer = Scorer()
@@ -75,9 +95,14 @@ def main(argv=None):
             for obj in ("heart-dot", "star-ring"):
                 s, o = concepts[style]["identifier"], concepts[obj]["identifier"]
                 want = {**attrs[style], **attrs[obj]}
+                description = f"{attrs[obj]['colour']} {attrs[obj]['shape']}"
+                prompts = {_row_key(w, e): composed_prompt(s, o, w, e) for e in a.emphasis for w in a.object_weights}
+                for bg in a.backgrounds:
+                    for w in a.described_weights:
+                        prompts[f"described {w:g} {bg}"] = described_prompt(s, o, description, w,
+                                                                            None if bg == "free" else bg)
                 rows = {}
-                for w, emphasis in [(w, e) for e in a.emphasis for w in a.object_weights]:
-                    prompt = composed_prompt(s, o, w, emphasis)
+                for key, prompt in prompts.items():
                     per_seed, per_attr = [], {k: [] for k in want}
                     for seed in a.seeds:
                         images = evaluate.generate(served, [prompt] * a.n, seed=seed)
@@ -87,7 +112,7 @@ def main(argv=None):
                             per_attr[k].append(float(np.mean([rd[k] == v for rd in reads])))
                         if seed == a.seeds[0]:
                             sheet += [(im, prompt) for im in images[:4]]
-                    row = rows[_row_key(w, emphasis)] = {
+                    row = rows[key] = {
                         "prompt": prompt, "both_right": per_seed, "mean": round(float(np.mean(per_seed)), 3),
                         "attributes": {k: round(float(np.mean(v)), 3) for k, v in per_attr.items()}}
                     print(f"{prompt}: both right {per_seed} {row['attributes']}", flush=True)

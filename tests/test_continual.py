@@ -39,3 +39,17 @@ def test_composition_prompts_weight_the_words_and_still_route_both_adapters():
     assert (w1, w2) == (1.0, 2.0) and second == "a bnp shape"
     assert ("ssh", 0.6) in prompting.parse_emphasis(first) and ("bnp", 1.3) in prompting.parse_emphasis(first)
     assert metamodel.route(first, adapters) == adapters and metamodel.route(second, adapters) == adapters[:1]
+
+
+def test_described_composition_routes_each_part_to_one_adapter():
+    from benchmarks.composition_guidance import described_prompt
+    from executor import metamodel, prompting
+
+    adapters = (metamodel.Adapter(1, "a", "bnp"), metamodel.Adapter(2, "b", "ssh"))
+    prompt = described_prompt("ssh", "bnp", "orange heart", 0.7, "white")
+    assert prompt == ("a ssh painting of a orange heart on a white background AND a bnp shape on a white "
+                      "background :0.7")
+    (first, w1), (second, w2) = prompting.composable_parts(prompt)
+    assert (w1, w2) == (1.0, 0.7)
+    assert metamodel.route(first, adapters) == adapters[1:] and metamodel.route(second, adapters) == adapters[:1]
+    assert described_prompt("ssh", "bnp", "red star", 1) == "a ssh painting of a red star AND a bnp shape :1"
