@@ -70,8 +70,8 @@ def main(argv=None):
                     help="STYLE,OBJECT emphasis weights of the two identifiers in the composition part (1,1: none)")
     ap.add_argument("--described-weights", type=float, nargs="+", default=[],
                     help="also score the described prompt (described_prompt) at these object weights")
-    ap.add_argument("--backgrounds", nargs="+", default=["free"],
-                    help="backgrounds named in the described prompt: black, white, gray or free (none named)")
+    ap.add_argument("--backgrounds", nargs="+", default=["free"], choices=["free", "black", "white", "gray"],
+                    help="backgrounds named in the described prompt (free: none named)")
     ap.add_argument("--teach-seed", type=int, default=0, help="seed of the concepts' images and training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
