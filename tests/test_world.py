@@ -42,3 +42,30 @@ def test_marks_change_pixels(mark):
     img = np.asarray(world.render(base))
     marked = np.asarray(world.render(world.Scene(shape="circle", colour="blue", background="white", mark=mark)))
     assert (mark == "none") == np.array_equal(img, marked)
+
+
+def test_the_scorers_reinked_marks_change_only_the_mark_and_stay_visible():
+    """Scorer training redraws half the marks in other inks (shapes_world.scorer._reinked); a label stays true
+    only if nothing but the mark's pixels change and the new ink stands out from what lies under it."""
+    from shapes_world.scorer import _reinked
+
+    rng = random.Random(21)
+    plain = world.random_scene(rng, mark="none")
+    image = world.render(plain)
+    assert _reinked(plain, image, rng) is image
+    reinked = 0
+    for _ in range(60):
+        scene = world.random_scene(rng, style=rng.choice(world.STYLES), mark=rng.choice(world.CONCEPT_MARKS),
+                                   allow_held_out=True)
+        image = world.render(scene)
+        out = _reinked(scene, image, rng)
+        if out is image:
+            continue
+        reinked += 1
+        before, after = np.asarray(image, dtype=np.int16), np.asarray(out, dtype=np.int16)
+        unmarked = np.asarray(world.render(world.Scene(**{**scene.__dict__, "mark": "none"})), dtype=np.int16)
+        mark_pixels = np.abs(before - unmarked).sum(-1) > 0
+        assert not np.abs(after - before).sum(-1)[~mark_pixels].any()
+        core = np.abs(before - unmarked).sum(-1) == np.abs(before - unmarked).sum(-1).max()
+        assert np.abs(after - unmarked).sum(-1)[core].mean() >= 0.75 * 200 * 0.9
+    assert 10 <= reinked <= 50
