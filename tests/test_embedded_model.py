@@ -72,6 +72,21 @@ def test_scorer_reads_each_concept_mark_and_style(scorer):
         assert np.mean([r["style"] == style for r in scorer.read([world.render(s) for s in scenes])]) >= 0.95
 
 
+def test_the_second_scorer_reads_rendered_truth_and_dots_in_any_dark_ink(scorer):
+    """models/shapes-scorer-inks (trained with --reink-marks) is the cross-check of the mark head: it must read
+    rendered truth as the instrument does, and a dot redrawn in navy as a dot, where the instrument reads none."""
+    from benchmarks.scorer_marks import ink_probe
+
+    inks = Scorer(os.path.join(os.path.dirname(DEFAULT_SCORER_DIR), "shapes-scorer-inks"))
+    acc = accuracy_on_rendered(inks, n=400, seed=777)
+    for head in HEADS:
+        assert acc[head] >= 0.97, (head, acc)
+    probe = ink_probe(scorer, inks, n=24)
+    for style in ("plain", "hollow"):
+        assert probe[f"{style} black"]["scorer"] >= 0.95 and probe[f"{style} black"]["second_scorer"] >= 0.95
+        assert probe[f"{style} navy"]["scorer"] <= 0.05 and probe[f"{style} navy"]["second_scorer"] >= 0.95
+
+
 def test_the_geometric_dot_rule_that_cross_checks_the_scorer_reads_rendered_marks():
     """benchmarks/scorer_marks.py trusts this rule where it disagrees with the scorer, so it must be right on
     rendered truth: a dot on any shape, colour and background, and no dot for the other marks or none."""
