@@ -19,7 +19,8 @@ named background (described_prompt; "free" names none), as a user who knows the 
 
     "a {style} painting of a orange heart on a white background AND a {object} shape on a white background :0.7"
 
-Images i use seed + i; the scorer reads every attribute of both concepts. Writes
+Images i use seed + i; the scorer reads every attribute of both concepts (`--second-scorer DIR` reads them
+again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also reads dots in other inks). Writes
 reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
 """
 import argparse
@@ -76,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
     ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--second-scorer", help="a scorer folder that reads every image again (reported beside)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -91,6 +93,9 @@ def main(argv=None):
         report["train_s"] = round(time.time() - t0, 1)
         served = Served(svc, "bench", "meta", concepts[SEQUENCE[-1][0]]["version"])  # the last concept's version
         scorer = Scorer()
+        second = Scorer(a.second_scorer) if a.second_scorer else None
+        if second:
+            report["second_scorer"] = a.second_scorer
         for style in ("checker", "hollow"):
             for obj in ("heart-dot", "star-ring"):
                 s, o = concepts[style]["identifier"], concepts[obj]["identifier"]
@@ -103,19 +108,24 @@ def main(argv=None):
                                                                             None if bg == "free" else bg)
                 rows = {}
                 for key, prompt in prompts.items():
-                    per_seed, per_attr = [], {k: [] for k in want}
+                    per_seed, per_attr, per_seed_2 = [], {k: [] for k in want}, []
                     for seed in a.seeds:
                         images = evaluate.generate(served, [prompt] * a.n, seed=seed)
                         reads = scorer.read(images)
                         per_seed.append(float(np.mean([evaluate.shows(rd, want) for rd in reads])))
                         for k, v in want.items():
                             per_attr[k].append(float(np.mean([rd[k] == v for rd in reads])))
+                        if second:
+                            per_seed_2.append(float(np.mean([evaluate.shows(rd, want) for rd in second.read(images)])))
                         if seed == a.seeds[0]:
                             sheet += [(im, prompt) for im in images[:4]]
                     row = rows[key] = {
                         "prompt": prompt, "both_right": per_seed, "mean": round(float(np.mean(per_seed)), 3),
                         "attributes": {k: round(float(np.mean(v)), 3) for k, v in per_attr.items()}}
-                    print(f"{prompt}: both right {per_seed} {row['attributes']}", flush=True)
+                    if second:
+                        row["second_scorer"] = {"both_right": per_seed_2, "mean": round(float(np.mean(per_seed_2)), 3)}
+                    print(f"{prompt}: both right {per_seed} {row['attributes']}"
+                          + (f" second scorer {per_seed_2}" if second else ""), flush=True)
                 report["pairs"][f"{style}x{obj}"] = rows
         svc.close()
     report["wall_s"] = round(time.time() - t0, 1)
@@ -129,6 +139,9 @@ def main(argv=None):
     print(f"{'AND weight':24s}" + "  ".join(f"{p:>18s}" for p in report["pairs"]))
     for key in next(iter(report["pairs"].values())):
         print(f"{key:24s}" + "  ".join(f"{report['pairs'][p][key]['mean']:18.2f}" for p in report["pairs"]))
+        if a.second_scorer:
+            print(f"{'  second scorer':24s}" + "  ".join(
+                f"{report['pairs'][p][key]['second_scorer']['mean']:18.2f}" for p in report["pairs"]))
     print(f"wall {report['wall_s']} s (training {report['train_s']} s)")
 
 
