@@ -86,7 +86,8 @@ def mark_in_ink(scene: world.Scene, ink, strength: float = 1.0) -> Image.Image:
     much of each pixel the mark covers (its anti-aliased edge) times `strength`."""
     unmarked, cover = _mark_cover(scene)
     alpha = strength * cover[..., None]
-    return Image.fromarray(np.clip(unmarked * (1 - alpha) + np.asarray(ink, np.float32) * alpha, 0, 255).astype(np.uint8))
+    inked = unmarked * (1 - alpha) + np.asarray(ink, np.float32) * alpha
+    return Image.fromarray(np.clip(inked, 0, 255).astype(np.uint8))
 
 
 def _mark_cover(scene: world.Scene) -> tuple[np.ndarray, np.ndarray]:
