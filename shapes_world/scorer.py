@@ -84,7 +84,10 @@ def _augment(img: Image.Image, rng: random.Random) -> Image.Image:
 def mark_in_ink(scene: world.Scene, ink, strength: float = 1.0) -> Image.Image:
     """The scene rendered with its mark drawn in `ink` (an RGB triple) instead of the renderer's, blended by how
     much of each pixel the mark covers (its anti-aliased edge) times `strength`."""
-    unmarked, cover = _mark_cover(scene)
+    return _inked(*_mark_cover(scene), ink, strength)
+
+
+def _inked(unmarked: np.ndarray, cover: np.ndarray, ink, strength: float) -> Image.Image:
     alpha = strength * cover[..., None]
     inked = unmarked * (1 - alpha) + np.asarray(ink, np.float32) * alpha
     return Image.fromarray(np.clip(inked, 0, 255).astype(np.uint8))
@@ -113,7 +116,7 @@ def _reinked(scene: world.Scene, img: Image.Image, rng: random.Random) -> Image.
     ink = old_ink + rng.uniform(0.0, 0.6) * (tint - old_ink)
     if np.abs(ink - (unmarked * weights).sum((0, 1))).sum() < 200:
         return img
-    return mark_in_ink(scene, ink, rng.uniform(0.75, 1.0))
+    return _inked(unmarked, cover, ink, rng.uniform(0.75, 1.0))
 
 
 def _batch(rng: random.Random, n: int, augment: bool, reink_marks: bool = False):
