@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     f.add_argument("--overwrite", help="textual inversion: retrain this existing word")
     f.add_argument("--crop", choices=["center", "focal"])
     f.add_argument("--flip", action="store_true", help="also teach mirrored copies")
+    f.add_argument("--hue-copies", type=int, help="also teach this many hue-rotated copies (a style that should "
+                                                  "not bind its images' colours)")
     f.add_argument("--split-oversized", action="store_true", help="cut wide/tall images into overlapping tiles")
     f.add_argument("--template", action="append", help='prompt template, e.g. "a painting of [filewords] by [name]"')
     f.add_argument("--captions-from", default="sidecar", choices=["sidecar", "filename", "none"])
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
                          metamodel_strategy=a.strategy,
                          lora_rank=a.lora_rank, lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,
                          snr_gamma=a.snr_gamma, num_vectors=a.num_vectors, init_text=a.init_text,
-                         overwrite=a.overwrite, crop=a.crop, flip=a.flip or None,
+                         overwrite=a.overwrite, crop=a.crop, flip=a.flip or None, hue_copies=a.hue_copies,
                          split_oversized=a.split_oversized or None, prompt_template=a.template)
         if c.text:
             print(f'Finetuning was successful. The identifier is "{c.text}": try "{c.prompt}" '

@@ -1,5 +1,6 @@
 """Training images as people prepare them (AUTOMATIC1111's "preprocess images" step): square crops around
-the subject, oversized images split into overlapping tiles, optional mirrored copies, prompt templates.
+the subject, oversized images split into overlapping tiles, optional mirrored and hue-rotated copies, prompt
+templates.
 
 Pure functions on PIL images and strings; the service applies them before training and stores the result
 as the concept's instance images.
@@ -15,6 +16,11 @@ from PIL import Image, ImageFilter
 # An image whose long side is this many times its short side is "oversized" for a square crop.
 OVERSIZED_RATIO = 1.5
 TILE_OVERLAP = 0.25
+# Words for hues (Berlin and Kay's chromatic basic colour terms and common neighbours): a hue-rotated copy's
+# caption drops them, since the hue they name is no longer in the image. Black, white and gray stay: a rotation
+# leaves greys as they are.
+HUE_WORDS = frozenset({"red", "green", "yellow", "blue", "brown", "purple", "pink", "orange", "violet", "cyan",
+                       "magenta", "teal", "turquoise", "gold", "golden", "beige", "navy", "crimson", "scarlet"})
 
 
 def focal_point(img: Image.Image) -> tuple[float, float]:
@@ -73,16 +79,49 @@ class Prepared:
     captions: list[str | None]
 
 
+def rotate_hue(img: Image.Image, turn: float) -> Image.Image:
+    """`img` with every pixel's hue turned by `turn` of the colour circle; greys (black, white, gray) stay."""
+    h, s, v = img.convert("RGB").convert("HSV").split()
+    shift = round(256 * turn) % 256
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def without_hue_words(caption: str) -> str:
+    """"an orange heart on a white background" -> "a heart on a white background": the caption of a copy whose
+    hues were turned, so that it names nothing the copy does not show. "a"/"an" follow the next word."""
+    words = [w for w in caption.split() if w.lower().strip(",.;") not in HUE_WORDS]
+    for i in range(len(words) - 1):
+        if words[i].lower() in ("a", "an"):
+            article = "an" if words[i + 1][:1].lower() in "aeiou" else "a"
+            words[i] = article.capitalize() if words[i][0].isupper() else article
+    return " ".join(words)
+
+
+def hue_copies(images: list[Image.Image], captions: list[str | None], copies: int) -> Prepared:
+    """`copies` hue-rotated copies of each image, turned by 1/(copies+1), 2/(copies+1)... of the circle, each
+    captioned without hue words. For a style (a technique, not a palette): taught in one set of colours, an
+    identifier binds them, and paints its subjects in them whatever colour a prompt asks for."""
+    out, caps = [], []
+    for k in range(1, copies + 1):
+        out += [rotate_hue(im, k / (copies + 1)) for im in images]
+        caps += [without_hue_words(c) if c else c for c in captions]
+    return Prepared(out, caps)
+
+
 def prepare(images: list[Image.Image], captions: list[str | None] | None, *, crop: str = "center",
-            split_oversized: bool = False, flip: bool = False) -> Prepared:
-    """Square training images with their captions: tiles (if asked) or one crop per image, then mirrored
-    copies (if asked). A tile or a mirror keeps its source's caption."""
+            split_oversized: bool = False, flip: bool = False, hue_copy_count: int = 0) -> Prepared:
+    """Square training images with their captions: tiles (if asked) or one crop per image, then hue-rotated
+    copies and mirrored copies (if asked). A tile or a mirror keeps its source's caption."""
     out, caps = [], []
     for img, cap in zip(images, captions or [None] * len(images)):
         pieces = split_tiles(img) if split_oversized else [img]
         for piece in pieces:
             out.append(crop_square(piece, crop if len(pieces) == 1 else "center"))
             caps.append(cap)
+    if hue_copy_count:
+        rotated = hue_copies(out, caps, hue_copy_count)
+        out, caps = out + rotated.images, caps + rotated.captions
     if flip:
         out += [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in out]
         caps += caps

@@ -168,10 +168,11 @@ class BIGService:
                 identifier = choose_identifier(self.identifier_pool, taken, seed=req.seed,
                                                reserved_words=req.category.split())
             prepared = preprocess.prepare(images, list(req.captions) if req.captions else None, crop=req.crop,
-                                          split_oversized=req.split_oversized, flip=req.flip)
-            if len(prepared.images) > 4 * self.config.limits.max_images:
-                raise BadRequest(f"{len(prepared.images)} training images after tiling and flipping; at most "
-                                 f"{4 * self.config.limits.max_images}")
+                                          split_oversized=req.split_oversized, flip=req.flip,
+                                          hue_copy_count=req.hue_copies)
+            if len(prepared.images) > 4 * self.config.limits.max_images * (1 + req.hue_copies):
+                raise BadRequest(f"{len(prepared.images) // (1 + req.hue_copies)} training images after tiling and "
+                                 f"flipping; at most {4 * self.config.limits.max_images}")
 
             # A private model learns one concept from the base: nothing earlier to keep.
             strategy = validation.METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy] if kind != "private" else \

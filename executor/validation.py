@@ -49,6 +49,7 @@ METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
 # whole trunk by DreamBooth); a private concept defaults to LoRA (megabytes, applied to the base per request).
 METHODS = ("dreambooth", "lora", "textual_inversion")
 CROPS = ("center", "focal")
+MAX_HUE_COPIES = 7
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
 GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
@@ -175,6 +176,7 @@ class FinetuneRequest:
     overwrite: str | None = None  # textual inversion: retrain this existing word's embedding instead
     crop: str = "center"
     flip: bool = False
+    hue_copies: int = 0  # hue-rotated copies of each image (a style that should not bind its images' colours)
     split_oversized: bool = False
     prompt_templates: tuple[str, ...] | None = None  # "[name]", "[filewords]", "[category]" are filled in
     lr_scheduler: str = "constant"
@@ -230,6 +232,7 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
         overwrite=overwrite or None,
         crop=_choice(params, "crop", CROPS, "center"),
         flip=flag(params, "flip", False),
+        hue_copies=number(params, "hue_copies", 0, 0, MAX_HUE_COPIES, integer=True),
         split_oversized=flag(params, "split_oversized", False),
         prompt_templates=templates_of(params),
         target=target,

@@ -76,6 +76,34 @@ def test_prepare_tiles_then_mirrors_and_keeps_captions():
     assert np.array_equal(np.asarray(out.images[5]), np.asarray(out.images[0])[:, ::-1])
 
 
+def test_hue_copies_turn_colours_keep_greys_and_drop_hue_words_from_captions():
+    img = Image.new("RGB", (8, 8), (245, 245, 245))
+    img.paste((220, 30, 30), (2, 2, 6, 6))  # a red square on white
+    out = preprocess.prepare([img], ["an orange heart on a white background"], hue_copy_count=3, flip=True)
+    assert len(out.images) == 2 * 4
+    assert out.captions[:4] == ["an orange heart on a white background"] + ["a heart on a white background"] * 3
+    hues = []
+    for copy in out.images[1:4]:
+        px = np.asarray(copy)
+        assert tuple(px[0, 0]) == (245, 245, 245)  # grey stays grey
+        hues.append(int(np.asarray(copy.convert("HSV"))[3, 3, 0]))
+        assert np.abs(px[3, 3].astype(int) - [220, 30, 30]).sum() > 100  # the red is another colour now
+    red_hue = int(np.asarray(img.convert("HSV"))[3, 3, 0])
+    turns = [(h - red_hue) % 256 for h in hues]  # a quarter, a half, three quarters round (8-bit HSV rounds)
+    assert all(abs(t - want) <= 2 for t, want in zip(turns, [64, 128, 192])), turns
+    assert np.array_equal(np.asarray(out.images[5]), np.asarray(out.images[1])[:, ::-1])  # then mirrored
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("a purple heart", "a heart"),
+    ("An orange cat, on a green rug.", "A cat, on a rug."),
+    ("a red apple and a black hat", "an apple and a black hat"),
+    ("two dogs", "two dogs"),
+])
+def test_a_hue_rotated_copy_names_no_hue(caption, expected):
+    assert preprocess.without_hue_words(caption) == expected
+
+
 @pytest.mark.parametrize("template,filewords,expected", [
     ("a painting of [filewords] by [name]", "a red boat", "a painting of a red boat by qzq"),
     ("a painting of [filewords] by [name]", None, "a painting of by qzq"),

@@ -5,6 +5,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -153,6 +154,23 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
         service.finetune("alice", instance_images(2), {"category": "shape", "captions": ["only one"]})
     with pytest.raises(BadRequest, match="list of strings"):
         service.finetune("alice", instance_images(2), {"category": "shape", "captions": "a red star"})
+
+
+def test_hue_copies_are_taught_and_stored_with_captions_that_name_no_hue(service, monkeypatch):
+    seen = []
+    real = training.dreambooth
+    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    images = instance_images(2, style="checker", mark="none")
+    style = service.finetune("alice", images, {"category": "painting", "target_model": "meta", "hue_copies": 2,
+                                               "captions": ["a orange heart", None], "max_train_steps": 2})
+    sid = style["identifier"]
+    prompts = [e.prompt for e in seen[0]["instances"]]
+    assert prompts.count(f"a {sid} painting of a orange heart") == 1  # the original image only
+    assert prompts.count(f"a {sid} painting of a heart") == 2  # its two turned copies
+    stored = service.ws.load_instances(style["concept_id"])
+    assert len(stored) == 2 * 3
+    first, turned = np.asarray(stored[0], dtype=int), np.asarray(stored[2], dtype=int)  # image 0 and its 1/3 turn
+    assert np.abs(first - turned).sum(-1).max() > 100 and first.shape == turned.shape
 
 
 @pytest.mark.parametrize("target,strategy,prior_batch,anchor", [

@@ -57,7 +57,7 @@ def test_a_models_per_strategy_defaults_apply_to_that_metamodel_strategy_only():
 FINETUNE_KEYS = ("learning_rate", "max_train_steps", "num_class_images", "seed", "train_text_encoder",
                  "prior_loss_weight", "train_batch_size", "wait", "metamodel_strategy", "anchor_weight",
                  "train_identifier_embedding", "embedding_learning_rate", "method", "lora_rank", "lora_alpha",
-                 "lora_text_encoder", "lora_targets", "num_vectors", "crop", "flip", "split_oversized",
+                 "lora_text_encoder", "lora_targets", "num_vectors", "crop", "flip", "hue_copies", "split_oversized",
                  "lr_scheduler", "lr_warmup_steps", "snr_gamma", "target_model")
 GENERATE_KEYS = ("target_model", "num_images", "num_inference_steps", "guidance_scale", "seed", "height", "width",
                  "scheduler", "model_version", "emphasis")
@@ -95,6 +95,8 @@ def test_a_null_parameter_means_its_default(target):
     ({"category": "dog", "lr_scheduler": "exponential"}, "lr_scheduler"),
     ({"category": "dog", "max_train_steps": 50, "lr_warmup_steps": 51}, "lr_warmup_steps"),
     ({"category": "dog", "snr_gamma": 0}, "snr_gamma"),
+    ({"category": "painting", "hue_copies": 8}, "hue_copies"),
+    ({"category": "painting", "hue_copies": 1.5}, "integer"),
     ({"category": "dog", "max_train_steps": True}, "max_train_steps must be a number, got True"),
 ])
 def test_finetune_rejects(params, match):
