@@ -2,7 +2,7 @@
 (`AND`, Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion Models") through /generate.
 
     python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2] [--emphasis 1,1 0.6,1.3]
-        [--described-weights 1 0.7] [--backgrounds free white] [--teach-seed 0]
+        [--described-weights 1 0.7] [--backgrounds free white] [--teach-seed 0] [--style-hue-copies 3]
 
 Teaches the four concepts of benchmarks/continual.py to one `adapters` metamodel (the service's own path), then
 asks the service for
@@ -19,6 +19,7 @@ named background (described_prompt; "free" names none), as a user who knows the 
 
     "a {style} painting of a orange heart on a white background AND a {object} shape on a white background :0.7"
 
+`--style-hue-copies K` teaches the styles with K hue-rotated copies of each image (`/finetune`'s `hue_copies`).
 Images i use seed + i; the scorer reads every attribute of both concepts (`--second-scorer DIR` reads them
 again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also reads dots in other inks). Writes
 reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
@@ -40,7 +41,7 @@ from continual import SEQUENCE, Served, teach_as_adapters  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import contact_sheet  # noqa: E402
+from shapes_world.sheets import captioned_sheet  # noqa: E402
 
 
 def emphasised(word: str, weight: float) -> str:
@@ -77,19 +78,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
     ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--style-hue-copies", type=int, default=0, help="the styles' hue_copies when taught")
     ap.add_argument("--second-scorer", help="a scorer folder that reads every image again (reported beside)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
     report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
-              "teach_seed": a.teach_seed, "object_weight_means": "the AND weight of the object part"}
+              "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies, "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"},
                                        train_threads=1))
-        concepts = {name: c for name, _, _, c in teach_as_adapters(svc, seed=a.teach_seed)}
+        concepts = {name: c for name, _, _, c in teach_as_adapters(svc, seed=a.teach_seed,
+                                                                       style_hue_copies=a.style_hue_copies)}
         report["train_s"] = round(time.time() - t0, 1)
         served = Served(svc, "bench", "meta", concepts[SEQUENCE[-1][0]]["version"])  # the last concept's version
         scorer = Scorer()
@@ -132,7 +135,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "composition_guidance.json"), "w") as f:
         json.dump(report, f, indent=1)
-    contact_sheet([im for im, _ in sheet], [c for _, c in sheet], columns=12,
+    captioned_sheet(sheet, columns=12,
                   title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)").save(
         os.path.join(a.out, "composition_guidance.png"))
     print("\nmean over the seeds of the share of images with every attribute right")

@@ -39,7 +39,7 @@ from executor import generation, personal  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import contact_sheet, line_chart  # noqa: E402
+from shapes_world.sheets import captioned_sheet, line_chart  # noqa: E402
 
 SEQUENCE = [
     ("heart-dot", "shape", {"shape": "heart", "colour": "orange", "mark": "dot"}),
@@ -63,13 +63,16 @@ def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
     return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
 
 
-def teach_as_adapters(svc: BIGService, seed: int = 0) -> list[tuple[str, str, dict, dict]]:
+def teach_as_adapters(svc: BIGService, seed: int = 0, style_hue_copies: int = 0) -> list[tuple[str, str, dict, dict]]:
     """The whole SEQUENCE taught to `svc`'s shared metamodel with the `adapters` strategy, one concept after
-    another (the benchmarks that study adapters once learned): (name, category, attributes, registry row)."""
+    another (the benchmarks that study adapters once learned): (name, category, attributes, registry row).
+    `style_hue_copies`: the styles' `hue_copies` (hue-rotated copies of their images)."""
     learned = []
     for i, (name, category, attrs) in enumerate(SEQUENCE):
         images, captions = instance_images(attrs, 5, seed + 100 * i)
         params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
+        if style_hue_copies and "style" in attrs:
+            params["hue_copies"] = style_hue_copies
         r = svc.finetune("bench", images, {**params, **({"captions": captions} if captions else {})})
         learned.append((name, category, attrs, svc.registry.get_concept(r["concept_id"])))
         print(name, r["identifier"], flush=True)
@@ -159,7 +162,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                    "base_drift_points": round(100 * (base["seen"]["both"] - acc["seen"]["both"]), 1)}
             rows.append(row)
             print(json.dumps({"strategy": strategy, **row}), flush=True)
-            contact_sheet([im for im, _ in sheet], [c for _, c in sheet], columns=8,
+            captioned_sheet(sheet, columns=8,
                           title=f"{strategy} after {i + 1}: {name}").save(
                 os.path.join(out_dir, f"{strategy}_step{i + 1}.png"))
         svc.close()

@@ -41,6 +41,11 @@ def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str] | None 
     return sheet
 
 
+def captioned_sheet(cells: Sequence[tuple[Image.Image, str]], **kw) -> Image.Image:
+    """A contact sheet of (image, caption) pairs, as benchmarks collect them."""
+    return contact_sheet([im for im, _ in cells], [c for _, c in cells], **kw)
+
+
 def labelled_frame(img: Image.Image, label: str, size: int = 192) -> Image.Image:
     frame = Image.new("RGB", (size, size + 16), "white")
     frame.paste(img.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (0, 16))
