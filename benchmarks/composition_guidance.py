@@ -85,7 +85,8 @@ def main(argv=None):
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
     report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
-              "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies, "object_weight_means": "the AND weight of the object part"}
+              "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies,
+              "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
@@ -136,7 +137,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "composition_guidance.json"), "w") as f:
         json.dump(report, f, indent=1)
     captioned_sheet(sheet, columns=12,
-                  title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)").save(
+                    title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)").save(
         os.path.join(a.out, "composition_guidance.png"))
     print("\nmean over the seeds of the share of images with every attribute right")
     print(f"{'AND weight':24s}" + "  ".join(f"{p:>18s}" for p in report["pairs"]))

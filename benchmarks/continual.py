@@ -162,8 +162,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                    "base_drift_points": round(100 * (base["seen"]["both"] - acc["seen"]["both"]), 1)}
             rows.append(row)
             print(json.dumps({"strategy": strategy, **row}), flush=True)
-            captioned_sheet(sheet, columns=8,
-                          title=f"{strategy} after {i + 1}: {name}").save(
+            captioned_sheet(sheet, columns=8, title=f"{strategy} after {i + 1}: {name}").save(
                 os.path.join(out_dir, f"{strategy}_step{i + 1}.png"))
         svc.close()
     return {"base": base, "rows": rows}

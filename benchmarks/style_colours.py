@@ -88,7 +88,8 @@ def main(argv=None):
         results = list(pool.map(one_training, *zip(*runs), [a.n] * len(runs), [a.seed] * len(runs),
                                  [a.steps] * len(runs)))
     sheet = [cell for r in results for cell in r.pop("sheet")]
-    report = {"seed": a.seed, "n": a.n, "steps": a.steps, "subjects": SUBJECTS, "runs": results, "wall_s": round(time.time() - t0, 1)}
+    report = {"seed": a.seed, "n": a.n, "steps": a.steps, "subjects": SUBJECTS, "runs": results,
+              "wall_s": round(time.time() - t0, 1)}
     summary = {}
     for r in results:
         summary.setdefault(f"{r['style']} teach {r['teach_seed']}", {})[f"hue_copies {r['hue_copies']}"] = r["mean_all"]
@@ -103,7 +104,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "style_colours.json"), "w") as f:
         json.dump(report, f, indent=1)
     captioned_sheet(sheet, columns=12,
-                  title=f"styles painting base subjects, with and without hue copies (seed {a.seed}..)").save(
+                    title=f"styles painting base subjects, with and without hue copies (seed {a.seed}..)").save(
         os.path.join(a.out, "style_colours.png"))
     print(f"wall {report['wall_s']} s")
 

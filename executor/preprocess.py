@@ -112,7 +112,8 @@ def hue_copies(images: list[Image.Image], captions: list[str | None], copies: in
 def prepare(images: list[Image.Image], captions: list[str | None] | None, *, crop: str = "center",
             split_oversized: bool = False, flip: bool = False, hue_copy_count: int = 0) -> Prepared:
     """Square training images with their captions: tiles (if asked) or one crop per image, then hue-rotated
-    copies and mirrored copies (if asked). A tile or a mirror keeps its source's caption."""
+    copies and mirrored copies (if asked). A tile or a mirror keeps its source's caption; a hue-rotated copy
+    keeps it without its hue words."""
     out, caps = [], []
     for img, cap in zip(images, captions or [None] * len(images)):
         pieces = split_tiles(img) if split_oversized else [img]
