@@ -25,7 +25,6 @@ again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also 
 reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,10 +37,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from continual import SEQUENCE, Served, teach_as_adapters  # noqa: E402
+from reporting import write_report  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import captioned_sheet  # noqa: E402
 
 
 def emphasised(word: str, weight: float) -> str:
@@ -133,12 +132,8 @@ def main(argv=None):
                 report["pairs"][f"{style}x{obj}"] = rows
         svc.close()
     report["wall_s"] = round(time.time() - t0, 1)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "composition_guidance.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    captioned_sheet(sheet, columns=12,
-                    title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)").save(
-        os.path.join(a.out, "composition_guidance.png"))
+    write_report(a.out, "composition_guidance", report, sheet, columns=12,
+                 title=f"compositions with an AND part for the object alone (seed {a.seeds[0]}..)")
     print("\nmean over the seeds of the share of images with every attribute right")
     print(f"{'AND weight':24s}" + "  ".join(f"{p:>18s}" for p in report["pairs"]))
     for key in next(iter(report["pairs"].values())):

@@ -14,7 +14,6 @@ the first images of each prompt, and prints, per setting, the mean share of imag
 """
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import sys
@@ -28,10 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from continual import SEQUENCE, Served, instance_images  # noqa: E402
+from reporting import write_report  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import captioned_sheet  # noqa: E402
 
 SUBJECTS = ("orange heart", "red star", "blue star", "green circle", "purple heart", "yellow square")
 STYLES = {name: (i, category, attrs) for i, (name, category, attrs) in enumerate(SEQUENCE) if "style" in attrs}
@@ -100,12 +99,8 @@ def main(argv=None):
         summary[f"mean hue_copies {h}"] = round(mean, 3)
         print(f"hue_copies {h}: mean over styles and teach seeds {mean:.2f}")
     report["summary"] = summary
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "style_colours.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    captioned_sheet(sheet, columns=12,
-                    title=f"styles painting base subjects, with and without hue copies (seed {a.seed}..)").save(
-        os.path.join(a.out, "style_colours.png"))
+    write_report(a.out, "style_colours", report, sheet, columns=12,
+                 title=f"styles painting base subjects, with and without hue copies (seed {a.seed}..)")
     print(f"wall {report['wall_s']} s")
 
 
