@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,14 +37,18 @@ SUBJECTS = ("orange heart", "red star", "blue star", "green circle", "purple hea
 STYLES = {name: (i, category, attrs) for i, (name, category, attrs) in enumerate(SEQUENCE) if "style" in attrs}
 
 
-def one_training(style: str, teach_seed: int, hue_copies: int, n: int, seed: int, steps: int | None) -> dict:
+def one_training(style: str, teach_seed: int, hue_copies: int, n: int, seed: int, steps: int | None,
+                 class_cache: str) -> dict:
     """Teach `style` alone (the images and seed continual.py's sequence gives it at `teach_seed`), then score
-    every subject of SUBJECTS in it. `steps`: None is the model's default for metamodel adapters."""
+    every subject of SUBJECTS in it. `steps`: None is the model's default for metamodel adapters;
+    `class_cache`: the class images, made once by `make_class_images` (so train_s leaves them out)."""
     torch.set_num_threads(1)
     i, category, attrs = STYLES[style]
     images, captions = instance_images(attrs, 5, teach_seed + 100 * i)
     scorer = Scorer()
     with tempfile.TemporaryDirectory() as tmp:
+        # Copied, not linked: trainings side by side must not write into one cache.
+        shutil.copytree(class_cache, os.path.join(tmp, "class_images"))
         svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
                                        train_threads=1))
         t0 = time.time()
@@ -69,6 +74,17 @@ def one_training(style: str, teach_seed: int, hue_copies: int, n: int, seed: int
             "mean_all": round(float(np.mean([v["all"] for v in rows.values()])), 3), "sheet": sheet}
 
 
+def make_class_images(class_cache: str) -> None:
+    """The styles' class images, made once into `class_cache` on one thread, as each training would make them."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
+        for category in sorted({category for _, category, _ in STYLES.values()}):
+            svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
+        svc.close()
+        shutil.copytree(os.path.join(tmp, "class_images"), class_cache, dirs_exist_ok=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teach-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -83,9 +99,11 @@ def main(argv=None):
     t0 = time.time()
     runs = [(s, t, h) for s in a.styles for t in a.teach_seeds for h in a.hue_copies]
     print(f"{len(runs)} trainings; image seed {a.seed}, n={a.n}", flush=True)
-    with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with tempfile.TemporaryDirectory() as class_cache, concurrent.futures.ProcessPoolExecutor(
+            a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        make_class_images(class_cache)
         results = list(pool.map(one_training, *zip(*runs), [a.n] * len(runs), [a.seed] * len(runs),
-                                 [a.steps] * len(runs)))
+                                 [a.steps] * len(runs), [class_cache] * len(runs)))
     sheet = [cell for r in results for cell in r.pop("sheet")]
     report = {"seed": a.seed, "n": a.n, "steps": a.steps, "subjects": SUBJECTS, "runs": results,
               "wall_s": round(time.time() - t0, 1)}
