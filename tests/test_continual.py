@@ -53,3 +53,18 @@ def test_described_composition_routes_each_part_to_one_adapter():
     assert (w1, w2) == (1.0, 0.7)
     assert metamodel.route(first, adapters) == adapters[1:] and metamodel.route(second, adapters) == adapters[:1]
     assert described_prompt("ssh", "bnp", "red star", 1) == "a ssh painting of a red star AND a bnp shape :1"
+
+
+def test_more_images_of_a_style_start_with_the_same_five():
+    """composition_guidance --style-images N compares N images per style with five: the first five must be
+    the very images (and captions) the benchmarks teach by default."""
+    import numpy as np
+
+    from benchmarks.continual import SEQUENCE, instance_images
+
+    style = next(attrs for _, _, attrs in SEQUENCE if "style" in attrs)
+    five, five_captions = instance_images(style, 5, 100)
+    fifteen, fifteen_captions = instance_images(style, 15, 100)
+    assert len(fifteen) == 15 and fifteen_captions[:5] == five_captions
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(five, fifteen))
+    assert len(set(fifteen_captions)) > 5  # the ten more are other subjects, not copies
