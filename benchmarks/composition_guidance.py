@@ -3,7 +3,7 @@
 
     python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2] [--emphasis 1,1 0.6,1.3]
         [--described-weights 1 0.7] [--backgrounds free white] [--teach-seed 0] [--style-hue-copies 3]
-        [--style-images 15]
+        [--style-images 15] [--style-lora-rank 1]
 
 Teaches the four concepts of benchmarks/continual.py to one `adapters` metamodel (the service's own path), then
 asks the service for
@@ -21,7 +21,8 @@ named background (described_prompt; "free" names none), as a user who knows the 
     "a {style} painting of a orange heart on a white background AND a {object} shape on a white background :0.7"
 
 `--style-hue-copies K` teaches the styles with K hue-rotated copies of each image (`/finetune`'s `hue_copies`);
-`--style-images N` teaches each style with N images instead of five (the first five the same).
+`--style-images N` teaches each style with N images instead of five (the first five the same);
+`--style-lora-rank R` gives the styles' adapters rank R (the objects keep the model's default).
 Images i use seed + i; the scorer reads every attribute of both concepts (`--second-scorer DIR` reads them
 again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also reads dots in other inks). Writes
 reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
@@ -81,14 +82,17 @@ def main(argv=None):
     ap.add_argument("--out", default="reports/continual")
     ap.add_argument("--style-hue-copies", type=int, default=0, help="the styles' hue_copies when taught")
     ap.add_argument("--style-images", type=int, default=5, help="how many images teach each style")
+    ap.add_argument("--style-lora-rank", type=int, help="the styles' lora_rank (default: the model's, 4)")
     ap.add_argument("--second-scorer", help="a scorer folder that reads every image again (reported beside)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    # hue_copies 0 is /finetune's default, so passing it changes nothing.
+    style_params = {"hue_copies": a.style_hue_copies, **({"lora_rank": a.style_lora_rank} if a.style_lora_rank else {})}
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
     report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
               "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies,
-              "style_images": a.style_images,
+              "style_images": a.style_images, "style_lora_rank": a.style_lora_rank,
               "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +100,8 @@ def main(argv=None):
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"},
                                        train_threads=1))
         concepts = {name: c for name, _, _, c in teach_as_adapters(svc, seed=a.teach_seed,
-                                                                       style_hue_copies=a.style_hue_copies,
-                                                                       style_images=a.style_images)}
+                                                                       style_images=a.style_images,
+                                                                       style_params=style_params)}
         report["train_s"] = round(time.time() - t0, 1)
         served = Served(svc, "bench", "meta", concepts[SEQUENCE[-1][0]]["version"])  # the last concept's version
         scorer = Scorer()

@@ -63,18 +63,18 @@ def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
     return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
 
 
-def teach_as_adapters(svc: BIGService, seed: int = 0, style_hue_copies: int = 0,
-                      style_images: int = 5) -> list[tuple[str, str, dict, dict]]:
+def teach_as_adapters(svc: BIGService, seed: int = 0, style_images: int = 5,
+                      style_params: dict | None = None) -> list[tuple[str, str, dict, dict]]:
     """The whole SEQUENCE taught to `svc`'s shared metamodel with the `adapters` strategy, one concept after
     another (the benchmarks that study adapters once learned): (name, category, attributes, registry row).
-    `style_hue_copies`: the styles' `hue_copies` (hue-rotated copies of their images); `style_images`: how many
-    images teach each style (the first five are the same whatever the number; objects always get five)."""
+    `style_images`: how many images teach each style (the first five are the same whatever the number; objects
+    always get five); `style_params`: more /finetune parameters for the styles only (e.g. {"hue_copies": 3})."""
     learned = []
     for i, (name, category, attrs) in enumerate(SEQUENCE):
         images, captions = instance_images(attrs, style_images if "style" in attrs else 5, seed + 100 * i)
         params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
-        if style_hue_copies and "style" in attrs:
-            params["hue_copies"] = style_hue_copies
+        if "style" in attrs:
+            params.update(style_params or {})
         r = svc.finetune("bench", images, {**params, **({"captions": captions} if captions else {})})
         learned.append((name, category, attrs, svc.registry.get_concept(r["concept_id"])))
         print(name, r["identifier"], flush=True)
