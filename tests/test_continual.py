@@ -68,3 +68,31 @@ def test_more_images_of_a_style_start_with_the_same_five():
     assert len(fifteen) == 15 and fifteen_captions[:5] == five_captions
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(five, fifteen))
     assert len(set(fifteen_captions)) > 5  # the ten more are other subjects, not copies
+
+
+def test_style_parameters_reach_the_styles_only():
+    """The composition benchmarks vary how the styles are taught (--style-images, --style-lora-rank,
+    --style-hue-copies) while the objects stay as the continual benchmark teaches them."""
+    from benchmarks.continual import SEQUENCE, teach_as_adapters
+
+    calls = []
+
+    class Registry:
+        def get_concept(self, concept_id):
+            return {"concept_id": concept_id}
+
+    class RecordingService:
+        registry = Registry()
+
+        def finetune(self, user, images, params):
+            calls.append((len(images), params))
+            return {"concept_id": len(calls), "identifier": f"w{len(calls)}"}
+
+    teach_as_adapters(RecordingService(), 0, style_images=7, style_params={"lora_rank": 1, "hue_copies": 2})
+    assert len(calls) == len(SEQUENCE)
+    for (count, params), (_, category, attrs) in zip(calls, SEQUENCE):
+        assert params["category"] == category
+        if "style" in attrs:
+            assert count == 7 and params["lora_rank"] == 1 and params["hue_copies"] == 2 and len(params["captions"]) == 7
+        else:
+            assert count == 5 and "lora_rank" not in params and "hue_copies" not in params
