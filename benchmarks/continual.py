@@ -170,14 +170,21 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
     return {"base": base, "rows": rows}
 
 
+def save_class_images(svc: BIGService, categories, class_cache: str) -> None:
+    """`svc`'s class images of `categories` (as many as a finetune takes by default), made now and copied into
+    the folder `class_cache`: benchmarks make them once and give every training's workspace a copy, as one
+    service shares them among its users."""
+    for category in sorted(categories):
+        svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
+    shutil.copytree(os.path.join(svc.ws.root, "class_images"), class_cache, dirs_exist_ok=True)
+
+
 def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache):
     """The base model's scores, and the class images of the sequence's categories written to `class_cache`."""
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
         base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
-        for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):
-            svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
-        shutil.copytree(os.path.join(tmp, "class_images"), class_cache, dirs_exist_ok=True)
+        save_class_images(svc, {c for _, c, _ in SEQUENCE[:concepts]}, class_cache)
         svc.close()
     return base
 

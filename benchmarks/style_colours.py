@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from continual import SEQUENCE, Served, instance_images  # noqa: E402
+from continual import SEQUENCE, Served, instance_images, save_class_images  # noqa: E402
 from reporting import write_report  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
@@ -79,10 +79,8 @@ def make_class_images(class_cache: str) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
-        for category in sorted({category for _, category, _ in STYLES.values()}):
-            svc.prior_class_images(category, svc.finetune_defaults["num_class_images"])
+        save_class_images(svc, {category for _, category, _ in STYLES.values()}, class_cache)
         svc.close()
-        shutil.copytree(os.path.join(tmp, "class_images"), class_cache, dirs_exist_ok=True)
 
 
 def main(argv=None):

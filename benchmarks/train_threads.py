@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from continual import SEQUENCE, instance_images  # noqa: E402
+from continual import SEQUENCE, instance_images, save_class_images  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 
 
@@ -59,9 +59,7 @@ def main():
     with tempfile.TemporaryDirectory() as class_cache:
         with tempfile.TemporaryDirectory() as tmp:  # the serving thread's work: class images on the main thread
             svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
-            svc.prior_class_images("shape", svc.finetune_defaults["num_class_images"])
-            os.rmdir(class_cache)
-            os.rename(os.path.join(tmp, "class_images"), class_cache)
+            save_class_images(svc, {"shape"}, class_cache)
             svc.close()
         times: dict[tuple[str, str], list[float]] = {}
         ctx = multiprocessing.get_context("spawn")
