@@ -3,7 +3,7 @@
 
     python benchmarks/composition_guidance.py [--seeds 11 40] [--n 32] [--object-weights 0 1 2] [--emphasis 1,1 0.6,1.3]
         [--described-weights 1 0.7] [--backgrounds free white] [--teach-seed 0] [--style-hue-copies 3]
-        [--style-images 15] [--style-lora-rank 1]
+        [--style-images 15] [--style-lora-rank 1] [--style-param max_train_steps=300 ...]
 
 Teaches the four concepts of benchmarks/continual.py to one `adapters` metamodel (the service's own path), then
 asks the service for
@@ -22,12 +22,18 @@ named background (described_prompt; "free" names none), as a user who knows the 
 
 `--style-hue-copies K` teaches the styles with K hue-rotated copies of each image (`/finetune`'s `hue_copies`);
 `--style-images N` teaches each style with N images instead of five (the first five the same);
-`--style-lora-rank R` gives the styles' adapters rank R (the objects keep the model's default).
+`--style-lora-rank R` gives the styles' adapters rank R (the objects keep the model's default);
+`--style-param KEY=VALUE` passes any other /finetune parameter to the styles only (VALUE read as JSON, else
+text; repeatable): `max_train_steps=300`, or `metamodel_strategy=seed_split` to teach the styles into the trunk
+by DreamBooth while the objects stay adapters.
+Every concept's own fidelity ("a {id} {category}", n images from the first seed) and its class leak are
+scored too, as a change to how styles are taught must keep the styles learned.
 Images i use seed + i; the scorer reads every attribute of both concepts (`--second-scorer DIR` reads them
 again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also reads dots in other inks). Writes
 reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,6 +70,19 @@ def described_prompt(style_word: str, object_word: str, description: str, weight
     return f"a {style_word} painting of a {description}{where} AND a {object_word} shape{where} :{weight:g}"
 
 
+def concept_fidelity(served, scorer, concepts: dict, *, n: int, seed: int) -> dict:
+    """Each concept's fidelity and class leak, as benchmarks/continual.py scores them."""
+    category = {name: cat for name, cat, _ in SEQUENCE}
+    attrs = {name: at for name, _, at in SEQUENCE}
+    class_images = {c: evaluate.class_prompt_images(served, c, n=n, seed=seed) for c in sorted(set(category.values()))}
+    scores = {}
+    for name, concept in concepts.items():
+        sc = evaluate.concept_scores(served, scorer, identifier=concept["identifier"], category=category[name],
+                                     attrs=attrs[name], n=n, seed=seed, class_images=class_images[category[name]])
+        scores[name] = {"fidelity": round(sc["fidelity"], 3), "class_leak": round(sc["prior_leak"], 3)}
+    return scores
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 40])
@@ -83,16 +102,20 @@ def main(argv=None):
     ap.add_argument("--style-hue-copies", type=int, default=0, help="the styles' hue_copies when taught")
     ap.add_argument("--style-images", type=int, default=5, help="how many images teach each style")
     ap.add_argument("--style-lora-rank", type=int, help="the styles' lora_rank (default: the model's, 4)")
+    ap.add_argument("--style-param", action="append", default=[], type=_style_param, metavar="KEY=VALUE",
+                    help="another /finetune parameter for the styles only (repeatable)")
     ap.add_argument("--second-scorer", help="a scorer folder that reads every image again (reported beside)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     # hue_copies 0 is /finetune's default, so passing it changes nothing.
-    style_params = {"hue_copies": a.style_hue_copies, **({"lora_rank": a.style_lora_rank} if a.style_lora_rank else {})}
+    style_params = {"hue_copies": a.style_hue_copies, **({"lora_rank": a.style_lora_rank} if a.style_lora_rank else {}),
+                    **dict(a.style_param)}
     t0 = time.time()
     attrs = {name: at for name, _, at in SEQUENCE}
-    report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE, "pairs": {},
-              "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies,
+    report = {"base_model": a.base_model, "seeds": a.seeds, "n": a.n, "guidance": evaluate.DEFAULT_GUIDANCE,
+              "pairs": {}, "teach_seed": a.teach_seed, "style_hue_copies": a.style_hue_copies,
               "style_images": a.style_images, "style_lora_rank": a.style_lora_rank,
+              "style_params": style_params,
               "object_weight_means": "the AND weight of the object part"}
     sheet = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +131,8 @@ def main(argv=None):
         second = Scorer(a.second_scorer) if a.second_scorer else None
         if second:
             report["second_scorer"] = a.second_scorer
+        report["concepts"] = concept_fidelity(served, scorer, concepts, n=a.n, seed=a.seeds[0])
+        print("each concept alone:", json.dumps(report["concepts"]), flush=True)
         for style in ("checker", "hollow"):
             for obj in ("heart-dot", "star-ring"):
                 s, o = concepts[style]["identifier"], concepts[obj]["identifier"]
@@ -151,6 +176,17 @@ def main(argv=None):
             print(f"{'  second scorer':24s}" + "  ".join(
                 f"{report['pairs'][p][key]['second_scorer']['mean']:18.2f}" for p in report["pairs"]))
     print(f"wall {report['wall_s']} s (training {report['train_s']} s)")
+
+
+def _style_param(text: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE read as JSON where it parses ("300", "true", "[1, 2]") and as text otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _weight_pair(text: str) -> tuple[float, float]:

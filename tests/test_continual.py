@@ -72,7 +72,7 @@ def test_more_images_of_a_style_start_with_the_same_five():
 
 def test_style_parameters_reach_the_styles_only():
     """The composition benchmarks vary how the styles are taught (--style-images, --style-lora-rank,
-    --style-hue-copies) while the objects stay as the continual benchmark teaches them."""
+    --style-hue-copies, --style-param) while the objects stay as the continual benchmark teaches them."""
     from benchmarks.continual import SEQUENCE, teach_as_adapters
 
     calls = []
@@ -88,12 +88,31 @@ def test_style_parameters_reach_the_styles_only():
             calls.append((len(images), params))
             return {"concept_id": len(calls), "identifier": f"w{len(calls)}"}
 
-    teach_as_adapters(RecordingService(), 0, style_images=7, style_params={"lora_rank": 1, "hue_copies": 2})
+    teach_as_adapters(RecordingService(), 0, style_images=7,
+                      style_params={"lora_rank": 1, "hue_copies": 2, "metamodel_strategy": "seed_split"})
     assert len(calls) == len(SEQUENCE)
     for (count, params), (_, category, attrs) in zip(calls, SEQUENCE):
         assert params["category"] == category
         if "style" in attrs:
             assert count == 7 and len(params["captions"]) == 7
             assert params["lora_rank"] == 1 and params["hue_copies"] == 2
+            assert params["metamodel_strategy"] == "seed_split"  # styles into the trunk, by DreamBooth
         else:
             assert count == 5 and "lora_rank" not in params and "hue_copies" not in params
+            assert params["metamodel_strategy"] == "adapters"
+
+
+def test_style_param_values_are_read_as_json_or_text():
+    import argparse
+
+    import pytest
+
+    from benchmarks.composition_guidance import _style_param
+
+    assert _style_param("max_train_steps=300") == ("max_train_steps", 300)
+    assert _style_param("metamodel_strategy=seed_split") == ("metamodel_strategy", "seed_split")
+    assert _style_param("flip=true") == ("flip", True)
+    assert _style_param("init_text=a=b") == ("init_text", "a=b")
+    for bad in ("max_train_steps", "=300"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _style_param(bad)
