@@ -3,16 +3,16 @@
     python benchmarks/continual.py [--strategies naive seed_split adapters] [--steps 200] [--n 32] [--no-captions]
     python benchmarks/continual.py --preset smoke      # the small version the test suite runs
 
-Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker,
-"painting", each image captioned with its subject unless --no-captions), a second object of the same
-category (a red star with a ring: the seed's hard case), a second style (hollow). After each step every concept learned so far is scored (fidelity), the base
-prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
-compositions ("a {style} painting of a {object} shape", both attributes right; and the composable prompt
-"... AND a {object} shape :2", whose second part is the object's adapter alone). Every image is made
-through the service's own rendering (`BIGService.render`, what /generate serves: a metamodel's trunk plus
-the adapters a prompt names). Writes a JSON table, a PNG line chart per strategy and a contact sheet per
-step to --out. Training times exclude the class images, made once per category before any step (as one
-service shares them among all its users), as does the base model's score.
+Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker, "painting", each
+image captioned with its subject unless --no-captions), a second object of the same category (a red star with a
+ring: the seed's hard case), a second style (hollow). After each step every concept learned so far is scored
+(fidelity), the base prompts (drift), the class prompts (leak: "a shape" showing a concept) and style x object
+compositions ("a {style} painting of a {object} shape", both attributes right; and the composable prompt "...
+AND a {object} shape :2", whose second part is the object's adapter alone). Every image is made through the
+service's own rendering (`BIGService.render`, what /generate serves: a metamodel's trunk plus the adapters a
+prompt names). Writes a JSON table, a PNG line chart per strategy and a contact sheet per step to --out.
+Training times exclude the class images, made once per category before any step (as one service shares them
+among all its users), as does the base model's score.
 
 The strategies run side by side, one process of one torch thread each (--jobs 1 --threads 2 runs them one
 after another): a training step of this small UNet takes as long on one thread as on two, so the cores are
@@ -68,7 +68,8 @@ def teach_as_adapters(svc: BIGService, seed: int = 0, style_images: int = 5,
     """The whole SEQUENCE taught to `svc`'s shared metamodel with the `adapters` strategy, one concept after
     another (the benchmarks that study adapters once learned): (name, category, attributes, registry row).
     `style_images`: how many images teach each style (the first five are the same whatever the number; objects
-    always get five); `style_params`: more /finetune parameters for the styles only (e.g. {"hue_copies": 3})."""
+    always get five); `style_params`: more /finetune parameters for the styles only (e.g. {"hue_copies": 3}; even
+    {"metamodel_strategy": "seed_split"}, which teaches the styles into the trunk by DreamBooth)."""
     learned = []
     for i, (name, category, attrs) in enumerate(SEQUENCE):
         images, captions = instance_images(attrs, style_images if "style" in attrs else 5, seed + 100 * i)
