@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-from continual import Served, teach_as_adapters  # noqa: E402
+from continual import Served, score_concepts, teach_as_adapters  # noqa: E402
 from executor import generation, personal  # noqa: E402
 from executor.prompting import DEFAULT_EMPHASIS  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
@@ -194,11 +194,10 @@ def main():
                                 generator=kw["generator"], height=kw["height"], width=kw["width"])
 
         for label, pipe in (("routed", routed), ("merged", Merged())):
-            fid, leak = {}, {}
-            for name, category, attrs, c in learned:
-                sc = evaluate.concept_scores(pipe, scorer, identifier=c["identifier"], category=category, attrs=attrs,
-                                             n=n, seed=seed + 7)
-                fid[name], leak[name] = sc["fidelity"], sc["prior_leak"]
+            scores = score_concepts(pipe, scorer, [(name, category, attrs, c["identifier"])
+                                                   for name, category, attrs, c in learned], n=n, seed=seed + 7)
+            fid = {name: sc["fidelity"] for name, sc in scores.items()}
+            leak = {name: sc["prior_leak"] for name, sc in scores.items()}
             base = evaluate.base_accuracy(pipe, scorer, n=64, seed=seed)["seen"]
             report[label] = {"fidelity": fid, "class_leak": leak, "base_both_seen": base["both"]}
             print(label, json.dumps(report[label]), flush=True)

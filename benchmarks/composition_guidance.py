@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from continual import SEQUENCE, Served, teach_as_adapters  # noqa: E402
+from continual import SEQUENCE, Served, score_concepts, teach_as_adapters  # noqa: E402
 from reporting import write_report  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
@@ -68,19 +68,6 @@ def described_prompt(style_word: str, object_word: str, description: str, weight
     its adapter alone. A named background goes into both parts."""
     where = f" on a {background} background" if background else ""
     return f"a {style_word} painting of a {description}{where} AND a {object_word} shape{where} :{weight:g}"
-
-
-def concept_fidelity(served, scorer, concepts: dict, *, n: int, seed: int) -> dict:
-    """Each concept's fidelity and class leak, as benchmarks/continual.py scores them."""
-    category = {name: cat for name, cat, _ in SEQUENCE}
-    attrs = {name: at for name, _, at in SEQUENCE}
-    class_images = {c: evaluate.class_prompt_images(served, c, n=n, seed=seed) for c in sorted(set(category.values()))}
-    scores = {}
-    for name, concept in concepts.items():
-        sc = evaluate.concept_scores(served, scorer, identifier=concept["identifier"], category=category[name],
-                                     attrs=attrs[name], n=n, seed=seed, class_images=class_images[category[name]])
-        scores[name] = {"fidelity": round(sc["fidelity"], 3), "class_leak": round(sc["prior_leak"], 3)}
-    return scores
 
 
 def main(argv=None):
@@ -122,16 +109,19 @@ def main(argv=None):
         # Training gains nothing from a second thread on this UNet (benchmarks/continual.py).
         svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"},
                                        train_threads=1))
-        concepts = {name: c for name, _, _, c in teach_as_adapters(svc, seed=a.teach_seed,
-                                                                       style_images=a.style_images,
-                                                                       style_params=style_params)}
+        learned = teach_as_adapters(svc, seed=a.teach_seed, style_images=a.style_images, style_params=style_params)
+        concepts = {name: c for name, _, _, c in learned}
         report["train_s"] = round(time.time() - t0, 1)
         served = Served(svc, "bench", "meta", concepts[SEQUENCE[-1][0]]["version"])  # the last concept's version
         scorer = Scorer()
         second = Scorer(a.second_scorer) if a.second_scorer else None
         if second:
             report["second_scorer"] = a.second_scorer
-        report["concepts"] = concept_fidelity(served, scorer, concepts, n=a.n, seed=a.seeds[0])
+        # Each concept alone, as benchmarks/continual.py scores it.
+        scores = score_concepts(served, scorer, [(name, category, at, c["identifier"]) for name, category, at, c
+                                                 in learned], n=a.n, seed=a.seeds[0])
+        report["concepts"] = {name: {"fidelity": round(sc["fidelity"], 3), "class_leak": round(sc["prior_leak"], 3)}
+                              for name, sc in scores.items()}
         print("each concept alone:", json.dumps(report["concepts"]), flush=True)
         for style in ("checker", "hollow"):
             for obj in ("heart-dot", "star-ring"):

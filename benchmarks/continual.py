@@ -99,6 +99,15 @@ class Served:
         return argparse.Namespace(images=[g.image for g in self.svc.render(self.user, specs, params)])
 
 
+def score_concepts(pipe, scorer, learned, *, n: int, seed: int, keep_images: list | None = None) -> dict:
+    """`evaluate.concept_scores` of each (name, category, attributes, identifier) in `learned`, by name; the class
+    prompt's images are made once per category and read for every concept of it."""
+    class_images = {c: evaluate.class_prompt_images(pipe, c, n=n, seed=seed) for c in sorted({x[1] for x in learned})}
+    return {name: evaluate.concept_scores(pipe, scorer, identifier=ident, category=category, attrs=attrs, n=n,
+                                          seed=seed, keep_images=keep_images, class_images=class_images[category])
+            for name, category, attrs, ident in learned}
+
+
 def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, base, class_cache,
                  captions=True, threads=None):
     """`base` and `class_cache`: the base model's scores and a folder of class images, from `prepare_shared`
@@ -129,15 +138,9 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             pipe = Served(svc, "bench", "meta", r["model_version"])
             version_dir = svc.registry.version_path("meta", r["model_version"])
             sheet = []
-            fid = {}
-            leak = []
-            class_images = {c: evaluate.class_prompt_images(pipe, c, n=n, seed=seed + 7)
-                            for c in sorted({x[1] for x in learned})}
-            for (cname, ccat, cattrs, ident) in learned:
-                sc = evaluate.concept_scores(pipe, scorer, identifier=ident, category=ccat, attrs=cattrs, n=n,
-                                             seed=seed + 7, keep_images=sheet, class_images=class_images[ccat])
-                fid[cname] = sc["fidelity"]
-                leak.append(sc["prior_leak"])
+            scores = score_concepts(pipe, scorer, learned, n=n, seed=seed + 7, keep_images=sheet)
+            fid = {cname: sc["fidelity"] for cname, sc in scores.items()}
+            leak = [sc["prior_leak"] for sc in scores.values()]
             comps, per_attribute, comps_and = {}, {}, {}
             styles = [c for c in learned if c[1] == "painting"]
             objects = [c for c in learned if c[1] == "shape"]
