@@ -149,13 +149,11 @@ def main(argv=None):
           f"{torch.backends.cpu.get_cpu_capability()}, seed {a.seed}", flush=True)
 
     kinds = {}
-    lora32, lora_cl, lora_bf = (load_unet(lora=True), load_unet(lora=True, channels_last=True),
-                                load_unet(lora=True, dtype=torch.bfloat16))
     kinds["adapters training step"] = {
-        "fp32 (reference)": training_step(lora32),
-        "channels_last": training_step(lora_cl, channels_last=True),
+        "fp32 (reference)": training_step(load_unet(lora=True)),
+        "channels_last": training_step(load_unet(lora=True, channels_last=True), channels_last=True),
         "bf16 autocast": training_step(load_unet(lora=True), autocast=True),
-        "bf16 trunk": training_step(lora_bf, dtype=torch.bfloat16),
+        "bf16 trunk": training_step(load_unet(lora=True, dtype=torch.bfloat16), dtype=torch.bfloat16),
     }
     kinds["DreamBooth training step"] = {
         "fp32 (reference)": training_step(load_unet(lora=False)),
