@@ -9,10 +9,10 @@ continual benchmark spends its time on:
 
 Options: `channels_last` (NHWC tensors for oneDNN's convolutions), `bf16 autocast` (training),
 `bf16 trunk` (the frozen trunk cast to bfloat16 under fp32 adapters, the usual GPU recipe), `bf16`
-(generation in bfloat16) and, with --compile, `torch.compile` (inductor; the time to its first result is printed apart: it includes the compile,
-minutes on a cold inductor cache, seconds on a warm one).
-A bf16 generation option is also scored: the base prompts' accuracy read by the shapes scorer (n images,
-the same seeds), fp32 against bf16, so a speed-up that changes what is served shows as such.
+(generation in bfloat16) and, with --compile, `torch.compile` (inductor; the time to its first result is
+printed apart: it includes the compile, minutes on a cold inductor cache, seconds on a warm one).
+bf16 generation is also scored: the base prompts' accuracy read by the shapes scorer (n images, the same
+seeds), the whole pipeline in fp32 against bf16, so a speed-up that changes what is served shows as such.
 
     python benchmarks/unet_speed_options.py [--threads 1] [--repeats 3] [--compile] [--n 64]
 
@@ -33,11 +33,12 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from executor import training  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
+from shapes_world.model import TEXT_MAX_LENGTH  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
-MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd")
-REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reports",
-                      "unet_speed_options.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "shapes-sd")
+REPORT = os.path.join(ROOT, "reports", "unet_speed_options.json")
 
 
 def load_unet(*, lora: bool, dtype=torch.float32, channels_last=False):
@@ -54,13 +55,15 @@ def load_unet(*, lora: bool, dtype=torch.float32, channels_last=False):
     return unet
 
 
-def inputs(batch: int, dtype, channels_last: bool, cross_dim: int, tokens: int):
+def inputs(unet, batch: int, dtype, channels_last: bool):
+    """Seeded latents, timesteps and text states of the shapes the service feeds `unet`."""
+    cfg = unet.config
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, 16, 16, generator=g).to(dtype)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    states = torch.randn(batch, tokens, cross_dim, generator=g).to(dtype)
+    states = torch.randn(batch, TEXT_MAX_LENGTH, cfg.cross_attention_dim, generator=g).to(dtype)
     return x, t, states
 
 
@@ -69,7 +72,7 @@ def training_step(unet, *, dtype=torch.float32, channels_last=False, autocast=Fa
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, t, states = inputs(8, dtype, channels_last, unet.config.cross_attention_dim, 24)
+    x, t, states = inputs(unet, 8, dtype, channels_last)
     target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
@@ -87,7 +90,7 @@ def training_step(unet, *, dtype=torch.float32, channels_last=False, autocast=Fa
 def generation_call(unet, *, dtype=torch.float32, channels_last=False):
     """A closure running one no-grad UNet call and returning its noise prediction in fp32."""
     unet.eval()
-    x, t, states = inputs(64, dtype, channels_last, unet.config.cross_attention_dim, 24)
+    x, t, states = inputs(unet, 64, dtype, channels_last)
     t = torch.full_like(t, 500)
 
     def call():
@@ -111,6 +114,25 @@ def time_options(options: dict, *, repeats: int, iters: int, warmup: int = 2) ->
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def adapter_step_options() -> dict:
+    """The adapters training step under each option (the same adapter, inputs and target), by name."""
+    return {
+        "fp32 (reference)": training_step(load_unet(lora=True)),
+        "channels_last": training_step(load_unet(lora=True, channels_last=True), channels_last=True),
+        "bf16 autocast": training_step(load_unet(lora=True), autocast=True),
+        "bf16 trunk": training_step(load_unet(lora=True, dtype=torch.bfloat16), dtype=torch.bfloat16),
+    }
+
+
+def generation_options() -> dict:
+    """The generation call under each option (the same inputs), by name."""
+    return {
+        "fp32 (reference)": generation_call(load_unet(lora=False)),
+        "channels_last": generation_call(load_unet(lora=False, channels_last=True), channels_last=True),
+        "bf16": generation_call(load_unet(lora=False, dtype=torch.bfloat16), dtype=torch.bfloat16),
+    }
+
+
 def compiled(fn_factory, unet, **kw):
     """`fn_factory` over torch.compile(unet), with the first call (the compile) timed apart."""
     c = torch.compile(unet)
@@ -121,16 +143,8 @@ def compiled(fn_factory, unet, **kw):
 
 
 def base_accuracy_in(dtype, *, n: int, seed: int, scorer) -> dict:
-    pipe = evaluate.load_pipeline(MODEL)
-    pipe.unet.to(dtype)
-    pipe.set_progress_bar_config(disable=True)
-    # The UNet runs in `dtype`; the text encoder and VAE stay fp32, so only the UNet's rounding differs.
-    unet_forward = pipe.unet.forward
-
-    def forward(sample, timestep, encoder_hidden_states, *a, **k):
-        out = unet_forward(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *a, **k)
-        return (out[0].float(), *out[1:]) if isinstance(out, tuple) else type(out)(sample=out.sample.float())
-    pipe.unet.forward = forward
+    """The base prompts' accuracy with the whole pipeline in `dtype`, as a service serving in it would run."""
+    pipe = evaluate.load_pipeline(MODEL).to(dtype=dtype)
     return evaluate.base_accuracy(pipe, scorer, n=n, seed=seed, parts=("seen",))["seen"]
 
 
@@ -148,23 +162,13 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {a.threads} thread(s), CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, seed {a.seed}", flush=True)
 
-    kinds = {}
-    kinds["adapters training step"] = {
-        "fp32 (reference)": training_step(load_unet(lora=True)),
-        "channels_last": training_step(load_unet(lora=True, channels_last=True), channels_last=True),
-        "bf16 autocast": training_step(load_unet(lora=True), autocast=True),
-        "bf16 trunk": training_step(load_unet(lora=True, dtype=torch.bfloat16), dtype=torch.bfloat16),
-    }
+    kinds = {"adapters training step": adapter_step_options()}
     kinds["DreamBooth training step"] = {
         "fp32 (reference)": training_step(load_unet(lora=False)),
         "channels_last": training_step(load_unet(lora=False, channels_last=True), channels_last=True),
         "bf16 autocast": training_step(load_unet(lora=False), autocast=True),
     }
-    kinds["generation call"] = {
-        "fp32 (reference)": generation_call(load_unet(lora=False)),
-        "channels_last": generation_call(load_unet(lora=False, channels_last=True), channels_last=True),
-        "bf16": generation_call(load_unet(lora=False, dtype=torch.bfloat16), dtype=torch.bfloat16),
-    }
+    kinds["generation call"] = generation_options()
     compile_s = {}
     if a.compile:
         fn, compile_s["adapters training step"] = compiled(training_step, load_unet(lora=True))
