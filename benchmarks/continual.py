@@ -1,6 +1,7 @@
 """Does the metamodel forget? A sequence of concepts taught to one metamodel, scored after each step.
 
     python benchmarks/continual.py [--strategies naive seed_split adapters] [--steps 200] [--n 32] [--no-captions]
+                                   [--dtype bfloat16]
     python benchmarks/continual.py --preset smoke      # the small version the test suite runs
 
 Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker, "painting", each
@@ -109,7 +110,7 @@ def score_concepts(pipe, scorer, learned, *, n: int, seed: int, keep_images: lis
 
 
 def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out_dir, base_model, base, class_cache,
-                 captions=True, threads=None):
+                 captions=True, threads=None, dtype="auto"):
     """`base` and `class_cache`: the base model's scores and a folder of class images, from `prepare_shared`
     (the same for every strategy, as one service shares class images among its users); `scorer`: None makes
     one here (a worker process); `threads`: torch's thread count for this strategy."""
@@ -118,7 +119,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
     scorer = scorer or Scorer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, dtype=dtype, auth={"mode": "disabled"}))
         # Read only: strategies running side by side share it.
         shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
         for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):  # made before any training is timed
@@ -138,6 +139,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             pipe = Served(svc, "bench", "meta", r["model_version"])
             version_dir = svc.registry.version_path("meta", r["model_version"])
             sheet = []
+            t_score = time.time()
             scores = score_concepts(pipe, scorer, learned, n=n, seed=seed + 7, keep_images=sheet)
             fid = {cname: sc["fidelity"] for cname, sc in scores.items()}
             leak = [sc["prior_leak"] for sc in scores.values()]
@@ -161,6 +163,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
                     sheet += [(im, composed) for im in imgs[:4]]
             acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed, parts=("seen",))
             row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
+                   "score_s": round(time.time() - t_score, 1),
                    "version_bytes": personal.version_bytes(version_dir), "method": r["method"],
                    "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
                    "composition_attributes": per_attribute, "compositions_and_object": comps_and,
@@ -183,10 +186,10 @@ def save_class_images(svc: BIGService, categories, class_cache: str) -> None:
     shutil.copytree(os.path.join(svc.ws.root, "class_images"), class_cache, dirs_exist_ok=True)
 
 
-def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache):
+def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache, dtype="auto"):
     """The base model's scores, and the class images of the sequence's categories written to `class_cache`."""
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, auth={"mode": "disabled"}))
+        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, dtype=dtype, auth={"mode": "disabled"}))
         base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
         save_class_images(svc, {c for _, c, _ in SEQUENCE[:concepts]}, class_cache)
         svc.close()
@@ -205,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, help="strategies run side by side in this many processes of one torch "
                     "thread each (default: one per strategy; 1 runs them one after another with --threads)")
     ap.add_argument("--base-model", default="embedded")
+    ap.add_argument("--dtype", default="auto", help="the services' served dtype (the service's `dtype`: auto, "
+                    "float32, bfloat16; training works on float32 copies either way)")
     ap.add_argument("--out", default="reports/continual")
     ap.add_argument("--no-captions", action="store_true", help="teach styles without per-image captions")
     a = ap.parse_args(argv)
@@ -222,8 +227,8 @@ def main(argv=None):
         # What every strategy shares is made once, before any of them starts: the base model's scores
         # and the class images (as one service shares them among its users).
         base = prepare_shared(base_model=a.base_model, scorer=scorer, seed=a.seed, base_n=preset["base_n"],
-                              concepts=preset["concepts"], class_cache=class_cache)
-        common = dict(seed=a.seed, out_dir=a.out, base_model=a.base_model, captions=not a.no_captions, base=base,
+                              concepts=preset["concepts"], class_cache=class_cache, dtype=a.dtype)
+        common = dict(seed=a.seed, out_dir=a.out, base_model=a.base_model, dtype=a.dtype, captions=not a.no_captions, base=base,
                       class_cache=class_cache, **preset)
         if jobs == 1:
             results = {s: run_strategy(s, scorer=scorer, **common) for s in a.strategies}
@@ -235,7 +240,7 @@ def main(argv=None):
                 futures = {s: pool.submit(run_strategy, s, scorer=None, threads=1, **common) for s in a.strategies}
                 results = {s: f.result() for s, f in futures.items()}
     report = {"preset": a.preset, "seed": a.seed, "threads": a.threads if jobs == 1 else 1, "jobs": jobs,
-              "cores": os.cpu_count(), "style_captions": not a.no_captions,
+              "cores": os.cpu_count(), "style_captions": not a.no_captions, "dtype": a.dtype,
               **preset, "strategies": results,
               "wall_s": round(time.time() - t0, 1)}
     with open(os.path.join(a.out, "continual.json"), "w") as f:

@@ -26,26 +26,27 @@ log = logging.getLogger(__name__)
 
 class BIGExecutor(Executor):
     def __init__(self, workspace: Optional[str] = None, base_model: str = "embedded", device: str = "auto",
-                 auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
+                 dtype: str = "auto", auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
                  fuse_adapters: bool = True, limits: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
+        dtype = os.environ.get("BIG_DTYPE") or dtype
         # All of /generate's torch work, and loading, runs on this one thread. On a CPU, torch's OpenMP team
         # belongs to the thread that calls it: a second team (main thread's, from loading) left idle beside
         # the serving thread's cost 10-25% of generation speed here (benchmarks/service_bench.py).
         self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="big-generate")
         self.service = self._generate_thread.submit(BIGService, ServiceConfig(
-            workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device,
+            workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device, dtype=dtype,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             limits=validation.Limits(**(limits or {})))).result()
-        log.info("BIG ready: base %s on %s, workspace %s", base_model, self.service.device,
-                 self.service.ws.root)
+        log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
+                 self.service.base_pipe.unet.dtype, self.service.ws.root)
 
     def _user(self, parameters: dict) -> str:
         return self.service.auth.user_from_parameters(parameters or {})

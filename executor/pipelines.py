@@ -69,11 +69,31 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """The served dtype: `auto` is float16 on CUDA (diffusers' usual choice) and float32 on a CPU.
+
+    float16 is refused on a CPU: torch runs many of its CPU kernels slowly or not at all there, while
+    bfloat16 has native kernels on CPUs with AVX512-BF16 or AMX (and is emulated, slowly, on others).
+    """
+    name = requested or "auto"
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("dtype 'float16' on a CPU: use 'bfloat16' (fast where the CPU has AVX512-BF16 or AMX) "
+                         "or 'float32'")
+    return DTYPES[name]
+
+
 def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | None = None):
     from diffusers import StableDiffusionPipeline
 
     path = resolve_base(spec)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or pick_dtype("auto", device)
     pipe = StableDiffusionPipeline.from_pretrained(
         path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         local_files_only=os.path.isdir(path),
@@ -83,6 +103,26 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)
     return pipe.to(device)
+
+
+def storage_dtype(served: torch.dtype) -> torch.dtype:
+    """The dtype a trained trunk is written in: float16 when served so (half the size of an SD UNet; rounding
+    to it lost 0.7% of an embedded DreamBooth update's norm), else float32. bfloat16's 8-bit significand lost
+    8% of that norm and 5.6% of the moved weights outright, and a metamodel trained version after version
+    would compound that loss, so a bfloat16 service keeps its trunks in float32 and rounds only to serve."""
+    return torch.float16 if served == torch.float16 else torch.float32
+
+
+def load_base_module(spec: str, name: str, device: torch.device, dtype: torch.dtype):
+    """The base model's `unet` or `text_encoder` in `dtype`, apart from the served pipeline: a bfloat16 service
+    trains DreamBooth trunks from these float32 weights, not from their rounded served copies."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = resolve_base(spec)
+    cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}[name]
+    module = cls.from_pretrained(path, subfolder=name, dtype=dtype, local_files_only=os.path.isdir(path))
+    return module.to(device).requires_grad_(False).eval()
 
 
 def image_size(pipe) -> int:
@@ -107,12 +147,12 @@ def save_version(staging: str, unet, text_encoder, meta: dict) -> None:
         json.dump(meta, f, indent=1)
 
 
-def load_version_modules(version_dir: str, like_pipe):
-    """(unet, text_encoder-or-None) of a version, on the base pipeline's device and dtype."""
+def load_version_modules(version_dir: str, like_pipe, dtype: torch.dtype | None = None):
+    """(unet, text_encoder-or-None) of a version, on the base pipeline's device and (unless `dtype`) dtype."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    dtype, device = like_pipe.unet.dtype, like_pipe.device
+    dtype, device = dtype or like_pipe.unet.dtype, like_pipe.device
     unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), dtype=dtype).to(device)
     te_dir = os.path.join(version_dir, "text_encoder")
     text = CLIPTextModel.from_pretrained(te_dir, dtype=dtype).to(device) if os.path.isdir(te_dir) else None

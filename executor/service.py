@@ -47,6 +47,9 @@ class ServiceConfig:
     workspace: str = "workspace"
     base_model: str = pipelines.EMBEDDED
     device: str = "auto"
+    # The served dtype: auto (float16 on CUDA, float32 on a CPU), float32, float16 (GPU only) or bfloat16.
+    # Training always works on fp32 copies.
+    dtype: str = "auto"
     auth: dict = dataclasses.field(default_factory=dict)
     finetune_defaults: dict = dataclasses.field(default_factory=dict)
     generate_defaults: dict = dataclasses.field(default_factory=dict)
@@ -82,7 +85,8 @@ class BIGService:
             log.warning("removed %d unfinished model folders left by an earlier crash", len(removed))
         self.auth = Authenticator(AuthConfig.from_env(config.auth))
         self.device = pipelines.pick_device(config.device)
-        self.base_pipe = pipelines.load_base_pipeline(config.base_model, self.device)
+        self.base_pipe = pipelines.load_base_pipeline(config.base_model, self.device,
+                                                      pipelines.pick_dtype(config.dtype, self.device))
         self.base_key = pipelines.base_key(config.base_model)
         self.size = pipelines.image_size(self.base_pipe)
         model_defaults = pipelines.defaults_of(config.base_model)
@@ -199,7 +203,8 @@ class BIGService:
                 n = req.num_vectors if req.method == "textual_inversion" else 1
                 start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
                 embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
-            unet, text_encoder = self._modules_at(key, stack.trunk_version if kind != "private" else version)
+            unet, text_encoder, own_text = self._training_modules(
+                key, stack.trunk_version if kind != "private" else version, rewrites_trunk=req.method == "dreambooth")
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
@@ -216,6 +221,7 @@ class BIGService:
                 if req.method == "lora" else None,
                 embedding=embedding, train_unet=req.method != "textual_inversion", prior_groups=prior_groups,
                 lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
+                mixed_precision=training.mixed_precision_for(self.base_pipe.unet.dtype, self.device),
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()
@@ -229,10 +235,10 @@ class BIGService:
                                  if req.method == "lora" else metamodel.after_trunk(stack, version + 1)).to_meta(),
                                 metamodel_strategy=req.metamodel_strategy)
                 if req.method == "dreambooth":
-                    had_text = text_encoder is not self.base_pipe.text_encoder
-                    new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if had_text else None)
-                    pipelines.save_version(staging, pipelines.as_dtype(result.unet, self.base_pipe.unet.dtype),
-                                           pipelines.as_dtype(new_text, self.base_pipe.text_encoder.dtype), meta)
+                    new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
+                    stored = pipelines.storage_dtype(self.base_pipe.unet.dtype)
+                    pipelines.save_version(staging, pipelines.as_dtype(result.unet, stored),
+                                           pipelines.as_dtype(new_text, stored), meta)
                 else:
                     if req.method == "lora":
                         personal.save_lora(staging, result.lora_unet, result.lora_text_encoder, result.lora_metadata)
@@ -274,6 +280,24 @@ class BIGService:
             return self.base_pipe.unet, self.base_pipe.text_encoder
         pipe = self._pipeline_for(key, version)
         return pipe.unet, pipe.text_encoder
+
+    def _training_modules(self, key: str, version: int, *, rewrites_trunk: bool):
+        """What a job trains from: the served modules, except where the trunk is rewritten and is served in a
+        lower precision than it is stored in (bfloat16 serving); then its stored float32 weights, so that
+        version after version of DreamBooth keeps every update (adapters and embeddings learn against
+        the trunk as it is served). The third value: whether the version has a text encoder of its own."""
+        served = self.base_pipe.unet.dtype
+        stored = pipelines.storage_dtype(served)
+        if not rewrites_trunk or stored == served:
+            unet, text = self._modules_at(key, version)
+            return unet, text, text is not self.base_pipe.text_encoder
+        trunk = self._stack(key, version).trunk_version if version else 0
+        unet, text = (pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe, stored)
+                      if trunk else (pipelines.load_base_module(self.config.base_model, "unet", self.device, stored), None))
+        own_text = text is not None
+        if text is None:
+            text = pipelines.load_base_module(self.config.base_model, "text_encoder", self.device, stored)
+        return unet, text, own_text
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:
         """The first `n` prior-preservation images of "a {category}" from the base model, generated once and

@@ -148,6 +148,15 @@ def _token_ids(tokenizer, prompts: Sequence[str], device, expand: tuple[int, int
     return torch.tensor(rows, device=device)
 
 
+def mixed_precision_for(served: torch.dtype, device) -> str:
+    """accelerate's mixed precision for a service serving in `served`: on a GPU bfloat16's autocast when served
+    so, else float16's; on a CPU none: there the fp32 copies train faster than under bfloat16 autocast
+    (0.82-0.93x, benchmarks/unet_speed_options.py)."""
+    if torch.device(device).type != "cuda":
+        return "no"
+    return "bf16" if served == torch.bfloat16 else "fp16"
+
+
 def _text_states(text_t, all_ids, frozen_states, live, live_index, pidx, override=None):
     """Per-example text states: cached rows, with the live prompts encoded once each this step."""
     with EmbeddingOverride.active(override or {}):
@@ -218,7 +227,7 @@ def dreambooth(
         raise ValueError("no instance examples")
     device = unet.device
     cuda = device.type == "cuda"
-    accelerator = Accelerator(mixed_precision=mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
+    accelerator = Accelerator(mixed_precision=mixed_precision or mixed_precision_for(unet.dtype, device), cpu=not cuda)
     g = torch.Generator().manual_seed(seed)
     t_start = time.time()
 
@@ -324,6 +333,7 @@ def dreambooth(
             members.setdefault(group, []).append(i)
         group_members = list(members.values())
     n_train = noise_scheduler.config.num_train_timesteps
+    unet_dtype = next(unet_t.parameters()).dtype
     losses: list[float] = []
     for step in range(max_train_steps):
         if should_stop and should_stop():
@@ -345,7 +355,9 @@ def dreambooth(
             with accelerator.autocast():
                 states = _text_states(text_t if text_t is not None else text_encoder, all_ids, frozen_states,
                                       live, live_index, pidx.to(device), override)
-                pred = unet_t(noisy, t, states).sample
+                # Plain textual inversion's served UNet may be in a lower precision than the fp32 latents
+                # and states, and a CPU has no autocast here to convert them.
+                pred = unet_t(noisy.to(unet_dtype), t, states.to(unet_dtype)).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
             per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
