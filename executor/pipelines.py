@@ -105,17 +105,17 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
     return pipe.to(device)
 
 
-def storage_dtype(served: torch.dtype) -> torch.dtype:
-    """The dtype a trained trunk is written in: float16 when served so (half the size of an SD UNet; rounding
-    to it lost 0.7% of an embedded DreamBooth update's norm), else float32. bfloat16's 8-bit significand lost
-    8% of that norm and 5.6% of the moved weights outright, and a metamodel trained version after version
-    would compound that loss, so a bfloat16 service keeps its trunks in float32 and rounds only to serve."""
-    return torch.float16 if served == torch.float16 else torch.float32
+# A metamodel's trained trunks are written in float32 whatever the served dtype, as diffusers' DreamBooth script
+# writes its float32 master weights, and DreamBooth trains from them. Rounding costs a real share of an update (benchmarks/storage_rounding.py, 300
+# DreamBooth steps of the embedded model): at SD 1.5's learning rate of 1e-6, float16 lost 9.5% of the update's
+# norm and bfloat16 all of it (1.00); at 1e-4, 0.7% and 8%. A metamodel trained version after version from its
+# rounded trunk would compound the loss.
+TRUNK_DTYPE = torch.float32
 
 
 def load_base_module(spec: str, name: str, device: torch.device, dtype: torch.dtype):
-    """The base model's `unet` or `text_encoder` in `dtype`, apart from the served pipeline: a bfloat16 service
-    trains DreamBooth trunks from these float32 weights, not from their rounded served copies."""
+    """The base model's `unet` or `text_encoder` in `dtype`, apart from the served pipeline: a service serving in
+    a lower precision trains DreamBooth trunks from these float32 weights, not from its rounded served copies."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 

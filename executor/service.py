@@ -203,7 +203,7 @@ class BIGService:
                 n = req.num_vectors if req.method == "textual_inversion" else 1
                 start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
                 embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
-            unet, text_encoder, own_text = self._training_modules(
+            unet, text_encoder, own_text, fresh = self._training_modules(
                 key, stack.trunk_version if kind != "private" else version, rewrites_trunk=req.method == "dreambooth")
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
@@ -222,6 +222,7 @@ class BIGService:
                 embedding=embedding, train_unet=req.method != "textual_inversion", prior_groups=prior_groups,
                 lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
                 mixed_precision=training.mixed_precision_for(self.base_pipe.unet.dtype, self.device),
+                modules_are_copies=fresh,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
             staging = self.ws.new_staging_dir()
@@ -236,7 +237,9 @@ class BIGService:
                                 metamodel_strategy=req.metamodel_strategy)
                 if req.method == "dreambooth":
                     new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
-                    stored = pipelines.storage_dtype(self.base_pipe.unet.dtype)
+                    # A metamodel's trunk is trained again by its next DreamBooth step; a private model never is,
+                    # so it is written as it is served (half the disk of an SD UNet in float16).
+                    stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
                     pipelines.save_version(staging, pipelines.as_dtype(result.unet, stored),
                                            pipelines.as_dtype(new_text, stored), meta)
                 else:
@@ -283,21 +286,21 @@ class BIGService:
 
     def _training_modules(self, key: str, version: int, *, rewrites_trunk: bool):
         """What a job trains from: the served modules, except where the trunk is rewritten and is served in a
-        lower precision than it is stored in (bfloat16 serving); then its stored float32 weights, so that
-        version after version of DreamBooth keeps every update (adapters and embeddings learn against
-        the trunk as it is served). The third value: whether the version has a text encoder of its own."""
-        served = self.base_pipe.unet.dtype
-        stored = pipelines.storage_dtype(served)
-        if not rewrites_trunk or stored == served:
+        lower precision than it is stored in (float16 or bfloat16 serving); then its stored float32 weights, loaded
+        for the job alone, so that version after version of DreamBooth keeps every update (adapters and embeddings
+        learn against the trunk as it is served). Also returns whether the version has a text encoder of its own,
+        and whether the modules were loaded for this job (training may then change them in place)."""
+        if not rewrites_trunk or self.base_pipe.unet.dtype == pipelines.TRUNK_DTYPE:
             unet, text = self._modules_at(key, version)
-            return unet, text, text is not self.base_pipe.text_encoder
+            return unet, text, text is not self.base_pipe.text_encoder, False
         trunk = self._stack(key, version).trunk_version if version else 0
-        unet, text = (pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe, stored)
-                      if trunk else (pipelines.load_base_module(self.config.base_model, "unet", self.device, stored), None))
+        base, dtype = self.config.base_model, pipelines.TRUNK_DTYPE
+        unet, text = (pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe, dtype)
+                      if trunk else (pipelines.load_base_module(base, "unet", self.device, dtype), None))
         own_text = text is not None
         if text is None:
-            text = pipelines.load_base_module(self.config.base_model, "text_encoder", self.device, stored)
-        return unet, text, own_text
+            text = pipelines.load_base_module(base, "text_encoder", self.device, dtype)
+        return unet, text, own_text, True
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:
         """The first `n` prior-preservation images of "a {category}" from the base model, generated once and

@@ -23,9 +23,7 @@ def test_auto_is_float16_on_a_gpu_and_float32_on_a_cpu_and_float16_needs_a_gpu()
         pipelines.pick_dtype("fp8", cpu)
 
 
-def test_trunks_are_stored_in_float32_unless_served_in_float16_and_autocast_follows_the_served_dtype():
-    assert pipelines.storage_dtype(torch.float16) == torch.float16
-    assert pipelines.storage_dtype(torch.bfloat16) == pipelines.storage_dtype(torch.float32) == torch.float32
+def test_autocast_follows_the_served_dtype_on_a_gpu_and_a_cpu_trains_without_it():
     assert training.mixed_precision_for(torch.bfloat16, "cuda") == "bf16"
     assert training.mixed_precision_for(torch.float16, "cuda") == "fp16"
     assert training.mixed_precision_for(torch.bfloat16, "cpu") == "no"
@@ -65,20 +63,26 @@ def test_every_method_trains_and_serves_on_a_bfloat16_service(bf16_service, meth
     images = bf16_service.generate("alice", [f"a {r['identifier']} shape"],
                                    {"target_model": "private", "identifier": r["identifier"], "num_images": 2})
     assert len(images) == 2 and images[0].image.size == (bf16_service.size, bf16_service.size)
-    if method == "dreambooth":
+    if method == "dreambooth":  # a private model is never trained again: written as it is served
         folder = bf16_service.registry.version_path(f"private:{r['concept_id']}", 1)
         for sub in ("unet", "text_encoder"):  # pivotal tuning trained the identifier's row
             (weights,) = glob.glob(os.path.join(folder, sub, "*.safetensors"))
-            assert {t.dtype for t in load_file(weights).values()} == {torch.float32}, sub
-        assert bf16_service._pipeline_for(f"private:{r['concept_id']}", 1).unet.dtype == torch.bfloat16
+            assert {t.dtype for t in load_file(weights).values()} == {torch.bfloat16}, sub
 
 
 def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(bf16_service, monkeypatch):
     """Not from the rounded served copy: bfloat16's 8-bit significand would drop part of every update, version
     after version."""
-    seen = []
+    starts = []  # read at the call: modules loaded for the job are trained in place
     real = training.dreambooth
-    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+
+    def spy(**kw):
+        assert kw["unet"].dtype == torch.float32 and kw["text_encoder"].dtype == torch.float32
+        assert kw["modules_are_copies"] and kw["unet"] is not bf16_service.base_pipe.unet
+        starts.append({k: v.detach().clone().cpu() for k, v in kw["unet"].state_dict().items()})
+        return real(**kw)
+
+    monkeypatch.setattr(training, "dreambooth", spy)
     params = {"category": "shape", "target_model": "private_meta", "metamodel_strategy": "seed_split",
               "learning_rate": 1e-4}
     bf16_service.finetune("alice", instance_images(), params)
@@ -88,10 +92,10 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
     (v1_file,) = glob.glob(os.path.join(bf16_service.registry.version_path("private_meta:alice", 1), "unet",
                                         "*.safetensors"))
     v1 = load_file(v1_file)
-    for kw, stored in zip(seen, (base, v1)):
-        start = kw["unet"].state_dict()
-        assert kw["unet"].dtype == torch.float32 and kw["text_encoder"].dtype == torch.float32
-        assert all(torch.equal(start[k].cpu(), stored[k]) for k in stored)
+    assert {t.dtype for t in v1.values()} == {torch.float32}
+    assert len(starts) == 2
+    for start, stored in zip(starts, (base, v1)):
+        assert all(torch.equal(start[k], stored[k]) for k in stored)
     # The served copy of version 1 is those weights rounded to bfloat16; training did not start from it.
     served = bf16_service._pipeline_for("private_meta:alice", 1).unet.state_dict()
     assert all(torch.equal(served[k].cpu(), v1[k].bfloat16()) for k in v1)
