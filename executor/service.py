@@ -48,7 +48,7 @@ class ServiceConfig:
     base_model: str = pipelines.EMBEDDED
     device: str = "auto"
     # The served dtype: auto (float16 on CUDA, float32 on a CPU), float32, float16 (GPU only) or bfloat16.
-    # Training always works on fp32 copies.
+    # Training works on float32 weights; a metamodel's DreamBooth trunks are written in float32.
     dtype: str = "auto"
     auth: dict = dataclasses.field(default_factory=dict)
     finetune_defaults: dict = dataclasses.field(default_factory=dict)

@@ -202,7 +202,8 @@ def dreambooth(
     snr_gamma: float | None = None,
     modules_are_copies: bool = False,
 ) -> TrainResult:
-    """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched.
+    """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched (unless
+    `modules_are_copies`).
 
     `train_token_ids` (pivotal tuning): also learn the input embeddings of these tokens (the new
     identifier) and nothing else of the text encoder, so every prompt without them is encoded
