@@ -228,8 +228,8 @@ def main(argv=None):
         # and the class images (as one service shares them among its users).
         base = prepare_shared(base_model=a.base_model, scorer=scorer, seed=a.seed, base_n=preset["base_n"],
                               concepts=preset["concepts"], class_cache=class_cache, dtype=a.dtype)
-        common = dict(seed=a.seed, out_dir=a.out, base_model=a.base_model, dtype=a.dtype, captions=not a.no_captions, base=base,
-                      class_cache=class_cache, **preset)
+        common = dict(seed=a.seed, out_dir=a.out, base_model=a.base_model, dtype=a.dtype, captions=not a.no_captions,
+                      base=base, class_cache=class_cache, **preset)
         if jobs == 1:
             results = {s: run_strategy(s, scorer=scorer, **common) for s in a.strategies}
         else:

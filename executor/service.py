@@ -18,6 +18,7 @@ import threading
 import uuid
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 from . import (class_images, embeddings, generation, infotext, metamodel, personal, pipelines, planner,
@@ -203,8 +204,12 @@ class BIGService:
                 n = req.num_vectors if req.method == "textual_inversion" else 1
                 start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
                 embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
-            unet, text_encoder, own_text, fresh = self._training_modules(
-                key, stack.trunk_version if kind != "private" else version, rewrites_trunk=req.method == "dreambooth")
+            # A metamodel's trunk is trained again by its next DreamBooth step; a private model never is, so it is
+            # written as it is served (half the disk of an SD UNet in float16).
+            stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
+            fresh = req.method == "dreambooth" and stored != self.base_pipe.unet.dtype
+            unet, text_encoder, own_text = self._training_modules(
+                key, stack.trunk_version if kind != "private" else version, stored if fresh else None)
             result = training.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
@@ -237,9 +242,6 @@ class BIGService:
                                 metamodel_strategy=req.metamodel_strategy)
                 if req.method == "dreambooth":
                     new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
-                    # A metamodel's trunk is trained again by its next DreamBooth step; a private model never is,
-                    # so it is written as it is served (half the disk of an SD UNet in float16).
-                    stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
                     pipelines.save_version(staging, pipelines.as_dtype(result.unet, stored),
                                            pipelines.as_dtype(new_text, stored), meta)
                 else:
@@ -284,23 +286,22 @@ class BIGService:
         pipe = self._pipeline_for(key, version)
         return pipe.unet, pipe.text_encoder
 
-    def _training_modules(self, key: str, version: int, *, rewrites_trunk: bool):
-        """What a job trains from: the served modules, except where the trunk is rewritten and is served in a
-        lower precision than it is stored in (float16 or bfloat16 serving); then its stored float32 weights, loaded
-        for the job alone, so that version after version of DreamBooth keeps every update (adapters and embeddings
-        learn against the trunk as it is served). Also returns whether the version has a text encoder of its own,
-        and whether the modules were loaded for this job (training may then change them in place)."""
-        if not rewrites_trunk or self.base_pipe.unet.dtype == pipelines.TRUNK_DTYPE:
+    def _training_modules(self, key: str, version: int, stored_dtype: torch.dtype | None):
+        """What a job trains from, and whether that version has a text encoder of its own: the served modules, or
+        with `stored_dtype` (a trunk rewritten and stored in a higher precision than it is served in) the stored
+        weights in that dtype, loaded for the job alone, so that version after version of DreamBooth keeps every
+        update (adapters and embeddings learn against the trunk as it is served)."""
+        if stored_dtype is None:
             unet, text = self._modules_at(key, version)
-            return unet, text, text is not self.base_pipe.text_encoder, False
+            return unet, text, text is not self.base_pipe.text_encoder
         trunk = self._stack(key, version).trunk_version if version else 0
-        base, dtype = self.config.base_model, pipelines.TRUNK_DTYPE
-        unet, text = (pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe, dtype)
-                      if trunk else (pipelines.load_base_module(base, "unet", self.device, dtype), None))
+        base = self.config.base_model
+        unet, text = (pipelines.load_version_modules(self._version_path(key, trunk), self.base_pipe, stored_dtype)
+                      if trunk else (pipelines.load_base_module(base, "unet", self.device, stored_dtype), None))
         own_text = text is not None
         if text is None:
-            text = pipelines.load_base_module(base, "text_encoder", self.device, dtype)
-        return unet, text, own_text, True
+            text = pipelines.load_base_module(base, "text_encoder", self.device, stored_dtype)
+        return unet, text, own_text
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:
         """The first `n` prior-preservation images of "a {category}" from the base model, generated once and
