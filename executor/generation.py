@@ -89,7 +89,8 @@ class GeneratedImage:
         return format_infotext(self.prompt, p.get("negative_prompt"), {
             "Steps": p["num_inference_steps"], "Sampler": p["scheduler"], "CFG scale": p["guidance_scale"],
             "Seed": self.seed, "Size": f"{p['width']}x{p['height']}", "Model": p["model"],
-            "Model version": p["model_version"], "Emphasis": p.get("emphasis", DEFAULT_EMPHASIS)})
+            "Model version": p["model_version"], "Emphasis": p.get("emphasis", DEFAULT_EMPHASIS),
+            **({"Dtype": p["dtype"]} if p.get("dtype") else {})})
 
     def png_info(self) -> PngInfo:
         info = PngInfo()
@@ -122,7 +123,8 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
     """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
     out: list[GeneratedImage | None] = [None] * len(specs)
     common = dict(negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
-                  model_version=model_version, scheduler_label=label_of_scheduler(pipe.scheduler), emphasis=emphasis)
+                  model_version=model_version, scheduler_label=label_of_scheduler(pipe.scheduler), emphasis=emphasis,
+                  dtype=dtype_name(pipe.unet.dtype))
     for idx in batches(specs, max_batch):
         chunk = [specs[i] for i in idx]
         # A generator per image makes each image depend on its own seed only, not on its batch-mates.
@@ -145,11 +147,17 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
     return out
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _parameters(spec: ImageSpec, *, negative_prompt, height, width, model_label, model_version, scheduler_label,
-                emphasis) -> dict:
-    """What an image's PNG parameters text records besides its prompt and seed."""
+                emphasis, dtype) -> dict:
+    """What an image's PNG parameters text records besides its prompt and seed. `dtype`: the UNet's, which the
+    text records but a request cannot choose (a service serves one): the same text on a service of another
+    dtype makes the image again only to that dtype's rounding."""
     return {"negative_prompt": negative_prompt, "height": height, "width": width, "model": model_label,
-            "model_version": model_version, "scheduler": scheduler_label, "emphasis": emphasis,
+            "model_version": model_version, "scheduler": scheduler_label, "emphasis": emphasis, "dtype": dtype,
             "guidance_scale": spec.guidance_scale, "num_inference_steps": spec.num_inference_steps}
 
 
@@ -190,7 +198,8 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
             for i, s, im in zip(idx, chunk, images):
                 out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(
                     s, negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
-                    model_version=model_version, scheduler_label=label, emphasis=emphasis))
+                    model_version=model_version, scheduler_label=label, emphasis=emphasis,
+                    dtype=dtype_name(parts[0].pipe.unet.dtype)))
     return out
 
 

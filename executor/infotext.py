@@ -6,7 +6,9 @@
 
 `/generate` accepts this text as its `parameters` parameter and makes the same image again (same model
 version, sampler, seed, size and emphasis mode give the same pixels). A text without an "Emphasis" field (from
-AUTOMATIC1111, which writes it only when it is not its default) means AUTOMATIC1111's `original` emphasis.
+AUTOMATIC1111, which writes it only when it is not its default) means AUTOMATIC1111's `original` emphasis. Our
+texts end with the served UNet's dtype (", Dtype: float32"): recorded, not requested, as a service serves
+one dtype, so a service of another dtype makes the image again only to within that dtype's rounding.
 """
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ def test_every_method_trains_and_serves_on_a_bfloat16_service(bf16_service, meth
     images = bf16_service.generate("alice", [f"a {r['identifier']} shape"],
                                    {"target_model": "private", "identifier": r["identifier"], "num_images": 2})
     assert len(images) == 2 and images[0].image.size == (bf16_service.size, bf16_service.size)
+    assert "Dtype: bfloat16" in images[0].parameters_text()  # the text says why another service's pixels differ
     if method == "dreambooth":  # a private model is never trained again: written as it is served
         folder = bf16_service.registry.version_path(f"private:{r['concept_id']}", 1)
         for sub in ("unet", "text_encoder"):  # pivotal tuning trained the identifier's row

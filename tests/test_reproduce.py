@@ -40,6 +40,8 @@ def test_infotext_round_trips_with_awkward_prompts():
     assert params == {"num_inference_steps": 20, "seed": 7, "num_images": 1, "guidance_scale": 4.0, "width": 32,
                       "height": 32, "negative_prompt": "blurry, \"odd\": yes", "scheduler": "DPM++ 2M",
                       "target_model": "private", "identifiers": ["sks"], "model_version": 1, "emphasis": "original"}
+    # The dtype is recorded, not requested: a service serves one.
+    assert infotext.request_from_infotext(text + ", Dtype: bfloat16")[1] == params
     # An AUTOMATIC1111 text names its emphasis only when it is not its default ("original"); ours always do.
     assert infotext.request_from_infotext(text + ", Emphasis: context")[1]["emphasis"] == "context"
 
@@ -60,7 +62,7 @@ def test_an_image_is_reproduced_from_its_own_png_text(service):
         "negative_prompt": "blue", "guidance_scale": 3.5})
     text = out[1].parameters_text()
     assert "Sampler: Euler a" in text and "Seed: 12" in text and "Negative prompt: blue" in text
-    assert "Emphasis: context" in text
+    assert "Emphasis: context" in text and f"Dtype: {str(service.base_pipe.unet.dtype)[6:]}" in text
     again = service.generate("alice", [], {"parameters": text})
     assert len(again) == 1 and again[0].seed == 12
     assert_same_image(again[0], out[1], service.device)  # out[1] was made in a batch of two
