@@ -33,13 +33,16 @@ CONCEPT = {"shape": "heart", "colour": "orange", "mark": "dot"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def rounding_loss(trained: dict, start: dict, dtype) -> dict:
+def rounding_loss(trained: dict, start: dict, dtype, *, start_is_stored: bool = False) -> dict:
+    """What writing `trained` in `dtype` loses of its update from `start`, which is stored in `dtype` too (rounded
+    here) or, with `start_is_stored`, already holds the values training started from (a trunk trained from a
+    stored trunk, benchmarks/trunk_chain_rounding.py)."""
     err = norm = 0.0
     moved = lost = 0
     for k, w in trained.items():
         w, w0 = w.float(), start[k].float()
         update = w - w0
-        rounded = w.to(dtype).float() - w0.to(dtype).float()
+        rounded = w.to(dtype).float() - (w0 if start_is_stored else w0.to(dtype).float())
         err += float((rounded - update).pow(2).sum())
         norm += float(update.pow(2).sum())
         changed = update != 0

@@ -102,3 +102,25 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
     assert all(torch.equal(served[k].cpu(), v1[k].bfloat16()) for k in v1)
     assert any(not torch.equal(served[k].cpu().float(), v1[k]) for k in v1)
     assert bf16_service._pipeline_for("private_meta:alice", 2).unet.dtype == torch.bfloat16
+
+
+def test_storing_a_trunk_loses_the_updates_below_the_dtypes_resolution():
+    """The measure of benchmarks/storage_rounding.py and trunk_chain_rounding.py: near 1.0 float16 resolves
+    2**-10, bfloat16 2**-7."""
+    from benchmarks.storage_rounding import rounding_loss
+
+    start = {"w": torch.tensor([1.0, 1.0, 2.0])}
+    trained = {"w": torch.tensor([1.0 + 1e-4, 1.5, 2.0])}  # a tiny update, an exact one, an unmoved weight
+    half = rounding_loss(trained, start, torch.float16, start_is_stored=True)
+    assert half["moved_weights"] == 2 and half["moved_lost"] == 0.5
+    assert half["update_error"] == pytest.approx(1e-4 / (1e-8 + 0.25) ** 0.5, rel=1e-3)
+    assert rounding_loss(trained, start, torch.float32) == {"update_error": 0.0, "moved_lost": 0.0,
+                                                            "moved_weights": 2}
+    coarse = {"w": torch.tensor([1.0 + 2**-9, 1.5, 2.0])}  # kept by float16, rounded away by bfloat16
+    assert rounding_loss(coarse, start, torch.float16)["moved_lost"] == 0.0
+    assert rounding_loss(coarse, start, torch.bfloat16)["moved_lost"] == 0.5
+    # A start that is not itself stored (a float32 base under a rounded first version): its rounding counts.
+    off_grid = {"w": torch.tensor([1.0 + 3e-4])}
+    assert rounding_loss({"w": off_grid["w"] + 2**-10}, off_grid, torch.float16)["update_error"] == 0.0
+    assert rounding_loss({"w": off_grid["w"] + 2**-10}, off_grid, torch.float16,
+                         start_is_stored=True)["update_error"] > 0.1
