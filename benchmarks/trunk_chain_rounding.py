@@ -14,10 +14,14 @@ float32 trunks (`pipelines.TRUNK_DTYPE`). The chains run side by side, one proce
 
 Per version:
 - `update_error`: |rounded update - update| / |update| of that version's own training (its start is the
-  rounded trunk before it, or the float32 base); `moved_lost`: the share of moved weights whose rounded value is their start;
+  rounded trunk before it; for the first, the float32 base, whose own rounding then counts too);
+  `moved_lost`: the share of moved weights whose rounded value is their start;
 - `from_float32`: |trunk - float32 chain's trunk| / |float32 chain's trunk - base| (0 for float32 itself):
   how far the chain has gone from where float32 storage took it, as a share of how far that went (both norms
   are in the JSON: `distance_from_float32`, `float32_from_base`);
+- `from_float32_served`: the same with the float32 chain's trunk rounded to the dtype, as a service of that dtype
+  serves it: what the rounded chain lost beyond the rounding of serving (0 after the first version, which
+  trains from the same float32 base in both chains), so the measure of compounding;
 - `fidelity_new`: the concept just learned, n images.
 After the fourth: every concept's fidelity and its class prompt's leak (n images, seed 7).
 Writes reports/storage_rounding_chain.json.
@@ -133,10 +137,13 @@ def main():
             chains = {d: f.result() for d, f in futures.items()}
     reference = chains["float32"]
     base = reference["base"]
-    for chain in chains.values():
+    for name, chain in chains.items():
         for row, trunk, ref in zip(chain["rows"], chain["trunks"], reference["trunks"]):
-            row.update(distance_from_float32=distance(trunk, ref), float32_from_base=distance(ref, base))
-            row["from_float32"] = row["distance_from_float32"] / row["float32_from_base"]
+            moved = distance(ref, base)
+            served_ref = {k: v.to(DTYPES[name]).float() for k, v in ref.items()}
+            row.update(distance_from_float32=distance(trunk, ref), float32_from_base=moved,
+                       from_float32=distance(trunk, ref) / moved,
+                       from_float32_served=distance(trunk, served_ref) / moved)
     report = {"strategy": "seed_split", "seed": a.seed, "n": a.n, "score_seed": a.seed + 7,
               "learning_rate": a.learning_rate or defaults["learning_rate"],
               "max_train_steps": a.steps or defaults["max_train_steps"],
@@ -147,11 +154,12 @@ def main():
         json.dump(report, f, indent=1)
     print(f"\nlr {report['learning_rate']}, {report['max_train_steps']} steps a concept, n={a.n}")
     print(f"{'dtype':>9} {'version':>7} {'update lost':>12} {'moved lost':>11} {'from float32':>13} "
-          f"{'(its norm)':>11} {'fidelity new':>13}")
+          f"{'(its norm)':>11} {'... as served':>14} {'fidelity new':>13}")
     for d, c in report["chains"].items():
         for row in c["rows"]:
             print(f"{d:>9} {row['step']:>7} {row['update_error']:>12.4f} {row['moved_lost']:>11.4f} "
-                  f"{row['from_float32']:>13.4f} {row['distance_from_float32']:>11.4f} {row['fidelity_new']:>13.2f}")
+                  f"{row['from_float32']:>13.4f} {row['distance_from_float32']:>11.4f} "
+                  f"{row['from_float32_served']:>14.4f} {row['fidelity_new']:>13.2f}")
         print(f"{'':>9} after all four: fidelity {c['fidelity_after_all']}, leak {c['class_leak_after_all']}")
     print(f"wall {report['wall_s']} s")
 

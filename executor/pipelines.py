@@ -108,8 +108,10 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
 # A metamodel's trained trunks are written in float32 whatever the served dtype (as diffusers' DreamBooth script
 # writes its float32 master weights), and its next DreamBooth step trains from them. Rounding costs a real share
 # of an update (benchmarks/storage_rounding.py, 300 DreamBooth steps of the embedded model): at SD 1.5's learning
-# rate of 1e-6 float16 lost 9.5% of the update's norm and bfloat16 all of it; at 1e-4, 0.7% and 8%. A metamodel
-# trained version after version from its rounded trunk would compound the loss.
+# rate of 1e-6 float16 lost 9.5% of the update's norm and bfloat16 all of it; at 1e-4, 0.7% and 8%. A chain of
+# four versions, each trained from the rounded one before, stays about one such share from the float32 chain
+# (benchmarks/trunk_chain_rounding.py): the loss does not compound, but in bfloat16 at 1e-6 it is a quarter to a
+# third of each version's update.
 TRUNK_DTYPE = torch.float32
 
 
