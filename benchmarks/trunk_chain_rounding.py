@@ -46,9 +46,6 @@ from executor import pipelines  # noqa: E402
 from executor.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def unet_state(module) -> dict:
     return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
 
@@ -58,7 +55,7 @@ def run_chain(dtype_name: str, *, class_cache: str, n: int, steps: int | None, l
     """One metamodel taught the sequence with every trunk write rounded to `dtype_name`; returns its rows, the
     final scores and each version's UNet weights (float32 tensors)."""
     torch.set_num_threads(threads)
-    dtype = DTYPES[dtype_name]
+    dtype = pipelines.DTYPES[dtype_name]
     scorer = Scorer()
     rows, trunks = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +110,7 @@ def distance(a: dict, b: dict) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--dtypes", nargs="+", default=list(pipelines.DTYPES), choices=list(pipelines.DTYPES))
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--steps", type=int, help="training steps per concept (default: the service's)")
     ap.add_argument("--learning-rate", type=float, help="default: the service's (1e-4 for the embedded model)")
@@ -140,7 +137,7 @@ def main():
     for name, chain in chains.items():
         for row, trunk, ref in zip(chain["rows"], chain["trunks"], reference["trunks"]):
             moved = distance(ref, base)
-            served_ref = {k: v.to(DTYPES[name]).float() for k, v in ref.items()}
+            served_ref = {k: v.to(pipelines.DTYPES[name]).float() for k, v in ref.items()}
             row.update(distance_from_float32=distance(trunk, ref), float32_from_base=moved,
                        from_float32=distance(trunk, ref) / moved,
                        from_float32_served=distance(trunk, served_ref) / moved)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_same_image, instance_images
-from executor import infotext, schedulers
+from executor import generation, infotext, schedulers
 from executor.errors import BadRequest, NotFound
 
 
@@ -62,7 +62,7 @@ def test_an_image_is_reproduced_from_its_own_png_text(service):
         "negative_prompt": "blue", "guidance_scale": 3.5})
     text = out[1].parameters_text()
     assert "Sampler: Euler a" in text and "Seed: 12" in text and "Negative prompt: blue" in text
-    assert "Emphasis: context" in text and f"Dtype: {str(service.base_pipe.unet.dtype)[6:]}" in text
+    assert "Emphasis: context" in text and f"Dtype: {generation.dtype_name(service.base_pipe.unet.dtype)}" in text
     again = service.generate("alice", [], {"parameters": text})
     assert len(again) == 1 and again[0].seed == 12
     assert_same_image(again[0], out[1], service.device)  # out[1] was made in a batch of two
