@@ -136,10 +136,9 @@ def main():
     base = reference["base"]
     for name, chain in chains.items():
         for row, trunk, ref in zip(chain["rows"], chain["trunks"], reference["trunks"]):
-            moved = distance(ref, base)
+            moved, gap = distance(ref, base), distance(trunk, ref)
             served_ref = {k: v.to(pipelines.DTYPES[name]).float() for k, v in ref.items()}
-            row.update(distance_from_float32=distance(trunk, ref), float32_from_base=moved,
-                       from_float32=distance(trunk, ref) / moved,
+            row.update(distance_from_float32=gap, float32_from_base=moved, from_float32=gap / moved,
                        from_float32_served=distance(trunk, served_ref) / moved)
     report = {"strategy": "seed_split", "seed": a.seed, "n": a.n, "score_seed": a.seed + 7,
               "learning_rate": a.learning_rate or defaults["learning_rate"],
