@@ -23,6 +23,17 @@ def test_auto_is_float16_on_a_gpu_and_float32_on_a_cpu_and_float16_needs_a_gpu()
         pipelines.pick_dtype("fp8", cpu)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_that_only_emulates_it_is_served_with_a_warning(monkeypatch, caplog, native):
+    monkeypatch.setattr(pipelines, "cpu_has_native_bfloat16", lambda: native)
+    with caplog.at_level("WARNING", logger=pipelines.__name__):
+        assert pipelines.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        pipelines.pick_dtype("bfloat16", torch.device("cuda"))  # a GPU's bfloat16 is not the CPU's business
+    warned = [r.getMessage() for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert native or "use 'float32' here" in warned[0]
+
+
 def test_autocast_follows_the_served_dtype_on_a_gpu_and_a_cpu_trains_without_it():
     assert training.mixed_precision_for(torch.bfloat16, "cuda") == "bf16"
     assert training.mixed_precision_for(torch.float16, "cuda") == "fp16"
