@@ -14,6 +14,8 @@ import os
 
 import torch
 
+log = logging.getLogger(__name__)
+
 EMBEDDED = "embedded"
 VERSION_META = "big_version.json"
 
@@ -91,7 +93,7 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bfloat16():
         # Served as asked, but said loudly: on an AVX2-only CPU the embedded model generated 11x slower in
         # bfloat16 than in float32 (8 images: 28.5 s against 2.6 s, 2026-12-01).
-        logging.getLogger(__name__).warning(
+        log.warning(
             "dtype 'bfloat16' on a CPU without native bfloat16 kernels (capability %s; oneDNN's need AVX-512 and "
             "are fast with AVX512-BF16 or AMX): torch falls back to far slower ones; use 'float32' here",
             torch.backends.cpu.get_cpu_capability())
