@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .generation import seeded_generators
+from .generation import DEFAULT_GENERATION_BATCH, halving_on_out_of_memory, seeded_generators
 from .storage import Workspace
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ def is_blank(img: Image.Image) -> bool:
 
 
 def ensure_class_images(ws: Workspace, base_key: str, make_pipe: Callable[[], object], category: str, n: int, *,
-                        size: int, steps: int, guidance_scale: float, batch: int = 16) -> tuple[list[Image.Image], int]:
+                        size: int, steps: int, guidance_scale: float,
+                        batch: int = DEFAULT_GENERATION_BATCH) -> tuple[list[Image.Image], int]:
     """The first `n` class images of `category`; returns (images, how many were generated now).
 
     `make_pipe` builds the base-model pipeline, and is only called when something is missing.
@@ -42,9 +43,10 @@ def ensure_class_images(ws: Workspace, base_key: str, make_pipe: Callable[[], ob
             idx = sorted(redraws)
             seeds = [1_000_003 * redraws[i] + i for i in idx]
             with torch.no_grad():
-                imgs = pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance_scale,
-                            height=size, width=size,
-                            generator=seeded_generators(seeds)).images
+                imgs = halving_on_out_of_memory(
+                    lambda some: pipe([prompt] * len(some), num_inference_steps=steps, guidance_scale=guidance_scale,
+                                      height=size, width=size, generator=seeded_generators(some)).images,
+                    seeds, what=f"class images of {prompt!r}")
             for i, img in zip(idx, imgs):
                 if is_blank(img):
                     if redraws[i] >= MAX_REDRAWS:

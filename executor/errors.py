@@ -28,3 +28,9 @@ class Conflict(BIGError):
 
 class JobCancelled(BIGError):
     code = "cancelled"
+
+
+class OutOfMemory(BIGError, MemoryError):
+    """Even one image does not fit in the accelerator's memory (larger batches are split, not refused)."""
+
+    code = "out_of_memory"

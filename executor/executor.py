@@ -18,6 +18,7 @@ from jina import Executor, requests
 from . import validation
 from .documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 from .errors import BadRequest
+from .generation import DEFAULT_GENERATION_BATCH
 from .service import BIGService, ServiceConfig
 from .storage import png_bytes
 
@@ -29,7 +30,8 @@ class BIGExecutor(Executor):
                  dtype: str = "auto", auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
-                 fuse_adapters: bool = True, limits: Optional[dict] = None, **kwargs):
+                 fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
+                 limits: Optional[dict] = None, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
@@ -44,6 +46,7 @@ class BIGExecutor(Executor):
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
+            generation_batch=int(generation_batch),
             limits=validation.Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
                  self.service.base_pipe.unet.dtype, self.service.ws.root)

@@ -4,18 +4,26 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+import logging
 import secrets
 import threading
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import OutOfMemory
 from .infotext import format_infotext
 from .prompting import DEFAULT_EMPHASIS, encode_prompts
 from .schedulers import label_of_scheduler
+
+log = logging.getLogger(__name__)
+# Images per pipeline call (and per denoising loop of a composable prompt) unless the service is configured
+# otherwise (`generation_batch`): with classifier-free guidance the UNet sees twice as many.
+DEFAULT_GENERATION_BATCH = 16
+T = TypeVar("T")
 
 
 def seeded_generators(seeds) -> list[torch.Generator]:
@@ -64,6 +72,32 @@ class PipelineCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def halving_on_out_of_memory(run: Callable[[list[T]], list], items: Sequence[T], *, what: str,
+                             advice: str = "") -> list:
+    """`run(items)`, or where the accelerator runs out of memory, `run` on each half, and so on down to one item.
+
+    Each image depends on its own seed and spec, never on its batch-mates, so a split changes no image: a
+    request too large for the GPU's memory is served in smaller batches instead of failing. One item that does
+    not fit raises `OutOfMemory`, saying what (`what`) did not fit and what might (`advice`)."""
+    items = list(items)
+    try:
+        return run(items)
+    except torch.OutOfMemoryError as e:
+        reason = (str(e).splitlines() or ["out of memory"])[0]
+    # Retried only after the except block: inside it, the traceback still holds the failed call's activations,
+    # and the halves need that memory.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(items) == 1:
+        raise OutOfMemory(f"{what}: one image does not fit in the accelerator's memory ({reason})"
+                          + (f"; {advice}" if advice else ""))
+    half = len(items) // 2
+    log.warning("%s: out of accelerator memory with %d images in one batch; retrying in batches of %d and %d "
+                "(a lower `generation_batch` avoids the retry)", what, len(items), half, len(items) - half)
+    return (halving_on_out_of_memory(run, items[:half], what=what, advice=advice)
+            + halving_on_out_of_memory(run, items[half:], what=what, advice=advice))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +152,15 @@ def batches(specs: list[ImageSpec], max_batch: int) -> list[list[int]]:
 
 @torch.no_grad()
 def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height: int, width: int,
-           model_label: str, model_version: int, max_batch: int = 16,
+           model_label: str, model_version: int, max_batch: int = DEFAULT_GENERATION_BATCH,
            emphasis: str = DEFAULT_EMPHASIS, embeddings: dict | None = None) -> list[GeneratedImage]:
     """One image per spec, in the specs' order; each image depends on its spec only, not on its batch."""
     out: list[GeneratedImage | None] = [None] * len(specs)
     common = dict(negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
                   model_version=model_version, scheduler_label=label_of_scheduler(pipe.scheduler), emphasis=emphasis,
                   dtype=dtype_name(pipe.unet.dtype))
-    for idx in batches(specs, max_batch):
-        chunk = [specs[i] for i in idx]
+
+    def call(chunk: list[ImageSpec]) -> list[Image.Image]:
         # A generator per image makes each image depend on its own seed only, not on its batch-mates.
         gens = seeded_generators(s.seed for s in chunk)
         # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
@@ -137,11 +171,16 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         scales = {s.guidance_scale for s in chunk}
         guidance = chunk[0].guidance_scale if len(scales) == 1 else torch.tensor(
             [s.guidance_scale for s in chunk], device=pipe.device, dtype=pipe.unet.dtype).view(-1, 1, 1, 1)
-        images = pipe(
+        return pipe(
             prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
             num_inference_steps=chunk[0].num_inference_steps, guidance_scale=guidance, height=height, width=width,
             generator=gens,
         ).images
+
+    for idx in batches(specs, max_batch):
+        chunk = [specs[i] for i in idx]
+        images = halving_on_out_of_memory(call, chunk, what=f"{height}x{width} images",
+                                          advice="ask for a smaller height and width")
         for i, s, im in zip(idx, chunk, images):
             out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(s, **common))
     return out
@@ -173,7 +212,8 @@ class PromptPart:
 
 @torch.no_grad()
 def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, scheduler=None, negative_prompt: str | None,
-                    height: int, width: int, model_label: str, model_version: int, max_batch: int = 16,
+                    height: int, width: int, model_label: str, model_version: int,
+                    max_batch: int = DEFAULT_GENERATION_BATCH,
                     emphasis: str = DEFAULT_EMPHASIS) -> list[GeneratedImage]:
     """Images of one composable prompt (every spec has the same `AND` prompt): at each step every part's
     pipeline predicts the noise for its text and for the negative prompt, and
@@ -185,6 +225,7 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
     below 1 is applied by the same formula (the pipeline would switch guidance off there). The first part's
     pipeline supplies the scheduler's config, the latents and the VAE."""
     out: list[GeneratedImage | None] = [None] * len(specs)
+    label = label_of_scheduler(scheduler or parts[0].pipe.scheduler)
     # One denoising loop per step count and guidance scale (both are scalars in it).
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(specs):
@@ -193,8 +234,11 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
         for k in range(0, len(same), max_batch):
             idx = same[k : k + max_batch]
             chunk = [specs[i] for i in idx]
-            images, label = _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt, height,
-                                              width, emphasis)
+            images = halving_on_out_of_memory(
+                lambda sub: _denoise_composed(parts, sub, steps, guidance, scheduler, negative_prompt, height, width,
+                                              emphasis),
+                chunk, what=f"{height}x{width} images of a composable prompt",
+                advice="ask for a smaller height and width, or fewer AND parts")
             for i, s, im in zip(idx, chunk, images):
                 out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(
                     s, negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,
@@ -232,7 +276,7 @@ def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt,
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     vae = lead.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return lead.image_processor.postprocess(images, output_type="pil"), label_of_scheduler(scheduler)
+    return lead.image_processor.postprocess(images, output_type="pil")
 
 
 def prompt_specs(prompts: list[str], *, num_images: int, seed: int | None, guidance_scale: float,

@@ -55,6 +55,9 @@ class ServiceConfig:
     finetune_defaults: dict = dataclasses.field(default_factory=dict)
     generate_defaults: dict = dataclasses.field(default_factory=dict)
     class_image_steps: int = 20
+    # Images per pipeline call (generation, class images); with classifier-free guidance the UNet sees twice as
+    # many. A batch that runs out of GPU memory is retried in halves, so this only needs lowering to avoid that.
+    generation_batch: int = generation.DEFAULT_GENERATION_BATCH
     cache_max_bytes: int = 4 * 1024**3
     train_workers: int = 1
     train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
@@ -78,6 +81,8 @@ def model_key(target: str, user: str, concept_id: str | None = None) -> str:
 
 class BIGService:
     def __init__(self, config: ServiceConfig):
+        if config.generation_batch < 1:
+            raise ValueError(f"generation_batch must be at least 1, not {config.generation_batch}")
         self.config = config
         self.ws = Workspace(config.workspace)
         self.registry = Registry(self.ws.registry_path)
@@ -308,7 +313,8 @@ class BIGService:
         shared by every user and model (a benchmark calls it to make them before it times training)."""
         return class_images.ensure_class_images(
             self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), category, n, size=self.size,
-            steps=self.config.class_image_steps, guidance_scale=self.generate_defaults["guidance_scale"])[0]
+            steps=self.config.class_image_steps, guidance_scale=self.generate_defaults["guidance_scale"],
+            batch=self.config.generation_batch)[0]
 
     def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[training.TrainExample], list[int]]:
         """The prior examples of a plan, and for each the index of the slot (group) it fills."""
@@ -530,7 +536,7 @@ class BIGService:
             images = generation.render(
                 pipelines.compose(model, scheduler=scheduler), [specs[i] for i in plain],
                 negative_prompt=req.negative_prompt, height=req.height, width=req.width, model_version=version,
-                emphasis=req.emphasis, model_label=label, embeddings=embeds)
+                emphasis=req.emphasis, model_label=label, embeddings=embeds, max_batch=self.config.generation_batch)
             for i, image in zip(plain, images):
                 out[i] = image
         for prompt, idx in composed.items():
@@ -547,7 +553,8 @@ class BIGService:
             if req.scheduler else None
         return generation.render_composed(parts, specs, scheduler=scheduler, negative_prompt=req.negative_prompt,
                                           height=req.height, width=req.width, model_label=label,
-                                          model_version=version, emphasis=req.emphasis)
+                                          model_version=version, emphasis=req.emphasis,
+                                          max_batch=self.config.generation_batch)
 
     # ================================================================== private concepts
     def private_concepts_for(self, user: str, names: Sequence[str], prompts: Sequence[str]) -> list[dict]:

@@ -53,6 +53,20 @@ def assert_same_image(a, b, device) -> None:
     assert d.mean() < 1.0 and np.quantile(d, 0.99) <= 8, report
 
 
+def assert_same_but_rounding(a, b, device) -> None:
+    """Lists of the same images up to float rounding: u + 4(c - u) + 4(c - u) against u + 8(c - u), or an image
+    made alone against the same image made in a larger batch. On some CPUs (an AMD EPYC here) that moves a
+    pixel by one level in under 1% of pixels; elsewhere the bytes are equal. In fp16 on a GPU (an H200) it
+    moved 5% of pixels by one level, within `assert_same_image`'s bound for a GPU."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        x, y = (np.asarray(getattr(i, "image", i), dtype=np.int16) for i in (x, y))
+        if torch.device(device).type == "cpu":
+            assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01
+        else:
+            assert_same_image(x, y, device)
+
+
 def instance_images(n=4, seed=0, **attrs):
     """Rendered images of one concept (default: an orange heart with a centre dot)."""
     import random

@@ -2,6 +2,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from executor.class_images import ensure_class_images, is_blank
@@ -57,6 +58,23 @@ def test_a_model_that_only_makes_blank_images_is_an_error(tmp_path):
 
     with pytest.raises(RuntimeError, match="blank"):
         ensure_class_images(Workspace(str(tmp_path)), "b", Black, "dog", 2, size=32, steps=1, guidance_scale=1.0)
+
+
+def test_class_images_are_made_in_halves_when_a_batch_does_not_fit(tmp_path):
+    class SmallGpu(FakePipe):
+        def __call__(self, prompts, *, generator, **kw):
+            if len(generator) > 2:
+                self.calls.append(("oom", len(generator)))
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().__call__(prompts, generator=generator, **kw)
+
+    small, roomy = SmallGpu(), FakePipe()
+    imgs, made = ensure_class_images(Workspace(str(tmp_path / "a")), "base", lambda: small, "dog", 5, size=32,
+                                     steps=2, guidance_scale=1.0)
+    ref, _ = ensure_class_images(Workspace(str(tmp_path / "b")), "base", lambda: roomy, "dog", 5, size=32, steps=2,
+                                 guidance_scale=1.0)
+    assert made == 5 and [i.tobytes() for i in imgs] == [i.tobytes() for i in ref]
+    assert small.calls == [("oom", 5), [0, 1], ("oom", 3), [2], [3, 4]]
 
 
 def test_pipeline_cache_is_lru_bounded_by_bytes_and_loads_once():

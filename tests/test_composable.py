@@ -2,9 +2,8 @@
 the metamodel adapters it names."""
 import numpy as np
 import pytest
-import torch
 
-from conftest import assert_same_image, instance_images
+from conftest import assert_same_but_rounding, assert_same_image, instance_images
 from executor import generation, personal
 
 
@@ -36,29 +35,16 @@ def test_one_part_of_weight_one_is_the_pipeline_s_classifier_free_guidance(servi
     assert ours[0].parameters == theirs[0].parameters  # the PNG text says the same
 
 
-def _same_but_rounding(a, b, device):
-    """The same computation up to float rounding: u + 4(c - u) + 4(c - u) against u + 8(c - u), or one image
-    made alone against the same image made in a larger batch. On some CPUs (an AMD EPYC here) that moves a
-    pixel by one level in under 1% of pixels; elsewhere the bytes are equal. In fp16 on a GPU (an H200) it
-    moved 5% of pixels by one level, within `assert_same_image`'s bound for a GPU."""
-    assert len(a) == len(b)
-    for x, y in zip(_pixels(a), _pixels(b)):
-        if torch.device(device).type == "cpu":
-            assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01
-        else:
-            assert_same_image(x, y, device)
-
-
 def test_and_prompts_through_the_service_follow_the_composable_rule(service):
     params = {"target_model": "pretrained", "seed": 3, "num_images": 2, "guidance_scale": 4.0}
     # Twice the same part: its guidance adds up, as one part at twice the scale (same UNet, same uncond) ...
     twice = service.generate("carol", ["a red star AND a red star"], params)
     single = service.generate("carol", ["a red star"], {**params, "guidance_scale": 8.0})
-    _same_but_rounding(twice, single, service.device)
+    assert_same_but_rounding(twice, single, service.device)
     euler_a = {**params, "scheduler": "euler_a"}  # the request's sampler drives the composed loop too
     twice_euler_a = service.generate("carol", ["a red star AND a red star"], euler_a)
     single_euler_a = service.generate("carol", ["a red star"], {**euler_a, "guidance_scale": 8.0})
-    _same_but_rounding(twice_euler_a, single_euler_a, service.device)
+    assert_same_but_rounding(twice_euler_a, single_euler_a, service.device)
     # A different sampler is not within rounding of it: the check above can fail.
     assert np.abs(_pixels(twice_euler_a)[0] - _pixels(twice)[0]).max() > 8
     # ... and a part of weight 0 only adds its unconditional prediction, here the same as the first part's.
@@ -72,7 +58,7 @@ def test_and_prompts_through_the_service_follow_the_composable_rule(service):
     # The PNG text reproduces the composed image from the text alone.
     again = service.generate("carol", [], {"parameters": mixed[0].parameters_text()})
     assert again[0].prompt == "a red star AND a blue circle :0.5"
-    _same_but_rounding(again, mixed[:1], service.device)  # made alone now, in a batch of four then
+    assert_same_but_rounding(again, mixed[:1], service.device)  # made alone now, in a batch of four then
 
 
 def test_each_and_part_is_served_by_the_adapters_it_names(service, monkeypatch):
