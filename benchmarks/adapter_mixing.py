@@ -29,9 +29,10 @@ import torch  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from continual import Served, score_concepts, teach_as_adapters  # noqa: E402
-from executor import generation, personal  # noqa: E402
-from executor.prompting import DEFAULT_EMPHASIS  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.generation import sampling
+from big.weights import lora  # noqa: E402
+from big.generation.prompting import DEFAULT_EMPHASIS  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
@@ -69,7 +70,7 @@ MIXES = [
 
 def adapter_parts(svc, concept):
     meta = svc._concept_meta(concept)
-    return personal.LoraRuntime.adapter_name(concept["concept_id"]), meta["path"], svc._concept_embedding(concept, meta)
+    return lora.LoraRuntime.adapter_name(concept["concept_id"]), meta["path"], svc._concept_embedding(concept, meta)
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
             return kwargs
 
         embeds = dict(p[2] for p in parts.values() if p[2] is not None)
-        e, ne = generation.encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n, [""] * n, pipe.device,
+        e, ne = sampling.encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n, [""] * n, pipe.device,
                                           dtype=pipe.text_encoder.dtype, emphasis=DEFAULT_EMPHASIS, embeddings=embeds)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         try:
@@ -186,7 +187,7 @@ def main():
                 with runtime.lock:
                     pipe = runtime.activate([(nm, path, 1.0) for nm, path, _ in parts.values()])
                     embeds = dict(p[2] for p in parts.values() if p[2] is not None)
-                    e, ne = generation.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, [""] * len(prompts),
+                    e, ne = sampling.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, [""] * len(prompts),
                                                       pipe.device, dtype=pipe.text_encoder.dtype,
                                                       emphasis=DEFAULT_EMPHASIS, embeddings=embeds)
                     return pipe(prompt_embeds=e, negative_prompt_embeds=ne,

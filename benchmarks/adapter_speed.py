@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from continual import SEQUENCE, instance_images  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 
 
 def main(argv=None):

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from continual import SEQUENCE, Served, score_concepts, teach_as_adapters  # noqa: E402
 from reporting import write_report  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 

@@ -36,11 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from executor import generation, personal  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.generation import sampling
+from big.weights import lora  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import captioned_sheet, line_chart  # noqa: E402
+from big.generation.sheets import captioned_sheet, line_chart  # noqa: E402
 
 SEQUENCE = [
     ("heart-dot", "shape", {"shape": "heart", "colour": "orange", "mark": "dot"}),
@@ -92,7 +93,7 @@ class Served:
 
     def __call__(self, prompts, *, num_inference_steps, guidance_scale, generator, height, width,
                  negative_prompt=None):
-        specs = [generation.ImageSpec(p, g.initial_seed(), guidance_scale, num_inference_steps)
+        specs = [sampling.ImageSpec(p, g.initial_seed(), guidance_scale, num_inference_steps)
                  for p, g in zip(prompts, generator)]
         params = {**self.params, "height": height, "width": width}
         if negative_prompt:
@@ -164,7 +165,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed, parts=("seen",))
             row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
                    "score_s": round(time.time() - t_score, 1),
-                   "version_bytes": personal.version_bytes(version_dir), "method": r["method"],
+                   "version_bytes": lora.version_bytes(version_dir), "method": r["method"],
                    "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
                    "composition_attributes": per_attribute, "compositions_and_object": comps_and,
                    "base_both_seen": acc["seen"]["both"],

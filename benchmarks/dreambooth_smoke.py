@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
@@ -72,7 +72,7 @@ def main():
     print(json.dumps(report, indent=1))
     with open(os.path.join(a.out, "dreambooth_smoke.json"), "w") as f:
         json.dump(report, f, indent=1)
-    from shapes_world.sheets import contact_sheet
+    from big.generation.sheets import contact_sheet
 
     contact_sheet(images + [im for im, _ in sheet], ["instance"] * len(images) + [c for _, c in sheet], columns=7,
                   title=f"dreambooth smoke: fidelity {scores['fidelity']:.2f} in {wall:.0f}s").save(

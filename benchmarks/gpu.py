@@ -6,7 +6,7 @@ trainable weights, fp16 served modules):
 - training steps/s and peak GPU memory of BIG's loop (`training.dreambooth`) and of the plain diffusers loop
   (as diffusers' train_dreambooth*.py scripts step: VAE encoding every step), DreamBooth and LoRA, batch 1 and 4,
   gradient checkpointing on and off; textual inversion;
-- generation images/s of BIG's `generation.render` and of a bare pipeline call, 20 and 30 steps, batch 1, 4, 16;
+- generation images/s of BIG's `sampling.render` and of a bare pipeline call, 20 and 30 steps, batch 1, 4, 16;
 - a LoRA switch: BIG's `LoraRuntime` against diffusers' load + unload.
 Where BIG's code does not yet take a family (SDXL training and generation), the row says so and only the reference
 is measured. Every measurement stops the run's clock at `--budget-s`: what does not fit is marked skipped.
@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from executor import generation, pipelines
-from executor.embeddings import ConceptEmbedding
-from executor.personal import LORA_FILE, LoraRuntime, save_lora
-from executor.training import LoraSettings, TrainExample, dreambooth
+from big.generation import sampling
+from big.weights import pipelines
+from big.weights.embeddings import ConceptEmbedding
+from big.weights.lora import LORA_FILE, LoraRuntime, save_lora
+from big.training.loop import LoraSettings, TrainExample, dreambooth
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd",
@@ -273,8 +274,8 @@ def generation_rows(pipe, family: str, size: int, device, steps_list, batches, r
         pipe(prompt=[PROMPT] * b, num_inference_steps=s, guidance_scale=7.5, height=size, width=size, generator=gens)
 
     def big(b, s):
-        specs = [generation.ImageSpec(PROMPT, i, 7.5, s) for i in range(b)]
-        generation.render(served, specs, negative_prompt=None, height=size, width=size, model_label="bench",
+        specs = [sampling.ImageSpec(PROMPT, i, 7.5, s) for i in range(b)]
+        sampling.render(served, specs, negative_prompt=None, height=size, width=size, model_label="bench",
                           model_version=0, max_batch=16)
 
     for _ in range(3):  # warm-up: kernels, attention backends, the GPU's clocks

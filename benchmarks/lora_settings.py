@@ -8,9 +8,9 @@ sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "tests"))
 import numpy as np, torch
 torch.set_num_threads(2)
 from conftest import instance_images
-from executor import personal
-from executor.service import BIGService, ServiceConfig
-from executor.validation import Limits
+from big.weights import lora
+from big.service import BIGService, ServiceConfig
+from big.parsing import Limits
 from benchmarks.personal_bench import score
 
 configs = json.loads(sys.argv[1])
@@ -23,7 +23,7 @@ with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         r = svc.finetune(user, images, {"category": "shape", "method": "lora", **cfg})
         wall = time.perf_counter() - t
-        meta = personal.read_meta(svc.registry.version_path(f"private:{r['concept_id']}", 1))
+        meta = lora.read_meta(svc.registry.version_path(f"private:{r['concept_id']}", 1))
         fid, leak, per, _ = score(svc, user, r["identifier"], n)
         print(json.dumps({"cfg": cfg, "ident": r["identifier"], "train_s": round(meta["train_seconds"], 1),
                           "fid": fid, "leak": leak, "mark": per["mark"], "loss": round(meta["final_loss"], 4)}), flush=True)

@@ -2,7 +2,7 @@
 import json
 import os
 
-from shapes_world.sheets import captioned_sheet
+from big.generation.sheets import captioned_sheet
 
 
 def write_report(out_dir: str, stem: str, report: dict, cells=None, **sheet_kw) -> None:

@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.continual import Served, instance_images  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer, mark_in_ink  # noqa: E402
-from shapes_world.sheets import contact_sheet  # noqa: E402
+from big.generation.sheets import contact_sheet  # noqa: E402
 
 HEART_DOT = {"shape": "heart", "colour": "orange", "mark": "dot"}
 RENDER_SEED = 4242

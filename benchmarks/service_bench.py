@@ -2,7 +2,7 @@
 
     python benchmarks/service_bench.py [--threads 2] [--steps 60]
 
-1. finetune throughput: executor.training.dreambooth (VAE latents and text states computed once per
+1. finetune throughput: big.training.loop.dreambooth (VAE latents and text states computed once per
    job) vs the plain diffusers DreamBooth loop (VAE encode + text encoder every step), same model,
    data, batch and steps. Ratio = plain time / ours. Also the milliseconds of each part of a plain step.
 2. class images: a second finetune in a known category generates none (counts printed).
@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from executor import training  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.training import loop  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import world  # noqa: E402
 
 
@@ -38,8 +38,8 @@ def plain_diffusers_loop(pipe, instances, priors, *, steps, batch, lr, seed, siz
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
-    inst_px = torch.stack([training.preprocess(e.image, size) for e in instances])
-    prior_px = torch.stack([training.preprocess(e.image, size) for e in priors])
+    inst_px = torch.stack([loop.preprocess(e.image, size) for e in instances])
+    prior_px = torch.stack([loop.preprocess(e.image, size) for e in priors])
     tok = pipe.tokenizer
     for _ in range(steps):
         ii = torch.randint(0, len(instances), (batch,), generator=g)
@@ -68,7 +68,7 @@ def step_breakdown(pipe, instances, priors, batch, size, repeat=10):
     """Milliseconds of each part of one plain DreamBooth step: what caching and the fused AdamW can save."""
     import copy
 
-    px = torch.stack([training.preprocess(e.image, size) for e in (instances * batch)[:batch] + priors[:batch]])
+    px = torch.stack([loop.preprocess(e.image, size) for e in (instances * batch)[:batch] + priors[:batch]])
     texts = [e.prompt for e in (instances * batch)[:batch] + priors[:batch]]
     tok = pipe.tokenizer
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -134,11 +134,11 @@ def main():
                                   "second_finetune_wall_s": round(second, 2)}
 
         # 1. training throughput
-        instances = [training.TrainExample(im, "a sks shape") for im in imgs]
-        priors = [training.TrainExample(im, "a shape") for im in svc.ws.load_class_images(svc.base_key, "shape", svc.size, 32)]
+        instances = [loop.TrainExample(im, "a sks shape") for im in imgs]
+        priors = [loop.TrainExample(im, "a shape") for im in svc.ws.load_class_images(svc.base_key, "shape", svc.size, 32)]
         kw = dict(steps=a.steps, batch=a.batch, lr=1e-4, seed=0, size=svc.size)
         plain = timed(lambda: plain_diffusers_loop(pipe, instances, priors, **kw), a.repeat)
-        ours = timed(lambda: training.dreambooth(
+        ours = timed(lambda: loop.dreambooth(
             vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
             noise_scheduler=svc._noise_scheduler(), instances=instances, priors=priors, learning_rate=1e-4,
             max_train_steps=a.steps, train_batch_size=a.batch, seed=0, size=svc.size), a.repeat)
@@ -171,9 +171,9 @@ def grpc_overhead(repeat, threads):
     from docarray import DocList
     from docarray.documents import ImageDoc, TextDoc
 
-    from executor.auth import mint_token
-    from executor.pipelines import load_base_pipeline
-    from executor.serving import FlowProcess
+    from big.auth import mint_token
+    from big.weights.pipelines import load_base_pipeline
+    from executor.flow_process import FlowProcess
 
     secret = "bench-secret-0123456789-abcdefghijkl"
     pipe = load_base_pipeline("embedded", torch.device("cpu"))

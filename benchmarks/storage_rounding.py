@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 

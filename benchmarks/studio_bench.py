@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.service_bench import timed  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
-from executor.validation import Limits  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
+from big.parsing import Limits  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
-from shapes_world.sheets import contact_sheet  # noqa: E402
+from big.generation.sheets import contact_sheet  # noqa: E402
 
 PAIRS = [("red", "blue", "star"), ("green", "yellow", "circle"), ("purple", "orange", "square")]
 UP_WEIGHTS = (1.5, 2, 3)

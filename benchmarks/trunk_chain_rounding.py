@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 from benchmarks import continual  # noqa: E402
 from benchmarks.storage_rounding import rounding_loss  # noqa: E402
-from executor import pipelines  # noqa: E402
-from executor.service import BIGService, ServiceConfig  # noqa: E402
+from big.weights import pipelines  # noqa: E402
+from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 
 def unet_state(module) -> dict:

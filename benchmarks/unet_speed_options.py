@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from executor import training  # noqa: E402
+from big.training import loop  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
 from shapes_world.model import TEXT_MAX_LENGTH  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
@@ -46,7 +46,7 @@ def load_unet(*, lora: bool, dtype=torch.float32, channels_last=False):
     if lora:
         unet.requires_grad_(False)
         torch.manual_seed(0)  # the same adapter in every option
-        unet.add_adapter(training.LoraSettings(targets="all").config(training.LORA_TARGETS["all"]))
+        unet.add_adapter(loop.LoraSettings(targets="all").config(loop.LORA_TARGETS["all"]))
         for p in unet.parameters():
             if p.requires_grad:  # the adapter trains in fp32 whatever the trunk's dtype
                 p.data = p.data.float()

@@ -165,7 +165,7 @@ def contact_sheet_doc(images, columns: int):
     """A captioned PNG grid of generated-image documents, as a document of kind "contact_sheet"."""
     from PIL import Image
 
-    from shapes_world.sheets import contact_sheet
+    from big.generation.sheets import contact_sheet
 
     pil = [Image.open(io.BytesIO(d.bytes_)).convert("RGB") for d in images]
     captions = [f"{d.text}\n{(d.parameters or '').splitlines()[-1][:60]}" for d in images]
@@ -179,7 +179,7 @@ def save_images(docs, out_dir: str, sheet_name: str = "contact_sheet.png") -> li
     a sheet the server made (/sweep, /grid) is written as sweep.gif / grid.png beside them."""
     from PIL import Image
 
-    from shapes_world.sheets import contact_sheet
+    from big.generation.sheets import contact_sheet
 
     os.makedirs(out_dir, exist_ok=True)
     paths, images, captions = [], [], []

@@ -1,6 +1,6 @@
 """BIG from the command line.
 
-    export BIG_HOST=grpc://localhost:51000 BIG_TOKEN=$(python -m executor.auth mint alice)
+    export BIG_HOST=grpc://localhost:51000 BIG_TOKEN=$(python -m big.auth mint alice)
     python -m client_examples.cli finetune client_examples/sample_concept --category shape [--target meta]
     python -m client_examples.cli generate "a sks shape" --target private --identifier sks --out out/
     python -m client_examples.cli sweep "a red star" --start 0 --stop 30 --num 31 --seed 7 --out sweep/
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     m.add_argument("--identifier")
     a = ap.parse_args(argv)
     if not a.token:
-        ap.error("no token: pass --token or set BIG_TOKEN (mint one with `python -m executor.auth mint USER`)")
+        ap.error("no token: pass --token or set BIG_TOKEN (mint one with `python -m big.auth mint USER`)")
     big = BIGClient(a.host, a.token)
     if a.cmd == "finetune":
         c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from, max_train_steps=a.steps,

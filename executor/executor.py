@@ -15,12 +15,12 @@ from docarray import DocList
 from docarray.documents import ImageDoc, TextDoc
 from jina import Executor, requests
 
-from . import validation
-from .documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
-from .errors import BadRequest
-from .generation import DEFAULT_GENERATION_BATCH
-from .service import BIGService, ServiceConfig
-from .storage import png_bytes
+from big import parsing
+from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
+from big.errors import BadRequest
+from big.generation.sampling import DEFAULT_GENERATION_BATCH
+from big.service import BIGService, ServiceConfig
+from big.storage.workspace import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class BIGExecutor(Executor):
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             generation_batch=int(generation_batch),
-            limits=validation.Limits(**(limits or {})))).result()
+            limits=parsing.Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
                  self.service.base_pipe.unet.dtype, self.service.ws.root)
 
@@ -58,7 +58,7 @@ class BIGExecutor(Executor):
     async def finetune(self, docs: DocList[ImageDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
         user = self._user(parameters)
         limits = self.service.config.limits
-        images = validation.decode_instance_images(docs, limits)
+        images = parsing.decode_instance_images(docs, limits)
         job_id, wait = await asyncio.to_thread(self.service.submit_finetune, user, images, parameters)
         if not wait:
             return DocList[ConceptDoc]([ConceptDoc(text="", job_id=job_id, status="queued")])
@@ -76,7 +76,7 @@ class BIGExecutor(Executor):
         """A private concept's files (`identifier`; `format`: all, diffusers, a1111)."""
         user, ident = self._user(parameters), _identifier_of(parameters)
         files = await asyncio.to_thread(self.service.export, user, ident,
-                                       validation.given(parameters, "format", "all"))
+                                       parsing.given(parameters, "format", "all"))
         return DocList[ConceptFileDoc]([ConceptFileDoc(text=name, bytes_=data, identifier=ident,
                                                        sha256=hashlib.sha256(data).hexdigest()) for name, data in files])
 
@@ -104,7 +104,7 @@ class BIGExecutor(Executor):
         `values` or `start`/`stop`/`num`; the last document is the animated GIF."""
         user = self._user(parameters)
         frames, gif = await self._on_generate_thread(self.service.sweep, user, [d.text for d in docs], parameters)
-        parameter = validation.given(parameters, "sweep", "guidance_scale")
+        parameter = parsing.given(parameters, "sweep", "guidance_scale")
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in frames] + [GeneratedImageDoc(
             bytes_=gif, kind="animation", text=f"{parameter} sweep: {frames[0].prompt}", seed=frames[0].seed)])
 
@@ -138,7 +138,7 @@ class BIGExecutor(Executor):
         user = self._user(parameters)
         job_id = parameters.get("job_id")
         if job_id:
-            cancel = validation.flag(parameters, "cancel", False)
+            cancel = parsing.flag(parameters, "cancel", False)
             rows = [await asyncio.to_thread(self.service.job, user, str(job_id), cancel)]
         else:
             rows = await asyncio.to_thread(self.service.list_jobs, user)

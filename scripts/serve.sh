@@ -9,6 +9,6 @@ if [ -z "${BIG_JWT_SECRET:-}" ] && [ "${BIG_AUTH_MODE:-hs256}" = "hs256" ]; then
   [ -f workspace/.jwt_secret ] || .venv/bin/python -c "import secrets; print(secrets.token_urlsafe(48))" > workspace/.jwt_secret
   export BIG_JWT_SECRET="$(cat workspace/.jwt_secret)"
   echo "BIG_JWT_SECRET not set: using the one in workspace/.jwt_secret. Mint a token with:"
-  echo "  BIG_JWT_SECRET=\$(cat workspace/.jwt_secret) .venv/bin/python -m executor.auth mint alice"
+  echo "  BIG_JWT_SECRET=\$(cat workspace/.jwt_secret) .venv/bin/python -m big.auth mint alice"
 fi
 exec .venv/bin/jina flow --uses flow.yml

@@ -28,7 +28,7 @@ import torch
 from . import world
 from .model import DEFAULT_MODEL_DIR, DEFAULT_SCORER_DIR
 from .scorer import Scorer, accuracy_on_rendered
-from .sheets import contact_sheet
+from big.generation.sheets import contact_sheet
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.0

@@ -304,8 +304,8 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 700, "num_class_i
 
 
 def write_model_card(model_dir: str, unet_steps: int) -> None:
-    """shapes_world.json: what the model is and the defaults the service should use with it."""
-    with open(os.path.join(model_dir, "shapes_world.json"), "w") as f:
+    """big_defaults.json: what the model is and the defaults the service should use with it."""
+    with open(os.path.join(model_dir, "big_defaults.json"), "w") as f:
         json.dump({"unet_steps": unet_steps, "image_size": world.IMAGE_SIZE,
                    "default_guidance_scale": DEFAULT_GUIDANCE, "default_steps": 20,
                    "finetune_defaults": FINETUNE_DEFAULTS, "categories": list(world.CATEGORIES)}, f, indent=1)

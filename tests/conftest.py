@@ -85,7 +85,7 @@ def shared_class_images(tmp_path_factory):
     shares them among all its users, and the cache's index-derived seeds make them the images each test
     would make itself (to float rounding: here they come from one batch of 16). Copied into each `service`;
     a test of the cache itself starts by removing them."""
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     ws = tmp_path_factory.mktemp("class-images-ws")
     svc = BIGService(ServiceConfig(workspace=str(ws), base_model=BASE_MODEL, auth={"mode": "disabled"}))
@@ -97,7 +97,7 @@ def shared_class_images(tmp_path_factory):
 
 @pytest.fixture
 def service(tmp_path, shared_class_images):
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     shutil.copytree(shared_class_images, tmp_path / "ws" / "class_images")
     # The model card's per-strategy steps win over a shared max_train_steps, so both are set short.

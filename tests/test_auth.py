@@ -5,8 +5,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor.auth import DEV_USER, AuthConfig, Authenticator, mint_token
-from executor.errors import AuthError
+from big.auth import DEV_USER, AuthConfig, Authenticator, mint_token
+from big.errors import AuthError
 
 SECRET = "test-secret-with-enough-bytes-for-hs256!"
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from executor.class_images import ensure_class_images, is_blank
-from executor.generation import PipelineCache
-from executor.pipelines import base_key
-from executor.storage import Workspace
+from big.training.class_images import ensure_class_images, is_blank
+from big.generation.sampling import PipelineCache
+from big.weights.pipelines import base_key
+from big.storage.workspace import Workspace
 
 
 class FakePipe:

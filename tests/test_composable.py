@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_but_rounding, assert_same_image, instance_images
-from executor import generation, personal
+from big.generation import sampling
+from big.weights import lora
 
 
 def _pixels(images):
@@ -19,17 +20,17 @@ def _bytes(images):
 def test_one_part_of_weight_one_is_the_pipeline_s_classifier_free_guidance(service, sampler):
     """The composed loop is diffusers' loop: same latents from the same seeds, same scheduler steps
     (an ancestral sampler's noise too), same guidance; only the batching of the UNet calls differs."""
-    from executor import schedulers
+    from big.generation import schedulers
 
     pipe = service.base_pipe
-    specs = [generation.ImageSpec("a red star", seed, 4.0, 6) for seed in (7, 8)]
+    specs = [sampling.ImageSpec("a red star", seed, 4.0, 6) for seed in (7, 8)]
     scheduler = schedulers.make(schedulers.SAMPLERS[sampler], pipe.scheduler.config) if sampler else None
     common = dict(negative_prompt="a blue circle", height=service.size, width=service.size, model_label="x",
                   model_version=0)
-    ours = generation.render_composed([generation.PromptPart(pipe, "a red star", 1.0)], specs,
+    ours = sampling.render_composed([sampling.PromptPart(pipe, "a red star", 1.0)], specs,
                                       scheduler=scheduler, **common)
-    from executor import pipelines
-    theirs = generation.render(pipelines.compose(pipe, scheduler=scheduler), specs, **common)
+    from big.weights import pipelines
+    theirs = sampling.render(pipelines.compose(pipe, scheduler=scheduler), specs, **common)
     for a, b in zip(_pixels(ours), _pixels(theirs)):
         assert np.abs(a - b).max() <= 1
     assert ours[0].parameters == theirs[0].parameters  # the PNG text says the same
@@ -66,11 +67,11 @@ def test_each_and_part_is_served_by_the_adapters_it_names(service, monkeypatch):
     b = service.finetune("bob", instance_images(style="checker", mark="none", shape="circle"),
                          {"category": "painting", "target_model": "meta"})
     obj, style = a["identifier"], b["identifier"]
-    names = {k: personal.LoraRuntime.adapter_name(service.registry.find_concept(
+    names = {k: lora.LoraRuntime.adapter_name(service.registry.find_concept(
         owner=o, target="meta", identifier=k)["concept_id"]) for k, o in ((obj, "alice"), (style, "bob"))}
     params = {"target_model": "meta", "seed": 3, "num_images": 2, "guidance_scale": 4.0}
     seen = []
-    real = generation.render_composed
+    real = sampling.render_composed
     monkeypatch.setattr(generation, "render_composed", lambda parts, specs, **kw: seen.append(parts) or
                         real(parts, specs, **kw))
     composed = service.generate("carol", [f"a {style} painting of a {obj} shape AND a {obj} shape :2"], params)

@@ -7,7 +7,7 @@ import os
 
 from benchmarks.continual import main
 from conftest import BASE_MODEL
-from executor.service import DEFAULT_FINETUNE
+from big.service import DEFAULT_FINETUNE
 
 
 def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):
@@ -30,7 +30,8 @@ def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):
 
 def test_composition_prompts_weight_the_words_and_still_route_both_adapters():
     from benchmarks.composition_guidance import composed_prompt
-    from executor import metamodel, prompting
+    from big.generation import prompting
+    from big.weights import metamodel
 
     adapters = (metamodel.Adapter(1, "a", "bnp"), metamodel.Adapter(2, "b", "ssh"))
     assert composed_prompt("ssh", "bnp", 0) == "a ssh painting of a bnp shape"
@@ -43,7 +44,8 @@ def test_composition_prompts_weight_the_words_and_still_route_both_adapters():
 
 def test_described_composition_routes_each_part_to_one_adapter():
     from benchmarks.composition_guidance import described_prompt
-    from executor import metamodel, prompting
+    from big.generation import prompting
+    from big.weights import metamodel
 
     adapters = (metamodel.Adapter(1, "a", "bnp"), metamodel.Adapter(2, "b", "ssh"))
     prompt = described_prompt("ssh", "bnp", "orange heart", 0.7, "white")

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import BASE_MODEL, SECRET, instance_images
-from executor import pipelines, training
+from big.training import loop
+from big.weights import pipelines
 from shapes_world import evaluate
 
 
@@ -35,13 +36,13 @@ def test_bfloat16_on_a_cpu_that_only_emulates_it_is_served_with_a_warning(monkey
 
 
 def test_autocast_follows_the_served_dtype_on_a_gpu_and_a_cpu_trains_without_it():
-    assert training.mixed_precision_for(torch.bfloat16, "cuda") == "bf16"
-    assert training.mixed_precision_for(torch.float16, "cuda") == "fp16"
-    assert training.mixed_precision_for(torch.bfloat16, "cpu") == "no"
+    assert loop.mixed_precision_for(torch.bfloat16, "cuda") == "bf16"
+    assert loop.mixed_precision_for(torch.float16, "cuda") == "fp16"
+    assert loop.mixed_precision_for(torch.bfloat16, "cpu") == "no"
 
 
 def test_a_service_with_an_unknown_dtype_stops_with_a_clear_error(tmp_path):
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     with pytest.raises(ValueError, match="dtype 'half'"):
         BIGService(ServiceConfig(workspace=str(tmp_path), dtype="half", auth={"mode": "disabled"}))
@@ -49,7 +50,7 @@ def test_a_service_with_an_unknown_dtype_stops_with_a_clear_error(tmp_path):
 
 @pytest.fixture
 def bf16_service(tmp_path, shared_class_images):
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     shutil.copytree(shared_class_images, tmp_path / "ws-bf16" / "class_images")
     short = {"max_train_steps": 8, "num_class_images": 4, "per_strategy": {"adapters": {"max_train_steps": 8}}}
@@ -89,7 +90,7 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
     """Not from the rounded served copy: bfloat16's 8-bit significand would drop part of every update, version
     after version."""
     starts = []  # read at the call: modules loaded for the job are trained in place
-    real = training.dreambooth
+    real = loop.dreambooth
 
     def spy(**kw):
         assert kw["unet"].dtype == torch.float32 and kw["text_encoder"].dtype == torch.float32

@@ -10,9 +10,9 @@ from jina.excepts import BadServer
 from PIL import Image
 
 from conftest import BASE_MODEL, SECRET, instance_images
-from executor.auth import mint_token
+from big.auth import mint_token
 from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
-from executor.serving import REPO, FlowProcess
+from executor.flow_process import REPO, FlowProcess
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
-from executor.errors import Conflict
-from executor.identifiers import choose_identifier, identifier_pool, is_single_token
+from big.errors import Conflict
+from big.training.identifiers import choose_identifier, identifier_pool, is_single_token
 from shapes_world import world
 
 

@@ -32,7 +32,7 @@ def test_a_short_finetune_moves_the_identifier_towards_the_concept(service, meth
 
 @pytest.mark.slow
 def test_dreambooth_learns_an_unseen_concept_with_default_settings(tmp_path):
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     svc = BIGService(ServiceConfig(workspace=str(tmp_path), auth={"mode": "disabled"}))
     r = svc.finetune("u", instance_images(5, style="plain"), {"category": "shape", "method": "dreambooth"})
@@ -48,13 +48,13 @@ def test_pivotal_tuning_changes_only_the_identifier_row(service):
     """What makes caching the prior prompts' text states exact: no other prompt's encoding moves."""
     import torch
 
-    from executor import training
+    from big.training import loop
 
     pipe = service.base_pipe
     ident_ids = pipe.tokenizer("sks", add_special_tokens=False).input_ids
-    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(3)]
-    priors = [training.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
-    r = training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+    examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(3)]
+    priors = [loop.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
+    r = loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                             noise_scheduler=service._noise_scheduler(), instances=examples, priors=priors,
                             learning_rate=1e-4, max_train_steps=4, train_batch_size=2, size=service.size,
                             train_token_ids=ident_ids, embedding_learning_rate=1e-2)
@@ -71,11 +71,11 @@ def test_pivotal_tuning_changes_only_the_identifier_row(service):
 
 
 def _one_step(service, **kw):
-    from executor import training
+    from big.training import loop
 
     pipe = service.base_pipe
-    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(2)]
-    return training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+    examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(2)]
+    return loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
                                priors=[], learning_rate=1e-3, train_batch_size=2, size=service.size, **kw)
 
@@ -96,12 +96,12 @@ def test_min_snr_weights_damp_only_the_nearly_clean_timesteps(service):
 
     from diffusers.training_utils import compute_snr
 
-    from executor import training
+    from big.training import loop
 
     sched = service._noise_scheduler()
     t = torch.tensor([0, 100, 500, 999])
     snr = compute_snr(sched, t)
-    w = training.min_snr_weights(sched, t, 5.0)
+    w = loop.min_snr_weights(sched, t, 5.0)
     assert torch.allclose(w, torch.clamp(snr, max=5.0) / snr)
     assert w[0] < 0.05 and w[-1] == 1.0  # t=0 is almost noise-free (SNR in the thousands); t=999 pure noise
     assert torch.all(w[1:] >= w[:-1])
@@ -115,16 +115,16 @@ def test_the_same_lora_request_trains_the_same_adapter(service):
     request's seed (two runs differed from their second step on before), and leaves the process's draws alone."""
     import torch
 
-    from executor import training
+    from big.training import loop
 
     pipe = service.base_pipe
-    examples = [training.TrainExample(im, "a sks shape") for im in instance_images(3)]
+    examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(3)]
 
     def adapter(seed):
-        return training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        return loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                    unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
                                    priors=[], learning_rate=1e-3, max_train_steps=3, train_batch_size=2,
-                                   size=service.size, seed=seed, lora=training.LoraSettings()).lora_unet
+                                   size=service.size, seed=seed, lora=loop.LoraSettings()).lora_unet
 
     global_state = torch.random.get_rng_state()
     first = adapter(0)
@@ -141,22 +141,23 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import instance_images
-from executor import embeddings, pipelines, training
+from big.training import loop
+from big.weights import embeddings, pipelines
 
 pipe = pipelines.load_base_pipeline("embedded", torch.device("cpu"), torch.bfloat16)
 tok = pipe.tokenizer
 token_id = tok("sks", add_special_tokens=False).input_ids[0]
-examples = [training.TrainExample(im, "a sks shape") for im in instance_images(2)]
-priors = [training.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
+examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(2)]
+priors = [loop.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
 methods = {
     "dreambooth": {},
-    "lora": {"lora": training.LoraSettings(4, 4, False, "attention")},
+    "lora": {"lora": loop.LoraSettings(4, 4, False, "attention")},
     "textual_inversion": {"train_unet": False, "embedding": embeddings.ConceptEmbedding(
         "sks", token_id, embeddings.init_vectors(pipe.text_encoder, tok, "shape", 1, "sks"))},
 }
 losses = {}
 for name, kw in methods.items():
-    r = training.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tok, unet=pipe.unet,
+    r = loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tok, unet=pipe.unet,
                             noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), instances=examples,
                             priors=priors, learning_rate=1e-4, max_train_steps=2, train_batch_size=2, size=32,
                             mixed_precision="bf16", **kw)

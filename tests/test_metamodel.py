@@ -5,9 +5,10 @@ import os
 import pytest
 
 from conftest import instance_images
-from executor import metamodel, training
-from executor.errors import BadRequest
-from executor.metamodel import Adapter, Stack
+from big.training import loop
+from big.weights import metamodel
+from big.errors import BadRequest
+from big.weights.metamodel import Adapter, Stack
 
 A = Adapter(1, "c1", "bnp")
 B = Adapter(2, "c2", "ssh")
@@ -79,7 +80,7 @@ def test_a_new_adapter_changes_no_image_of_an_earlier_concept_or_of_the_base(ser
 def test_a_dreambooth_step_after_adapters_rewrites_the_trunk_and_keeps_the_adapters(service, monkeypatch):
     a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "private_meta"})
     seen = []
-    real = training.dreambooth
+    real = loop.dreambooth
     monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     b = service.finetune("alice", instance_images(seed=4, shape="star", colour="red", mark="ring"),
                          {"category": "shape", "target_model": "private_meta", "metamodel_strategy": "seed_split",
@@ -110,12 +111,12 @@ def test_a_route_is_served_by_a_cached_unet_with_its_adapters_merged(service):
     import numpy as np
     import torch
 
-    from executor import personal
+    from big.weights import lora
 
     a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta"})
     prompts, params = [f"a {a['identifier']} shape"], {"target_model": "meta", "seed": 3}
     fused_images = service.generate("carol", prompts, params)
-    name = personal.LoraRuntime.adapter_name(service.registry.find_concept(
+    name = lora.LoraRuntime.adapter_name(service.registry.find_concept(
         owner="alice", target="meta", identifier=a["identifier"])["concept_id"])
     assert [k for k in service.cache._items if "+" in k] == [f"meta@0+{name}*1.0"]
     assert _bytes(service.generate("carol", prompts, params)) == _bytes(fused_images)  # merged once, reused

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import BASE_MODEL, assert_same_but_rounding
-from executor import generation
-from executor.errors import OutOfMemory
-from executor.generation import halving_on_out_of_memory
+from big.generation import sampling
+from big.errors import OutOfMemory
+from big.generation.sampling import halving_on_out_of_memory
 
 
 def test_a_failing_batch_is_split_in_halves_until_each_part_fits(caplog):
@@ -22,7 +22,7 @@ def test_a_failing_batch_is_split_in_halves_until_each_part_fits(caplog):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [10 * i for i in items]
 
-    with caplog.at_level(logging.WARNING, logger="executor.generation"):
+    with caplog.at_level(logging.WARNING, logger="big.generation.sampling"):
         assert halving_on_out_of_memory(run, range(10), what="test images") == [10 * i for i in range(10)]
     assert tried == [list(range(10)), [0, 1, 2, 3, 4], [0, 1], [2, 3, 4], [5, 6, 7, 8, 9], [5, 6], [7, 8, 9]]
     assert "test images: out of accelerator memory with 10 images in one batch; retrying in batches of 5 and 5" \
@@ -76,7 +76,7 @@ def test_generate_serves_a_batch_the_gpu_cannot_hold_in_smaller_batches_with_the
     params = {"target_model": "pretrained", "seed": 5, "num_images": 5, "guidance_scale": 4.0}
     prompts = ["a red star", "a blue circle AND a striped painting :0.5"]
     expected = service.generate("dave", prompts, params)
-    with caplog.at_level(logging.WARNING, logger="executor.generation"), \
+    with caplog.at_level(logging.WARNING, logger="big.generation.sampling"), \
             unet_memory_for(service.base_pipe.unet, max_rows=4) as rows:
         got = service.generate("dave", prompts, params)
     assert_same_but_rounding(got, expected, service.device)
@@ -95,7 +95,7 @@ def test_generate_serves_a_batch_the_gpu_cannot_hold_in_smaller_batches_with_the
 
 
 def test_generation_batch_is_the_images_per_pipeline_call(tmp_path):
-    from executor.service import BIGService, ServiceConfig
+    from big.service import BIGService, ServiceConfig
 
     with pytest.raises(ValueError, match="generation_batch must be at least 1, not 0"):
         BIGService(ServiceConfig(workspace=str(tmp_path / "bad"), base_model=BASE_MODEL, generation_batch=0,
@@ -107,7 +107,7 @@ def test_generation_batch_is_the_images_per_pipeline_call(tmp_path):
         with unet_memory_for(svc.base_pipe.unet, max_rows=10**6) as rows:
             images = svc.generate("erin", ["a green heart"], params)
         assert sorted(set(rows)) == [2, 6]  # 3 + 3 + 1 images, each twice with guidance
-        reference = generation.render(svc.base_pipe, [generation.ImageSpec("a green heart", 1 + k, 4.0, 4)
+        reference = sampling.render(svc.base_pipe, [sampling.ImageSpec("a green heart", 1 + k, 4.0, 4)
                                                       for k in range(7)],
                                       negative_prompt=None, height=svc.size, width=svc.size, model_label="pretrained",
                                       model_version=0, max_batch=7)

@@ -10,8 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import instance_images
-from executor import embeddings, personal, preprocess, prompting
-from executor.errors import BadRequest, Conflict, NotFound
+from big.generation import prompting
+from big.training import preprocess
+from big.weights import embeddings, lora
+from big.errors import BadRequest, Conflict, NotFound
 
 FAST = {"category": "shape", "max_train_steps": 6, "num_class_images": 4}
 
@@ -154,7 +156,7 @@ def test_a_private_concept_is_a_lora_by_default_and_weighs_kilobytes(service):
     assert sorted(os.listdir(folder)) == ["big_version.json", "learned_embeds.safetensors",
                                           "pytorch_lora_weights.safetensors"]
     unet_bytes = sum(p.numel() * 4 for p in service.base_pipe.unet.parameters())  # as trained and saved: fp32
-    assert personal.version_bytes(folder) <= 0.02 * unet_bytes
+    assert lora.version_bytes(folder) <= 0.02 * unet_bytes
     # Every adapter in the file is loaded back (attention and convolutions alike), and a UNet-only file
     # loads without diffusers' "No LoRA keys associated to CLIPTextModel" warning.
     with _DiffusersWarnings() as diffusers_warnings:
@@ -198,7 +200,7 @@ def test_two_users_loras_switch_without_reloading_and_stay_private(service):
 def test_a_lora_export_loads_in_plain_diffusers_and_makes_the_same_image(service, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from executor.pipelines import resolve_base
+    from big.weights.pipelines import resolve_base
 
     r = service.finetune("alice", instance_images(4), FAST)
     files = dict(service.export("alice", r["identifier"]))
@@ -260,7 +262,7 @@ def test_import_refuses_bad_files_and_keeps_nothing(service):
 def test_textual_inversion_matches_plain_diffusers_and_combines_with_a_lora(service, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from executor.pipelines import resolve_base
+    from big.weights.pipelines import resolve_base
 
     ti = service.finetune("alice", instance_images(4), {**FAST, "method": "textual_inversion", "num_vectors": 3,
                                                         "init_text": "orange heart"})
@@ -274,7 +276,7 @@ def test_textual_inversion_matches_plain_diffusers_and_combines_with_a_lora(serv
                                                     dtype=service.base_pipe.unet.dtype).to(service.device)
     plain.load_textual_inversion(str(tmp_path / "e.safetensors"), token="<t>")
     theirs = plain.encode_prompt("a <t> shape", service.device, 1, False)[0]
-    vec = personal.load_embedding(folder)
+    vec = lora.load_embedding(folder)
     tid = service.base_pipe.tokenizer(ti["identifier"], add_special_tokens=False).input_ids[0]
     ours = prompting.encode_prompts(service.base_pipe.tokenizer, service.base_pipe.text_encoder,
                                     [f"a {ti['identifier']} shape"], [""], service.device,
@@ -322,7 +324,7 @@ def test_a_lora_with_text_encoder_adapters_round_trips_through_plain_diffusers(s
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from executor.pipelines import resolve_base
+    from big.weights.pipelines import resolve_base
 
     r = service.finetune("alice", instance_images(4), {**FAST, "lora_text_encoder": True,
                                                        "train_identifier_embedding": False})

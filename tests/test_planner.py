@@ -1,6 +1,6 @@
 from hypothesis import given, settings, strategies as st
 
-from executor.planner import EarlierConcept, PriorSlot, counts_by_category, plan_prior_batch
+from big.training.planner import EarlierConcept, PriorSlot, counts_by_category, plan_prior_batch
 
 
 def C(i, cat):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from executor import prompting
-from executor.pipelines import load_base_pipeline
+from big.generation import prompting
+from big.weights.pipelines import load_base_pipeline
 
 P = prompting.parse_emphasis
 

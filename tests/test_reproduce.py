@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import assert_same_image, instance_images
-from executor import generation, infotext, schedulers
-from executor.errors import BadRequest, NotFound
+from big.generation import sampling, infotext, schedulers
+from big.errors import BadRequest, NotFound
 
 
 @pytest.mark.parametrize("name,key", [
@@ -62,7 +62,7 @@ def test_an_image_is_reproduced_from_its_own_png_text(service):
         "negative_prompt": "blue", "guidance_scale": 3.5})
     text = out[1].parameters_text()
     assert "Sampler: Euler a" in text and "Seed: 12" in text and "Negative prompt: blue" in text
-    assert "Emphasis: context" in text and f"Dtype: {generation.dtype_name(service.base_pipe.unet.dtype)}" in text
+    assert "Emphasis: context" in text and f"Dtype: {sampling.dtype_name(service.base_pipe.unet.dtype)}" in text
     again = service.generate("alice", [], {"parameters": text})
     assert len(again) == 1 and again[0].seed == 12
     assert_same_image(again[0], out[1], service.device)  # out[1] was made in a batch of two
@@ -117,7 +117,7 @@ def test_each_image_draws_its_noise_from_its_own_seed_on_the_cpu():
     same seed gives other numbers), and an image's noise does not depend on its batch-mates."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from executor.generation import seeded_generators
+    from big.generation.sampling import seeded_generators
 
     gens = seeded_generators([7, 8])
     assert [g.device.type for g in gens] == ["cpu", "cpu"]

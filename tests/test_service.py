@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from executor import training
-from executor.errors import BadRequest, NotFound
+from big.training import loop
+from big.errors import BadRequest, NotFound
 
 from conftest import instance_images
 
@@ -65,7 +65,7 @@ def test_class_images_are_cached_across_users(service):
 def test_crash_mid_training_leaves_the_served_metamodel_intact(service, monkeypatch):
     first = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "meta"})
     before = service.generate("alice", [f"a {first['identifier']} shape"], {"target_model": "meta", "seed": 5})
-    real = training.dreambooth
+    real = loop.dreambooth
 
     def crashing(**kw):
         kw["progress"](1, 0.5)
@@ -128,7 +128,7 @@ def test_bad_requests_change_nothing(service):
 
 
 def test_png_carries_its_parameters(service):
-    from executor.storage import png_bytes
+    from big.storage.workspace import png_bytes
 
     g = service.generate("alice", ["a red star"], {"seed": 3, "negative_prompt": "a blue star"})[0]
     with Image.open(io.BytesIO(png_bytes(g.image, g.png_info()))) as im:
@@ -138,7 +138,7 @@ def test_png_carries_its_parameters(service):
 
 def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(service, monkeypatch):
     seen = []
-    real = training.dreambooth
+    real = loop.dreambooth
     monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     style = service.finetune("alice", instance_images(2, style="checker", mark="none"), {
         "category": "painting", "target_model": "meta", "captions": ["a orange heart", None],
@@ -158,7 +158,7 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
 
 def test_hue_copies_are_taught_and_stored_with_captions_that_name_no_hue(service, monkeypatch):
     seen = []
-    real = training.dreambooth
+    real = loop.dreambooth
     monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     images = instance_images(2, style="checker", mark="none")
     style = service.finetune("alice", images, {"category": "painting", "target_model": "meta", "hue_copies": 2,
@@ -181,7 +181,7 @@ def test_hue_copies_are_taught_and_stored_with_captions_that_name_no_hue(service
 def test_metamodel_strategies_are_configs_the_training_receives(service, monkeypatch, target, strategy,
                                                                  prior_batch, anchor):
     seen = []
-    real = training.dreambooth
+    real = loop.dreambooth
     monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     params = {"target_model": target, "metamodel_strategy": strategy, "num_class_images": 8}
     service.finetune("alice", instance_images(2), {**params, "category": "shape"})
@@ -204,8 +204,8 @@ def test_balanced_draws_give_every_group_an_equal_share():
 
     members = [list(range(0, 40)), [40, 41], [42, 43, 44]]
     g = torch.Generator().manual_seed(0)
-    idx = training.draw_priors(g, 6000, 45, members).tolist()
+    idx = loop.draw_priors(g, 6000, 45, members).tolist()
     shares = [sum(i in set(m) for i in idx) / len(idx) for m in members]
     assert all(abs(s - 1 / 3) < 0.03 for s in shares), shares
-    pooled = training.draw_priors(g, 6000, 45, None).tolist()
+    pooled = loop.draw_priors(g, 6000, 45, None).tolist()
     assert abs(sum(i < 40 for i in pooled) / 6000 - 40 / 45) < 0.03

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from executor.registry import Registry
-from executor.storage import Workspace, atomic_write_bytes, slug
+from big.storage.registry import Registry
+from big.storage.workspace import Workspace, atomic_write_bytes, slug
 
 
 def test_paths_never_contain_user_text(tmp_path):
@@ -68,7 +68,7 @@ def test_startup_removes_uncommitted_versions_and_fails_orphaned_jobs(tmp_path):
 def test_a_job_runs_with_the_configured_torch_threads_and_the_caller_keeps_its_own(tmp_path, threads):
     import torch
 
-    from executor.jobs import JobManager
+    from big.jobs import JobManager
 
     reg = Registry(str(tmp_path / "registry.sqlite"))
     caller = torch.get_num_threads()

@@ -7,9 +7,9 @@ from PIL import Image
 
 from conftest import assert_same_image
 
-from executor import studio
-from executor.errors import BadRequest
-from executor.generation import ImageSpec, batches
+from big.generation import studio
+from big.errors import BadRequest
+from big.generation.sampling import ImageSpec, batches
 
 LIMITS = dict(max_frames=64, max_steps=150, max_guidance=50.0)
 

@@ -5,8 +5,8 @@ import pytest
 from docarray.documents import ImageDoc
 from PIL import Image
 
-from executor.errors import BadRequest
-from executor.validation import Limits, decode_instance_images, flag, parse_finetune, parse_generate, prompt_of
+from big.errors import BadRequest
+from big.parsing import Limits, decode_instance_images, flag, parse_finetune, parse_generate, prompt_of
 
 DEF_FT = dict(learning_rate=1e-4, max_train_steps=100, num_class_images=10)
 DEF_GEN = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import BadRequest
+from big.errors import BadRequest
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 MAX_VECTORS = 16

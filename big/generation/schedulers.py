@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .errors import BadRequest
+from big.errors import BadRequest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,21 +21,23 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from . import (class_images, embeddings, generation, infotext, metamodel, personal, pipelines, planner,
-               preprocess, prompting, schedulers, studio, training, validation)
-from .auth import AuthConfig, Authenticator
-from .errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
-from .identifiers import choose_identifier, identifier_pool
-from .jobs import JobContext, JobManager
-from .registry import Registry
-from .storage import Workspace
+from big import parsing
+from big.generation import sampling, infotext, prompting, schedulers, studio
+from big.training import class_images, planner, preprocess, loop
+from big.weights import embeddings, metamodel, lora, pipelines
+from big.auth import AuthConfig, Authenticator
+from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound
+from big.training.identifiers import choose_identifier, identifier_pool
+from big.jobs import JobContext, JobManager
+from big.storage.registry import Registry
+from big.storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
-                        train_text_encoder=False, metamodel_strategy=validation.DEFAULT_METAMODEL_STRATEGY,
+                        train_text_encoder=False, metamodel_strategy=parsing.DEFAULT_METAMODEL_STRATEGY,
                         train_identifier_embedding=True, embedding_learning_rate=1e-3, method="lora",
-                        # Each method's own defaults, over the shared ones (a model's shapes_world.json or
+                        # Each method's own defaults, over the shared ones (a model's big_defaults.json or
                         # config.yml may set its own): diffusers' DreamBooth-LoRA settings; an embedding trains
                         # nothing that class images could protect, so it generates none.
                         per_method={"lora": dict(learning_rate=1e-4, lora_rank=4, lora_targets="attention"),
@@ -57,14 +59,14 @@ class ServiceConfig:
     class_image_steps: int = 20
     # Images per pipeline call (generation, class images); with classifier-free guidance the UNet sees twice as
     # many. A batch that runs out of GPU memory is retried in halves, so this only needs lowering to avoid that.
-    generation_batch: int = generation.DEFAULT_GENERATION_BATCH
+    generation_batch: int = sampling.DEFAULT_GENERATION_BATCH
     cache_max_bytes: int = 4 * 1024**3
     train_workers: int = 1
     train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
     # A request's LoRA adapters (a metamodel prompt's route, private concepts) merged into a cached UNet copy
     # (in cache_max_bytes) instead of applied unmerged per call: same images within rounding, the base's speed.
     fuse_adapters: bool = True
-    limits: validation.Limits = dataclasses.field(default_factory=validation.Limits)
+    limits: parsing.Limits = dataclasses.field(default_factory=parsing.Limits)
 
 
 def model_key(target: str, user: str, concept_id: str | None = None) -> str:
@@ -108,15 +110,15 @@ class BIGService:
         self.finetune_defaults = {k: v for layer in layers for k, v in layer.items()}
         self.finetune_defaults["per_method"] = {  # merged per method, not replaced wholesale
             m: {k: v for layer in layers for k, v in layer.get("per_method", {}).get(m, {}).items()}
-            for m in validation.METHODS}
+            for m in parsing.METHODS}
         self.finetune_defaults["per_strategy"] = {  # a metamodel strategy's own, merged the same way
             s: {k: v for layer in layers for k, v in layer.get("per_strategy", {}).get(s, {}).items()}
-            for s in validation.METAMODEL_STRATEGIES}
+            for s in parsing.METAMODEL_STRATEGIES}
         tok_dir = pipelines.resolve_base(config.base_model)
         self.identifier_pool = identifier_pool(self.base_pipe.tokenizer, f"{tok_dir}/tokenizer")
-        self.cache = generation.PipelineCache(config.cache_max_bytes)
-        self.loras = personal.LoraRuntime(self.base_pipe)
-        self._trunk_runtimes: dict[str, personal.LoraRuntime] = {}  # "key@trunk version" -> adapters over it
+        self.cache = sampling.PipelineCache(config.cache_max_bytes)
+        self.loras = lora.LoraRuntime(self.base_pipe)
+        self._trunk_runtimes: dict[str, lora.LoraRuntime] = {}  # "key@trunk version" -> adapters over it
         self._stacks: dict[tuple[str, int], metamodel.Stack] = {}  # committed versions never change
         self._concept_cache: dict[str, dict] = {}  # concept id -> its version's meta and vectors
         self.jobs = JobManager(self.registry, workers=config.train_workers, threads=config.train_threads)
@@ -133,7 +135,7 @@ class BIGService:
     # ================================================================== finetune
     def submit_finetune(self, user: str, images: Sequence[Image.Image], params: dict) -> tuple[str, bool]:
         """Validate and queue a finetune; returns (job id, whether the caller asked to wait)."""
-        req = validation.parse_finetune(params, self.finetune_defaults, self.config.limits)
+        req = parsing.parse_finetune(params, self.finetune_defaults, self.config.limits)
         if not images:
             raise BadRequest("no instance images")
         if req.captions is not None and len(req.captions) != len(images):
@@ -158,7 +160,7 @@ class BIGService:
         return self.finetune_result(job_id)
 
     def _run_finetune(self, ctx: JobContext, user: str, images: list[Image.Image],
-                      req: validation.FinetuneRequest) -> dict:
+                      req: parsing.FinetuneRequest) -> dict:
         concept_id = uuid.uuid4().hex
         key = model_key(req.target, user, concept_id)
         kind = req.target
@@ -185,8 +187,8 @@ class BIGService:
                                  f"flipping; at most {4 * self.config.limits.max_images}")
 
             # A private model learns one concept from the base: nothing earlier to keep.
-            strategy = validation.METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy] if kind != "private" else \
-                validation.METAMODEL_STRATEGY_SETTINGS["naive"]
+            strategy = parsing.METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy] if kind != "private" else \
+                parsing.METAMODEL_STRATEGY_SETTINGS["naive"]
             anchor_weight = req.anchor_weight if req.anchor_weight is not None and kind != "private" \
                 else strategy["anchor_weight"]
             stack = self._stack(key, version) if kind != "private" else metamodel.EMPTY
@@ -215,7 +217,7 @@ class BIGService:
             fresh = req.method == "dreambooth" and stored != self.base_pipe.unet.dtype
             unet, text_encoder, own_text = self._training_modules(
                 key, stack.trunk_version if kind != "private" else version, stored if fresh else None)
-            result = training.dreambooth(
+            result = loop.dreambooth(
                 vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                 noise_scheduler=self._noise_scheduler(),
                 instances=_examples(prepared.images, identifier, req.category, prepared.captions,
@@ -227,11 +229,11 @@ class BIGService:
                 prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
                 train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" else (),
                 embedding_learning_rate=req.embedding_learning_rate,
-                lora=training.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
+                lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
                 if req.method == "lora" else None,
                 embedding=embedding, train_unet=req.method != "textual_inversion", prior_groups=prior_groups,
                 lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
-                mixed_precision=training.mixed_precision_for(self.base_pipe.unet.dtype, self.device),
+                mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.device),
                 modules_are_copies=fresh,
                 progress=ctx.progress, should_stop=ctx.should_stop)
 
@@ -251,10 +253,10 @@ class BIGService:
                                            pipelines.as_dtype(new_text, stored), meta)
                 else:
                     if req.method == "lora":
-                        personal.save_lora(staging, result.lora_unet, result.lora_text_encoder, result.lora_metadata)
+                        lora.save_lora(staging, result.lora_unet, result.lora_text_encoder, result.lora_metadata)
                         meta.update(lora_rank=req.lora_rank, lora_alpha=req.lora_alpha, lora_targets=req.lora_targets)
                     if result.embedding is not None:
-                        personal.save_embedding(staging, identifier, result.embedding, token_id=token_ids[0],
+                        lora.save_embedding(staging, identifier, result.embedding, token_id=token_ids[0],
                                                 steps=req.max_train_steps, base=self.base_key,
                                                 a1111=req.method == "textual_inversion")
                         meta.update(num_vectors=int(result.embedding.shape[0]), overwrite=bool(req.overwrite))
@@ -316,13 +318,13 @@ class BIGService:
             steps=self.config.class_image_steps, guidance_scale=self.generate_defaults["guidance_scale"],
             batch=self.config.generation_batch)[0]
 
-    def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[training.TrainExample], list[int]]:
+    def _prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[loop.TrainExample], list[int]]:
         """The prior examples of a plan, and for each the index of the slot (group) it fills."""
-        out: list[training.TrainExample] = []
+        out: list[loop.TrainExample] = []
         groups: list[int] = []
         for group, slot in enumerate(plan):
             if slot.kind == "class":
-                out += [training.TrainExample(im, slot.prompt) for im in self.prior_class_images(slot.category, slot.count)]
+                out += [loop.TrainExample(im, slot.prompt) for im in self.prior_class_images(slot.category, slot.count)]
             else:  # an earlier concept, replayed with the prompts it was taught with
                 earlier = _examples(self.ws.load_instances(slot.concept_id), slot.identifier, slot.category,
                                     self.ws.load_captions(slot.concept_id))
@@ -373,7 +375,7 @@ class BIGService:
             return metamodel.Stack(version)
         stack = self._stacks.get((key, version))
         if stack is None:
-            stack = metamodel.stack_of(personal.read_meta(self._version_path(key, version)), version)
+            stack = metamodel.stack_of(lora.read_meta(self._version_path(key, version)), version)
             self._stacks[(key, version)] = stack
         return stack
 
@@ -390,20 +392,20 @@ class BIGService:
 
         return self.cache.get(f"{key}@{trunk}", load)
 
-    def _trunk_loras(self, key: str, trunk: int) -> personal.LoraRuntime:
+    def _trunk_loras(self, key: str, trunk: int) -> lora.LoraRuntime:
         """Where a metamodel's adapters are loaded: the shared base runtime when the trunk is the base, else
         one runtime per trunk (a copy of its UNet; the two most recently used trunks are kept)."""
         if trunk == 0:
             return self.loras
         name = f"{key}@{trunk}"
         with self._locks_lock:
-            runtime = self._trunk_runtimes.pop(name, None) or personal.LoraRuntime(self._pipeline_for(key, trunk))
+            runtime = self._trunk_runtimes.pop(name, None) or lora.LoraRuntime(self._pipeline_for(key, trunk))
             self._trunk_runtimes[name] = runtime
             while len(self._trunk_runtimes) > 2:
                 self._trunk_runtimes.pop(next(iter(self._trunk_runtimes)))
         return runtime
 
-    def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[generation.GeneratedImage]:
+    def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[sampling.GeneratedImage]:
         """Images for the prompts; `parameters` (a generated PNG's text) reproduces that image, and any
         parameter passed beside it overrides the text's value."""
         if params.get("parameters"):
@@ -415,11 +417,11 @@ class BIGService:
             raise BadRequest("send at least one prompt document")
         if len(prompts) * req.num_images > 4 * self.config.limits.max_num_images:
             raise BadRequest("too many images in one request")
-        return self._render(user, req, generation.prompt_specs(
+        return self._render(user, req, sampling.prompt_specs(
             prompts, num_images=req.num_images, seed=req.seed, guidance_scale=req.guidance_scale,
             num_inference_steps=req.num_inference_steps))
 
-    def render(self, user: str, specs: Sequence[generation.ImageSpec], params: dict) -> list[generation.GeneratedImage]:
+    def render(self, user: str, specs: Sequence[sampling.ImageSpec], params: dict) -> list[sampling.GeneratedImage]:
         """One image per spec (prompt, seed, guidance, steps) with the model and options of `params`, exactly as
         /generate makes it: how benchmarks score what the service serves."""
         req, _ = self._generate_request(params, [])
@@ -429,11 +431,11 @@ class BIGService:
 
     def _generate_request(self, params: dict, prompts: Sequence[str]):
         """The parsed generation parameters and the checked prompts, shared by /generate, /sweep and /grid."""
-        req = validation.parse_generate(params, self.generate_defaults, self.config.limits)
-        return req, [validation.prompt_of(p, self.config.limits) for p in prompts]
+        req = parsing.parse_generate(params, self.generate_defaults, self.config.limits)
+        return req, [parsing.prompt_of(p, self.config.limits) for p in prompts]
 
-    def _render(self, user: str, req: validation.GenerateRequest,
-                specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
+    def _render(self, user: str, req: parsing.GenerateRequest,
+                specs: list[sampling.ImageSpec]) -> list[sampling.GeneratedImage]:
         if req.target == "private":
             return self._render_personal(user, req, specs)
         if any(prompting.lora_tags(s.prompt)[1] for s in specs):
@@ -444,19 +446,19 @@ class BIGService:
             return self._render_routed(key, stack, req, specs, version=version, label=req.target)
         return self._render_with(self._pipeline_for(key, version), req, specs, version=version, label=req.target)
 
-    def _render_routed(self, key: str, stack: metamodel.Stack, req, specs: list[generation.ImageSpec], *,
-                       version: int, label: str) -> list[generation.GeneratedImage]:
+    def _render_routed(self, key: str, stack: metamodel.Stack, req, specs: list[sampling.ImageSpec], *,
+                       version: int, label: str) -> list[sampling.GeneratedImage]:
         """A metamodel version with adapters: each prompt gets the adapters (and embeddings) of the concepts it
         names, over the trunk; a prompt naming none gets the trunk alone, and each `AND` part of a composable
         prompt gets its own. An image depends on its own spec only, so rendering the groups separately changes
         no image."""
-        out: list[generation.GeneratedImage | None] = [None] * len(specs)
+        out: list[sampling.GeneratedImage | None] = [None] * len(specs)
         plain, composed = _split_composed(specs)
         for prompt, idx in composed.items():
             parts = []
             for text, weight in prompting.composable_parts(prompt):
                 model, embeds = self._route_model(key, stack, version, text)
-                parts.append(generation.PromptPart(model, text, weight, embeds))
+                parts.append(sampling.PromptPart(model, text, weight, embeds))
             images = self._render_parts(parts, req, [specs[i] for i in idx], version=version, label=label)
             for i, image in zip(idx, images):
                 out[i] = image
@@ -480,7 +482,7 @@ class BIGService:
                       "version": a.version}) for a in adapters]
         metas = [self._concept_meta(c) for c in concepts]
         embeds = dict(e for c, m in zip(concepts, metas) if (e := self._concept_embedding(c, m)) is not None)
-        return embeds, [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
+        return embeds, [(lora.LoraRuntime.adapter_name(c["concept_id"]), m["path"], 1.0)
                         for c, m in zip(concepts, metas)]
 
     def _route_model(self, key: str, stack: metamodel.Stack, version: int, prompt: str):
@@ -498,7 +500,7 @@ class BIGService:
                              "send the parts as separate prompts")
         return fused, embeds
 
-    def _render_loras(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras, req, specs, *,
+    def _render_loras(self, key: str, trunk: int, runtime: lora.LoraRuntime, loras, req, specs, *,
                       version: int, label: str, embeds):
         """Images through these (name, folder, weight) adapters over a trunk: merged into a cached copy where
         they can be, else through the runtime's unmerged layers."""
@@ -509,7 +511,7 @@ class BIGService:
             return self._render_with(runtime.activate(loras), req, specs, version=version, label=label,
                                      embeds=embeds)
 
-    def _fused_route(self, key: str, trunk: int, runtime: personal.LoraRuntime, loras, force: bool = False):
+    def _fused_route(self, key: str, trunk: int, runtime: lora.LoraRuntime, loras, force: bool = False):
         """The trunk with this route's adapters merged, cached beside the loaded versions (None: not fused).
         `key` "base" with trunk 0: private LoRA concepts over the base model. `force`: merge even with
         `fuse_adapters` off (the `AND` parts of one prompt need their UNets at the same time)."""
@@ -530,17 +532,17 @@ class BIGService:
         """Images through one pipeline; the `AND` parts of a composable prompt all go through it too."""
         # A fresh scheduler per call: calls can overlap, and the choice is this request's only.
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], model.scheduler.config) if req.scheduler else None
-        out: list[generation.GeneratedImage | None] = [None] * len(specs)
+        out: list[sampling.GeneratedImage | None] = [None] * len(specs)
         plain, composed = _split_composed(specs)
         if plain:
-            images = generation.render(
+            images = sampling.render(
                 pipelines.compose(model, scheduler=scheduler), [specs[i] for i in plain],
                 negative_prompt=req.negative_prompt, height=req.height, width=req.width, model_version=version,
                 emphasis=req.emphasis, model_label=label, embeddings=embeds, max_batch=self.config.generation_batch)
             for i, image in zip(plain, images):
                 out[i] = image
         for prompt, idx in composed.items():
-            parts = [generation.PromptPart(model, text, weight, embeds)
+            parts = [sampling.PromptPart(model, text, weight, embeds)
                      for text, weight in prompting.composable_parts(prompt)]
             for i, image in zip(idx, self._render_parts(parts, req, [specs[i] for i in idx], version=version,
                                                         label=label)):
@@ -551,7 +553,7 @@ class BIGService:
         """Images of one composable prompt whose parts are already routed; the sampler from the first part's config."""
         scheduler = schedulers.make(schedulers.SAMPLERS[req.scheduler], parts[0].pipe.scheduler.config) \
             if req.scheduler else None
-        return generation.render_composed(parts, specs, scheduler=scheduler, negative_prompt=req.negative_prompt,
+        return sampling.render_composed(parts, specs, scheduler=scheduler, negative_prompt=req.negative_prompt,
                                           height=req.height, width=req.width, model_label=label,
                                           model_version=version, emphasis=req.emphasis,
                                           max_batch=self.config.generation_batch)
@@ -582,18 +584,18 @@ class BIGService:
             path = self.registry.version_path(concept["model_key"], concept["version"])
             if path is None:
                 raise NotFound("concept files not found")
-            cached = {**personal.read_meta(path), "path": path, "vectors": personal.load_embedding(path)}
+            cached = {**lora.read_meta(path), "path": path, "vectors": lora.load_embedding(path)}
             self._concept_cache[concept["concept_id"]] = cached
         return cached
 
     def _concept_embedding(self, concept: dict, meta: dict):
         if meta["vectors"] is None:
             return None
-        return personal.embedding_for(self.base_pipe.tokenizer, concept["identifier"], meta["vectors"], self.device,
+        return lora.embedding_for(self.base_pipe.tokenizer, concept["identifier"], meta["vectors"], self.device,
                                       self.base_pipe.text_encoder.dtype)
 
-    def _render_personal(self, user: str, req: validation.GenerateRequest,
-                         specs: list[generation.ImageSpec]) -> list[generation.GeneratedImage]:
+    def _render_personal(self, user: str, req: parsing.GenerateRequest,
+                         specs: list[sampling.ImageSpec]) -> list[sampling.GeneratedImage]:
         """Base model + the request's private concepts: at most one DreamBooth concept (a whole UNet), or
         any number of LoRA adapters, plus any number of embeddings."""
         prompts = sorted({s.prompt for s in specs})
@@ -624,42 +626,42 @@ class BIGService:
                                      version=1, label=label, embeds=embeds)
         if not loras:
             return self._render_with(self.base_pipe, req, specs, version=1, label=label, embeds=embeds)
-        adapters = [(personal.LoraRuntime.adapter_name(c["concept_id"]), m["path"], tags.get(c["identifier"], 1.0))
+        adapters = [(lora.LoraRuntime.adapter_name(c["concept_id"]), m["path"], tags.get(c["identifier"], 1.0))
                     for c, m in loras]
         return self._render_loras("base", 0, self.loras, adapters, req, specs, version=1, label=label, embeds=embeds)
 
-    def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
+    def sweep(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[sampling.GeneratedImage], bytes]:
         """One prompt, one seed, one parameter over a range: the frames and an animated GIF of them."""
         req, prompts = self._generate_request(params, prompts)
         if len(prompts) != 1:
             raise BadRequest("a sweep takes exactly one prompt document")
         lim = self.config.limits
-        parameter = validation.given(params, "sweep", "guidance_scale")
+        parameter = parsing.given(params, "sweep", "guidance_scale")
         values = studio.sweep_values(parameter, params.get("values"), params.get("start"), params.get("stop"),
                                      params.get("num"), max_frames=lim.max_grid_images,
                                      max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
-        seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
+        seed = req.seed if req.seed is not None else sampling.seeds_for(None, 1)[0]
         specs = studio.sweep_specs(prompts[0], seed, parameter, values, guidance_scale=req.guidance_scale,
                                    num_inference_steps=req.num_inference_steps)
         frames = self._render(user, req, specs)
         return frames, studio.gif_bytes(frames, [studio.frame_label(parameter, v) for v in values])
 
-    def grid(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[generation.GeneratedImage], bytes]:
+    def grid(self, user: str, prompts: Sequence[str], params: dict) -> tuple[list[sampling.GeneratedImage], bytes]:
         """Prompts x guidance scales x steps x seeds (or `random_samples` around the setting): the images
         and a captioned contact sheet, a row per prompt."""
         req, prompts = self._generate_request(params, prompts)
         if not prompts:
             raise BadRequest("send at least one prompt document")
         lim = self.config.limits
-        seed = req.seed if req.seed is not None else generation.seeds_for(None, 1)[0]
-        n_random = validation.number(params, "random_samples", None, 1, lim.max_grid_images, integer=True)
+        seed = req.seed if req.seed is not None else sampling.seeds_for(None, 1)[0]
+        n_random = parsing.number(params, "random_samples", None, 1, lim.max_grid_images, integer=True)
         if not n_random:
-            guidance = validation.number_list(params, "guidance_scales", [req.guidance_scale], 0.0,
+            guidance = parsing.number_list(params, "guidance_scales", [req.guidance_scale], 0.0,
                                               lim.max_guidance_scale, integer=False)
-            steps = validation.number_list(params, "steps", [req.num_inference_steps], 1, lim.max_inference_steps,
+            steps = parsing.number_list(params, "steps", [req.num_inference_steps], 1, lim.max_inference_steps,
                                            integer=True)
-            seeds = validation.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
-                generation.seeds_for(seed, validation.number(params, "num_seeds", 1, 1, lim.max_grid_images,
+            seeds = parsing.number_list(params, "seeds", None, 0, 2**31 - 1, integer=True) or \
+                sampling.seeds_for(seed, parsing.number(params, "num_seeds", 1, 1, lim.max_grid_images,
                                                              integer=True))
         # Counted before the grid is built: long lists must not take the server's memory.
         size = len(prompts) * (n_random or len(guidance) * len(steps) * len(seeds))
@@ -669,8 +671,8 @@ class BIGService:
             specs = studio.random_specs(
                 prompts, n_random, seed=seed, guidance_scale=req.guidance_scale,
                 num_inference_steps=req.num_inference_steps,
-                guidance_spread=validation.number(params, "guidance_spread", 0.5, 0.0, 1.0, integer=False),
-                steps_spread=validation.number(params, "steps_spread", 0.5, 0.0, 1.0, integer=False),
+                guidance_spread=parsing.number(params, "guidance_spread", 0.5, 0.0, 1.0, integer=False),
+                steps_spread=parsing.number(params, "steps_spread", 0.5, 0.0, 1.0, integer=False),
                 max_steps=lim.max_inference_steps, max_guidance=lim.max_guidance_scale)
         else:
             specs = studio.grid_specs(prompts, guidance, steps, seeds)
@@ -688,7 +690,7 @@ class BIGService:
         if c is None:
             raise NotFound(f"you have no private concept {identifier!r}")
         meta = self._concept_meta(c)
-        files = personal.concept_files(meta["path"])
+        files = lora.concept_files(meta["path"])
         if fmt == "diffusers":
             files = [f for f in files if not f.endswith(".pt")]
         elif fmt == "a1111":
@@ -708,7 +710,7 @@ class BIGService:
     def import_concept(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
         """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept."""
         lim = self.config.limits
-        category = validation.category_of(params)
+        category = parsing.category_of(params)
         if not files or len(files) > 2:
             raise BadRequest("send one LoRA file, one embedding file, or one of each")
         lora_state, lora_bytes, embedding = None, None, None
@@ -718,7 +720,7 @@ class BIGService:
             if len(data) > lim.max_import_bytes:
                 raise BadRequest(f"{name}: {len(data) / 2**20:.1f} MiB; the import limit is "
                                  f"{lim.max_import_bytes / 2**20:.0f} MiB")
-            state = personal.read_lora_bytes(data)
+            state = lora.read_lora_bytes(data)
             if state is not None:
                 if lora_state is not None:
                     raise BadRequest("one LoRA file per concept")
@@ -733,13 +735,13 @@ class BIGService:
         mine = self._private_words(user)
         identifier = params.get("identifier")
         if identifier is not None:
-            identifier = validation.word_of(identifier, "identifier must be one lowercase word")
+            identifier = parsing.word_of(identifier, "identifier must be one lowercase word")
             embeddings.word_token(self.base_pipe.tokenizer, identifier)
             if identifier in mine:
                 raise Conflict(f"you already have a concept {identifier!r}")
         else:
             identifier = choose_identifier(self.identifier_pool, mine, reserved_words=category.split())
-        adapter = personal.LoraRuntime.adapter_name(concept_id)
+        adapter = lora.LoraRuntime.adapter_name(concept_id)
         method = "lora" if lora_state is not None else "textual_inversion"
         names = [name for name, _ in files]
         if lora_state is not None:
@@ -748,10 +750,10 @@ class BIGService:
         staging = self.ws.new_staging_dir()
         try:
             if lora_state is not None:
-                personal.write_lora_bytes(staging, lora_bytes)
+                lora.write_lora_bytes(staging, lora_bytes)
             if embedding is not None:
                 token_id = embeddings.word_token(self.base_pipe.tokenizer, identifier)
-                personal.save_embedding(staging, identifier, embedding, token_id=token_id, steps=0,
+                lora.save_embedding(staging, identifier, embedding, token_id=token_id, steps=0,
                                         base=self.base_key, a1111=lora_state is None)
             pipelines.save_version(staging, None, None, {
                 "model_key_kind": "private", "base": self.base_key, "version": 1, "identifier": identifier,
@@ -788,7 +790,7 @@ class BIGService:
             raise NotFound(f"you have no private concept {identifier!r} (metamodel concepts cannot be unlearned)")
         with self._model_lock(c["model_key"]):
             self.registry.mark_concept_deleted(c["concept_id"])
-            adapter = personal.LoraRuntime.adapter_name(c["concept_id"])
+            adapter = lora.LoraRuntime.adapter_name(c["concept_id"])
             # Its loaded version, and every merged route that contains its adapter.
             self.cache.drop(lambda k: k.startswith(f"{c['model_key']}@") or f"+{adapter}*" in k)
             self.loras.drop(adapter)
@@ -826,19 +828,19 @@ def _split_composed(specs) -> tuple[list[int], dict[str, list[int]]]:
     return plain, composed
 
 
-def _examples(images, identifier: str, category: str, captions, templates=None) -> list[training.TrainExample]:
+def _examples(images, identifier: str, category: str, captions, templates=None) -> list[loop.TrainExample]:
     """A concept's training examples: every image with "a {id} {category}", and a captioned image also with
     "a {id} {category} of {caption}", so both the bare and the composed use are taught. With prompt
     templates, every image is taught with every template instead."""
     out = []
     for im, caption in zip(images, captions or [None] * len(images)):
         if templates:
-            out += [training.TrainExample(im, preprocess.fill_template(t, name=identifier, category=category,
+            out += [loop.TrainExample(im, preprocess.fill_template(t, name=identifier, category=category,
                                                                        filewords=caption)) for t in templates]
             continue
-        out.append(training.TrainExample(im, planner.concept_prompt(identifier, category)))
+        out.append(loop.TrainExample(im, planner.concept_prompt(identifier, category)))
         if caption:
-            out.append(training.TrainExample(im, planner.concept_prompt(identifier, category, caption)))
+            out.append(loop.TrainExample(im, planner.concept_prompt(identifier, category, caption)))
     return out
 
 

@@ -12,8 +12,8 @@ import time
 import traceback
 from typing import Callable
 
-from .errors import BIGError, JobCancelled
-from .registry import Registry
+from big.errors import BIGError, JobCancelled
+from big.storage.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Configured from the executor's `auth` settings or the environment:
 The user id is the token's `sub` claim. `disabled` is for local experiments only and logs loudly.
 
 Mint a token for a user (HS256):
-    python -m executor.auth mint alice --secret "$BIG_JWT_SECRET" --days 30
+    python -m big.auth mint alice --secret "$BIG_JWT_SECRET" --days 30
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import time
 
 import jwt
 
-from .errors import AuthError
+from big.errors import AuthError
 
 log = logging.getLogger(__name__)
 

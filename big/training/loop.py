@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
-from .errors import JobCancelled
+from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
+from big.errors import JobCancelled
 
 
 @dataclasses.dataclass

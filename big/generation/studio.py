@@ -12,9 +12,9 @@ import math
 import random
 from typing import Any, Sequence
 
-from .errors import BadRequest
-from .generation import GeneratedImage, ImageSpec
-from .validation import number
+from big.errors import BadRequest
+from big.generation.sampling import GeneratedImage, ImageSpec
+from big.parsing import number
 
 SWEEPABLE = {
     # parameter: (default start, default stop, default number of frames, integer?)
@@ -98,7 +98,7 @@ def cell_caption(img: GeneratedImage) -> str:
 
 
 def gif_bytes(images: list[GeneratedImage], labels: list[str], duration_ms: int = 250) -> bytes:
-    from shapes_world.sheets import animated_gif
+    from big.generation.sheets import animated_gif
 
     buf = io.BytesIO()
     animated_gif([g.image for g in images], labels, buf, duration_ms=duration_ms)
@@ -106,7 +106,7 @@ def gif_bytes(images: list[GeneratedImage], labels: list[str], duration_ms: int 
 
 
 def sheet_png(images: list[GeneratedImage], columns: int, title: str | None = None) -> bytes:
-    from shapes_world.sheets import contact_sheet
+    from big.generation.sheets import contact_sheet
 
     sheet = contact_sheet([g.image for g in images], [cell_caption(g) for g in images],
                           columns=max(1, min(columns, len(images))), title=title)

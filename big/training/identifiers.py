@@ -11,7 +11,7 @@ import random
 import string
 from typing import Iterable
 
-from .errors import Conflict
+from big.errors import Conflict
 
 POOL_FILE = "rare_identifiers.json"
 _VOWELS = set("aeiouy")

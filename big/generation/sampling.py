@@ -14,10 +14,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import OutOfMemory
-from .infotext import format_infotext
-from .prompting import DEFAULT_EMPHASIS, encode_prompts
-from .schedulers import label_of_scheduler
+from big.errors import OutOfMemory
+from big.generation.infotext import format_infotext
+from big.generation.prompting import DEFAULT_EMPHASIS, encode_prompts
+from big.generation.schedulers import label_of_scheduler
 
 log = logging.getLogger(__name__)
 # Images per pipeline call (and per denoising loop of a composable prompt) unless the service is configured

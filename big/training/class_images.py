@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .generation import DEFAULT_GENERATION_BATCH, halving_on_out_of_memory, seeded_generators
-from .storage import Workspace
+from big.generation.sampling import DEFAULT_GENERATION_BATCH, halving_on_out_of_memory, seeded_generators
+from big.storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 MAX_REDRAWS = 3

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
+from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
 
 EMPHASIS = 1.1
 EMPHASIS_MODES = ("context", "original", "none")

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import prompting, schedulers
-from .errors import BadRequest
+from big.generation import prompting, schedulers
+from big.errors import BadRequest
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
 # How a metamodel keeps earlier concepts (benchmarks/continual.py compares them), as data:

@@ -22,8 +22,8 @@ import warnings
 import torch
 from safetensors.torch import load_file
 
-from . import embeddings, pipelines
-from .embeddings import ConceptEmbedding
+from big.weights import embeddings, pipelines
+from big.weights.embeddings import ConceptEmbedding
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = embeddings.DIFFUSERS_FILE
@@ -50,7 +50,7 @@ def save_lora(staging: str, lora_unet: dict, lora_text_encoder: dict | None, met
 
 def save_embedding(staging: str, word: str, vectors: torch.Tensor, *, token_id: int, steps: int, base: str,
                    a1111: bool = True) -> None:
-    from .storage import atomic_write_bytes
+    from big.storage.workspace import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(staging, EMBEDDING_FILE), embeddings.to_diffusers_bytes(word, vectors))
     if a1111:
@@ -63,7 +63,7 @@ def read_lora_bytes(data: bytes) -> dict | None:
     so nothing in the file can run code."""
     from safetensors.torch import load as load_bytes
 
-    from .errors import BadRequest
+    from big.errors import BadRequest
 
     try:
         state = load_bytes(data)
@@ -78,7 +78,7 @@ def read_lora_bytes(data: bytes) -> dict | None:
 
 def write_lora_bytes(staging: str, data: bytes) -> None:
     """The file as it came (its header may carry the adapter's alpha and rank)."""
-    from .storage import atomic_write_bytes
+    from big.storage.workspace import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(staging, LORA_FILE), data)
 
@@ -179,7 +179,7 @@ class LoraRuntime:
     def check(self, name: str, state: dict) -> None:
         """Load a LoRA state dict under a scratch name and remove it again: BadRequest unless it loads and
         adapts at least one module of this model (diffusers skips keys that match nothing)."""
-        from .errors import BadRequest
+        from big.errors import BadRequest
 
         pipe = self._ensure_pipe()
         scratch = f"check{name}"

@@ -17,15 +17,16 @@ import torch
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# The embedded model is data in the repository (models/shapes-sd), found without importing its world package.
+EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "models", "shapes-sd")
 VERSION_META = "big_version.json"
 
 
 def resolve_base(spec: str) -> str:
     """'embedded' -> the shipped shapes-world model; a folder -> itself; else a diffusers hub id."""
     if spec == EMBEDDED:
-        from shapes_world.model import DEFAULT_MODEL_DIR
-
-        return DEFAULT_MODEL_DIR
+        return EMBEDDED_MODEL_DIR
     return spec
 
 
@@ -153,8 +154,8 @@ def image_size(pipe) -> int:
 
 
 def defaults_of(spec: str) -> dict:
-    """Generation defaults the model ships with (the embedded model's shapes_world.json)."""
-    p = os.path.join(resolve_base(spec), "shapes_world.json")
+    """Generation defaults the model ships with (a model folder's big_defaults.json, as the embedded model ships)."""
+    p = os.path.join(resolve_base(spec), "big_defaults.json")
     if os.path.exists(p):
         with open(p) as f:
             return json.load(f)

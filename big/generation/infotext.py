@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import BadRequest
+from big.errors import BadRequest
 
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
