@@ -30,7 +30,6 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from continual import Served, score_concepts, teach_as_adapters  # noqa: E402
 from big.generation import sampling
-from big.weights import lora  # noqa: E402
 from big.generation.prompting import DEFAULT_EMPHASIS  # noqa: E402
 from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate  # noqa: E402
@@ -69,14 +68,15 @@ MIXES = [
 
 
 def adapter_parts(svc, concept):
-    meta = svc._concept_meta(concept)
-    return lora.LoraRuntime.adapter_name(concept["concept_id"]), meta["path"], svc._concept_embedding(concept, meta)
+    """(adapter name, LoRA file, (token id, embedding) or None) of a metamodel concept."""
+    name, lora_file, _ = svc.models.adapter_use(concept)
+    return name, lora_file, svc.models.concept_embedding(concept, svc.models.concept(concept))
 
 
 @torch.no_grad()
 def mixed_images(svc, parts: dict, prompt: str, schedule, n: int, seed: int):
     """n images of the prompt with the adapters switched as `schedule` says, over the base trunk."""
-    runtime = svc._trunk_loras("meta", 0)
+    runtime = svc.models.trunk_loras("meta", 0)
     with runtime.lock:
         pipe = runtime.activate([(name, path, 1.0) for name, path, _ in parts.values()])
 
@@ -179,7 +179,7 @@ def main():
         svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"}))
         learned = teach_as_adapters(svc, seed)
         routed = Served(svc, "bench", "meta", len(learned))
-        runtime = svc._trunk_loras("meta", 0)
+        runtime = svc.models.trunk_loras("meta", 0)
         parts = {c["identifier"]: adapter_parts(svc, c) for *_, c in learned}
 
         class Merged:  # every adapter on, whatever the prompt names

@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from big.storage.versions import read_version
 from big.generation import sampling
-from big.weights import lora  # noqa: E402
 from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world import evaluate, world  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
@@ -165,7 +165,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             acc = evaluate.base_accuracy(pipe, scorer, n=base_n, seed=seed, parts=("seen",))
             row = {"step": i + 1, "concept": name, "identifier": r["identifier"], "train_s": round(train_s, 1),
                    "score_s": round(time.time() - t_score, 1),
-                   "version_bytes": lora.version_bytes(version_dir), "method": r["method"],
+                   "version_bytes": read_version(version_dir).bytes(), "method": r["method"],
                    "fidelity": fid, "class_leak_max": max(leak), "compositions": comps,
                    "composition_attributes": per_attribute, "compositions_and_object": comps_and,
                    "base_both_seen": acc["seen"]["both"],

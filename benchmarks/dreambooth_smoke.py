@@ -54,7 +54,7 @@ def main():
         r = svc.finetune("bench", images, params)
         wall = time.time() - t0
         job = svc.registry.get_job(r["job_id"])
-        tuned = svc._pipeline_for(f"private:{r['concept_id']}", 1)
+        tuned = svc.models.pipeline_for(f"private:{r['concept_id']}", 1)
         sheet = []
         scores = evaluate.concept_scores(tuned, scorer, identifier=r["identifier"], category="shape", attrs=CONCEPT,
                                          n=a.n, keep_images=sheet)

@@ -35,7 +35,8 @@ from PIL import Image
 from big.generation import sampling
 from big.weights import pipelines
 from big.weights.embeddings import ConceptEmbedding
-from big.weights.lora import LORA_FILE, LoraRuntime, save_lora
+from big.storage.versions import LORA_FILE, LoraWeights, VersionMeta, write_version
+from big.weights.lora import LoraRuntime
 from big.training.loop import LoraSettings, TrainExample, dreambooth
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -310,13 +311,15 @@ def lora_switch(pipe, device, workdir: str, switches: int) -> dict:
         torch.manual_seed(k)
         unet.add_adapter(LoraSettings().config(LoraSettings().unet_targets))
         folder = os.path.join(workdir, f"lora{k}")
-        save_lora(folder, get_peft_model_state_dict(unet), None, {"unet": unet.peft_config["default"].to_dict()})
+        write_version(folder, VersionMeta("private", "bench", 1, f"lora{k}", "dog", method="lora"),
+                      lora=LoraWeights(get_peft_model_state_dict(unet), None, {"unet": unet.peft_config["default"].to_dict()}))
         folders.append(folder)
         del unet
     runtime = LoraRuntime(pipe)
-    first = time_call(lambda: runtime.activate([("a", folders[0], 1.0)]), device, 1)
-    runtime.activate([("b", folders[1], 1.0)])
-    flips = [time_call(lambda k=k: runtime.activate([("ab"[k % 2], folders[k % 2], 1.0)]), device, 1)
+    files = [os.path.join(f, LORA_FILE) for f in folders]
+    first = time_call(lambda: runtime.activate([("a", files[0], 1.0)]), device, 1)
+    runtime.activate([("b", files[1], 1.0)])
+    flips = [time_call(lambda k=k: runtime.activate([("ab"[k % 2], files[k % 2], 1.0)]), device, 1)
              for k in range(switches)]
     ref_pipe = pipelines.compose(pipe, unet=copy.deepcopy(pipe.unet), text_encoder=copy.deepcopy(pipe.text_encoder))
 

@@ -5,12 +5,12 @@
 import json, os, sys, tempfile, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "tests"))
-import numpy as np, torch
+import torch
 torch.set_num_threads(2)
 from conftest import instance_images
-from big.weights import lora
+from big.storage.versions import read_version
 from big.service import BIGService, ServiceConfig
-from big.parsing import Limits
+from big.config import Limits
 from benchmarks.personal_bench import score
 
 configs = json.loads(sys.argv[1])
@@ -23,7 +23,7 @@ with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         r = svc.finetune(user, images, {"category": "shape", "method": "lora", **cfg})
         wall = time.perf_counter() - t
-        meta = lora.read_meta(svc.registry.version_path(f"private:{r['concept_id']}", 1))
+        meta = read_version(svc.registry.version_path(f"private:{r['concept_id']}", 1)).meta.to_dict()
         fid, leak, per, _ = score(svc, user, r["identifier"], n)
         print(json.dumps({"cfg": cfg, "ident": r["identifier"], "train_s": round(meta["train_seconds"], 1),
                           "fid": fid, "leak": leak, "mark": per["mark"], "loss": round(meta["final_loss"], 4)}), flush=True)

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 from benchmarks.service_bench import timed  # noqa: E402
 from conftest import instance_images  # noqa: E402
-from big.weights import lora  # noqa: E402
+from big.storage.versions import read_version
 from big.service import BIGService, ServiceConfig  # noqa: E402
-from big.parsing import Limits  # noqa: E402
+from big.config import Limits  # noqa: E402
 from shapes_world.evaluate import shows  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 from big.generation.sheets import contact_sheet  # noqa: E402
@@ -91,7 +91,7 @@ def main():
         per_step = {}
         for name, extra in METHODS.items():
             r = svc.finetune(f"calib-{name}", images, {"category": "shape", "max_train_steps": 30, **extra})
-            meta = lora.read_meta(svc.registry.version_path(f"private:{r['concept_id']}", 1))
+            meta = read_version(svc.registry.version_path(f"private:{r['concept_id']}", 1)).meta.to_dict()
             per_step[name] = meta["train_seconds"] / 30
         budget = per_step["dreambooth"] * db_steps
         rows, sheet, captions = [], [], []
@@ -109,11 +109,11 @@ def main():
             folder = svc.registry.version_path(f"private:{r['concept_id']}", 1)
             fidelity, leak, per_attr, imgs = score(svc, "u", r["identifier"], a.n)
             unet_bytes = sum(p.numel() * p.element_size() for p in svc.base_pipe.unet.parameters())
-            row = {"method": name, "steps": steps, "train_s": round(lora.read_meta(folder)["train_seconds"], 1),
+            row = {"method": name, "steps": steps, "train_s": round(read_version(folder).meta.train_seconds, 1),
                    "finetune_wall_s": round(wall, 1), "fidelity": fidelity, "class_leak": leak,
-                   "per_attribute": per_attr, "bytes": lora.version_bytes(folder),
-                   "bytes_vs_unet": lora.version_bytes(folder) / unet_bytes,
-                   "files": lora.concept_files(folder)}
+                   "per_attribute": per_attr, "bytes": read_version(folder).bytes(),
+                   "bytes_vs_unet": read_version(folder).bytes() / unet_bytes,
+                   "files": read_version(folder).files()}
             if extra_runs:
                 every = [fidelity] + extra_runs
                 row.update(fidelity_per_seed=dict(zip(map(str, seeds), every)), fidelity_mean=float(np.mean(every)),
@@ -157,8 +157,7 @@ def main():
         alternating = timed(both, a.repeat) / 2
         ca = svc.registry.find_concept(owner="user-a", target="private", identifier=ra["identifier"])
         cb = svc.registry.find_concept(owner="user-b", target="private", identifier=rb["identifier"])
-        adapters = [(lora.LoraRuntime.adapter_name(c["concept_id"]), svc.registry.version_path(c["model_key"], 1),
-                     1.0) for c in (ca, cb)]
+        adapters = [svc.models.adapter_use(c) for c in (ca, cb)]
         switch = timed(lambda: (svc.loras.activate([adapters[1]]), svc.loras.activate([adapters[0]])), a.repeat) / 2
         svc.loras.drop(adapters[0][0])
         cold = timed(lambda: (svc.loras.drop(adapters[0][0]), svc.loras.activate([adapters[0]])), a.repeat)

@@ -140,7 +140,7 @@ def main():
         plain = timed(lambda: plain_diffusers_loop(pipe, instances, priors, **kw), a.repeat)
         ours = timed(lambda: loop.dreambooth(
             vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            noise_scheduler=svc._noise_scheduler(), instances=instances, priors=priors, learning_rate=1e-4,
+            noise_scheduler=svc.models.noise_scheduler(), instances=instances, priors=priors, learning_rate=1e-4,
             max_train_steps=a.steps, train_batch_size=a.batch, seed=0, size=svc.size), a.repeat)
         report["finetune_throughput"] = {"plain_diffusers_s": round(plain, 3), "big_s": round(ours, 3),
                                          "speedup": round(plain / ours, 2)}

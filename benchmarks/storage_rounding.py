@@ -71,7 +71,7 @@ def main():
         for lr in a.lrs:
             r = svc.finetune("bench", images, {"category": "shape", "method": "dreambooth", "learning_rate": lr,
                                                "max_train_steps": a.steps, "seed": 0})
-            tuned = svc._pipeline_for(f"private:{r['concept_id']}", 1)
+            tuned = svc.models.pipeline_for(f"private:{r['concept_id']}", 1)
             trained = {k: v.clone() for k, v in tuned.unet.state_dict().items()}
 
             def fidelity():

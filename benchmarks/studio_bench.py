@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.service_bench import timed  # noqa: E402
 from big.service import BIGService, ServiceConfig  # noqa: E402
-from big.parsing import Limits  # noqa: E402
+from big.config import Limits  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
 from big.generation.sheets import contact_sheet  # noqa: E402
 

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks import continual  # noqa: E402
 from benchmarks.storage_rounding import rounding_loss  # noqa: E402
+from big import finetune  # noqa: E402
 from big.weights import pipelines  # noqa: E402
 from big.service import BIGService, ServiceConfig  # noqa: E402
 from shapes_world.scorer import Scorer  # noqa: E402
@@ -62,16 +63,16 @@ def run_chain(dtype_name: str, *, class_cache: str, n: int, steps: int | None, l
         svc = BIGService(ServiceConfig(workspace=tmp, dtype="float32", auth={"mode": "disabled"}))
         base = unet_state(svc.base_pipe.unet)
         start = {"unet": base}
-        original_save = pipelines.save_version
+        original_save = finetune.write_version
 
-        def rounding_save(staging, unet, text_encoder, meta):
+        def rounding_save(staging, meta, *, unet=None, text_encoder=None, **kw):
             if unet is not None:  # a DreamBooth trunk: what a `dtype` file would hold
                 rows.append(rounding_loss(unet_state(unet), start["unet"], dtype, start_is_stored=True))
                 for module in (unet, text_encoder):  # (a no-op for float32)
                     pipelines.as_dtype(pipelines.as_dtype(module, dtype), torch.float32)
-            original_save(staging, unet, text_encoder, meta)
+            original_save(staging, meta, unet=unet, text_encoder=text_encoder, **kw)
 
-        pipelines.save_version = rounding_save  # this worker process's own module
+        finetune.write_version = rounding_save  # this worker process's own module
         try:
             shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
             learned = []
@@ -88,7 +89,7 @@ def run_chain(dtype_name: str, *, class_cache: str, n: int, steps: int | None, l
                 t0 = time.time()
                 r = svc.finetune("bench", images, params)
                 train_s = time.time() - t0
-                trunk = unet_state(svc._pipeline_for("meta", r["model_version"]).unet)
+                trunk = unet_state(svc.models.pipeline_for("meta", r["model_version"]).unet)
                 start["unet"] = trunk
                 trunks.append(trunk)
                 learned.append((name, category, attrs, r["identifier"]))
@@ -98,7 +99,7 @@ def run_chain(dtype_name: str, *, class_cache: str, n: int, steps: int | None, l
                 print(json.dumps({"dtype": dtype_name, **rows[-1]}), flush=True)
             final = continual.score_concepts(served, scorer, learned, n=n, seed=seed + 7)
         finally:
-            pipelines.save_version = original_save
+            finetune.write_version = original_save
         svc.close()
     return {"rows": rows, "fidelity_after_all": {c: s["fidelity"] for c, s in final.items()},
             "class_leak_after_all": {c: s["prior_leak"] for c, s in final.items()}, "base": base, "trunks": trunks}

@@ -34,3 +34,11 @@ class OutOfMemory(BIGError, MemoryError):
     """Even one image does not fit in the accelerator's memory (larger batches are split, not refused)."""
 
     code = "out_of_memory"
+
+
+def error_for(code: str | None, message: str) -> BIGError:
+    """The error of a stored `code` (a job's `error_code`), so a job's failure reaches its client as it was
+    raised; a code this version does not know is a plain BIGError."""
+    classes = {cls.code: cls for cls in (BIGError, BadRequest, AuthError, NotFound, Conflict, JobCancelled,
+                                          OutOfMemory)}
+    return classes.get(code, BIGError)(message)

@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import Callable
 
-from big.errors import BIGError, JobCancelled
+from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, error_for
 from big.storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ class JobManager:
             result = fn(JobContext(self, job_id, job["total_steps"]))
             self._end(job_id, "succeeded", step=job["total_steps"], **result)
         except JobCancelled as e:
-            self._end(job_id, "cancelled", error=str(e))
+            self._end(job_id, "cancelled", error=_message(e), error_code=e.code)
         except BIGError as e:
-            self._end(job_id, "failed", error=str(e))
+            self._end(job_id, "failed", error=_message(e), error_code=e.code)
         except Exception as e:  # a crash in training must not take the server down
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
             self._end(job_id, "failed", error=f"{type(e).__name__}: {e}")
@@ -123,3 +123,29 @@ class JobManager:
                 ev = self._done.pop(job_id, None)
             if ev:
                 ev.set()
+
+
+def _message(e: BIGError) -> str:
+    return str(e.args[0]) if e.args else ""
+
+
+VIEW_FIELDS = ("job_id", "status", "step", "total_steps", "loss", "eta_s", "error", "identifier", "category",
+               "target", "model_version", "concept_id")
+
+
+def job_view(job: dict) -> dict:
+    """What a client sees of a job; an error reads "[code] message" as the client's own errors do."""
+    view = {k: job.get(k) for k in VIEW_FIELDS}
+    if job.get("error_code"):
+        view["error"] = f"[{job['error_code']}] {job['error']}"
+    return view
+
+
+def job_error(job: dict) -> Exception:
+    """The error a failed or cancelled job ended with, to raise to the client that waited for it."""
+    text = job.get("error") or "training failed"
+    if job["status"] == "cancelled":
+        return JobCancelled(text)
+    if job.get("error_code") in (BadRequest.code, Conflict.code, NotFound.code):
+        return error_for(job["error_code"], text)
+    return BIGError(f"finetune failed: {job_view(job)['error'] or text}")

@@ -1,83 +1,28 @@
-"""Turning request parameters and documents into checked values, or a clear BadRequest.
+"""Turning a request's parameters into typed, checked values, or a clear BadRequest naming the parameter.
 
-Jina sends parameters as a protobuf Struct: every number arrives as a float, so integers are cast
-here (and a non-integral "integer" is an error, not a silent floor).
+Parameters travel as a protobuf Struct: every number arrives as a float, so integers are cast here (and a
+non-integral "integer" is an error, not a silent floor). Each request is parsed once, here; what follows works
+on the typed values.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from big.generation import prompting, schedulers
+from big.config import METHODS, Limits, finetune_defaults_for
 from big.errors import BadRequest
+from big.generation import prompting, schedulers
+from big.weights.metamodel import DEFAULT_METAMODEL_STRATEGY, METAMODEL_STRATEGIES, method_of_strategy
 
 TRAIN_TARGETS = ("private", "meta", "private_meta")
-# How a metamodel keeps earlier concepts (benchmarks/continual.py compares them), as data:
-#   naive       plain sequential DreamBooth: class images of the current category only
-#   seed_split  the BIG recipe: prior batch split over categories and earlier instances (planner.py)
-#   anchored    seed_split plus an L2 pull towards the weights before this concept (L2-SP)
-#   replay      seed_split with twice the prior batch per step (more replay of earlier concepts and of
-#               class images) and a light L2-SP anchor
-#   balanced    replay, but each step's prior batch is drawn evenly over the plan's groups (each category's
-#               class images, each earlier concept) instead of over the pooled images, so an early concept
-#               keeps its share of every step however many concepts came after it
-#   adapters    each concept its own LoRA (+ identifier embedding) over the unchanged trunk, applied to the
-#               prompts that name it (metamodel.py); learned by method 'lora' with class images only
-# `replay_earlier`: plan earlier concepts and other categories into the prior batch; `prior_batch_factor`:
-# prior images per step as a multiple of the instance batch; `anchor_weight`: the L2-SP weight, which a
-# request's own `anchor_weight` overrides; `finetune_defaults`: over the method's defaults (rank 4, because
-# rank 1 learned the star-with-ring concept to 0.62-0.88 over three seeds and rank 4 to 1.00 on each); a
-# model's `per_strategy` defaults come over those (the embedded model: 600 steps for adapters).
-METAMODEL_STRATEGY_SETTINGS = {
-    "naive": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0),
-    "seed_split": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=0.0),
-    "anchored": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=1e-3),
-    "replay": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4),
-    "balanced": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4, balanced=True),
-    "adapters": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0, adapters=True,
-                     finetune_defaults=dict(lora_rank=4)),
-}
-DEFAULT_METAMODEL_STRATEGY = "adapters"
-METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
-# How a concept is learned. A metamodel's strategy decides its method (adapters: LoRA; the others rewrite the
-# whole trunk by DreamBooth); a private concept defaults to LoRA (megabytes, applied to the base per request).
-METHODS = ("dreambooth", "lora", "textual_inversion")
+GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 CROPS = ("center", "focal")
 MAX_HUE_COPIES = 7
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # diffusers' get_scheduler names
-GENERATE_TARGETS = TRAIN_TARGETS + ("pretrained",)
 _CATEGORY = re.compile(r"^[a-z][a-z0-9 \-]{0,31}$")
 _WORD = re.compile(r"^[a-z][a-z0-9\-]{0,31}$")
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_IMAGE_PIXELS = 4096 * 4096
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    min_images: int = 1
-    max_images: int = 32
-    min_image_side: int = 32
-    max_train_steps: int = 5000
-    min_learning_rate: float = 1e-8
-    max_learning_rate: float = 1e-2
-    max_num_images: int = 16
-    max_inference_steps: int = 150
-    max_guidance_scale: float = 50.0
-    max_side: int = 1024
-    max_num_class_images: int = 1000
-    max_prompt_chars: int = 1000
-    max_prompt_parts: int = 8  # `AND` parts: each is one more UNet pass per step
-    max_part_weight: float = 10.0  # |weight| of an `AND` part (it multiplies the guidance scale)
-    max_grid_images: int = 256  # /grid and /sweep: images in one request
-    max_import_bytes: int = 64 * 1024 * 1024  # /import: one concept file
-    max_export_bytes: int = 512 * 1024 * 1024  # /export: a DreamBooth concept is a whole UNet
-    max_lora_rank: int = 128
 
 
 def given(params: dict, name: str, default):
@@ -194,16 +139,12 @@ def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequ
     if target == "private":
         method = _choice(params, "method", METHODS, defaults.get("method", "lora"))
     else:  # a metamodel's strategy decides how it learns
-        method = "lora" if METAMODEL_STRATEGY_SETTINGS[strategy].get("adapters") else "dreambooth"
+        method = method_of_strategy(strategy)
         asked = _choice(params, "method", METHODS, method)
         if asked != method:
             raise BadRequest(f"metamodel_strategy {strategy!r} learns by method {method!r}, not {asked!r} "
                              f"(strategy 'adapters' learns LoRA adapters, the others DreamBooth)")
-    # Each method's own defaults (learning rate, steps, class images) come before the shared ones.
-    defaults = {**defaults, **defaults.get("per_method", {}).get(method, {})}
-    if target != "private":  # then the strategy's own, then what the model's config sets for that strategy
-        defaults.update(METAMODEL_STRATEGY_SETTINGS[strategy].get("finetune_defaults", {}))
-        defaults.update(defaults.get("per_strategy", {}).get(strategy, {}))
+    defaults = finetune_defaults_for(defaults, method, strategy if target != "private" else None)
     overwrite = params.get("overwrite")
     if overwrite is not None:
         overwrite = word_of(overwrite, "overwrite must be the one lowercase word whose embedding to retrain")
@@ -389,46 +330,91 @@ def prompt_of(text: Any, limits: Limits) -> str:
     return text.strip()
 
 
-def decode_image(doc: Any, index: int, limits: Limits) -> Image.Image:
-    """An RGB PIL image from a docarray ImageDoc-like document (bytes_, blob, tensor); never a URL."""
-    data = getattr(doc, "bytes_", None) or getattr(doc, "blob", None)
-    tensor = getattr(doc, "tensor", None)
-    if data:
-        if len(data) > MAX_IMAGE_BYTES:
-            raise BadRequest(f"image {index}: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise BadRequest(f"image {index}: more than {MAX_IMAGE_PIXELS} pixels")
-                im.load()
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise BadRequest(f"image {index}: not a readable image ({type(e).__name__})") from None
-    elif tensor is not None:
-        arr = np.asarray(tensor)
-        if arr.ndim != 3:
-            raise BadRequest(f"image {index}: tensor must be HxWxC or CxHxW")
-        if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-            arr = np.transpose(arr, (1, 2, 0))
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        img = Image.fromarray(arr[..., :3], "RGB")
-    elif getattr(doc, "url", None) or getattr(doc, "uri", None):
-        raise BadRequest(f"image {index}: send the image bytes; remote URLs are not fetched")
+# ---------------------------------------------------------------- /sweep and /grid
+SWEEPABLE = {
+    # parameter: (default start, default stop, default number of frames, integer?)
+    "guidance_scale": (0.0, 30.0, 31, False),
+    "num_inference_steps": (5, 50, 10, True),
+}
+
+
+def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None, stop=None, num=None,
+                 *, max_frames: int, max_steps: int, max_guidance: float) -> list:
+    """The swept values: `values` as given, else `num` evenly spaced from `start` to `stop` (both included)."""
+    if not isinstance(parameter, str) or parameter not in SWEEPABLE:
+        raise BadRequest(f"sweep parameter must be one of {', '.join(SWEEPABLE)}")
+    d_start, d_stop, d_num, integer = SWEEPABLE[parameter]
+    if values is not None:
+        if not isinstance(values, (list, tuple)) or not values:
+            raise BadRequest("sweep `values` must be a non-empty list of numbers")
+        frames = len(values)
     else:
-        raise BadRequest(f"image {index}: no image data (set `bytes_` or `tensor`)")
-    if min(img.size) < limits.min_image_side:
-        raise BadRequest(f"image {index}: {img.width}x{img.height} is below the minimum side of "
-                         f"{limits.min_image_side} px")
-    return img
+        start = d_start if start is None else start
+        stop = d_stop if stop is None else stop
+        num = d_num if num is None else num
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (start, stop)):
+            raise BadRequest("sweep `start` and `stop` must be numbers")
+        if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or \
+                int(num) != num or num < 1:
+            raise BadRequest("sweep `num` must be a positive whole number")
+        frames = int(num)
+    if frames > max_frames:  # counted before any list is built: a huge `num` must not take the server's memory
+        raise BadRequest(f"a sweep has at most {max_frames} frames")
+    if values is not None:
+        out = list(values)
+    else:
+        out = [start + (stop - start) * i / (frames - 1) for i in range(frames)] if frames > 1 else [start]
+    # Checked as any number parameter is (no bools, finite: an infinite step count cannot round), then rounded.
+    out = [number({"sweep values": v}, "sweep values", None, -math.inf, math.inf, integer=False) for v in out]
+    out = [int(round(v)) if integer else round(v, 4) for v in out]
+    lo, hi = (1, max_steps) if integer else (0.0, max_guidance)
+    if any(not lo <= v <= hi for v in out):
+        raise BadRequest(f"{parameter} values must lie in [{lo}, {hi}]")
+    return out
 
 
-def decode_instance_images(docs, limits: Limits) -> list[Image.Image]:
-    n = len(docs) if docs is not None else 0
-    if n < limits.min_images:
-        raise BadRequest("no instance images: send 3-10 images of your object or style as documents")
-    if n > limits.max_images:
-        raise BadRequest(f"too many images ({n}); at most {limits.max_images}")
-    return [decode_image(d, i, limits) for i, d in enumerate(docs)]
+@dataclasses.dataclass(frozen=True)
+class SweepRequest:
+    parameter: str
+    values: tuple
+
+
+def parse_sweep(params: dict, limits: Limits) -> SweepRequest:
+    parameter = given(params, "sweep", "guidance_scale")
+    values = sweep_values(parameter, params.get("values"), params.get("start"), params.get("stop"),
+                          params.get("num"), max_frames=limits.max_grid_images, max_steps=limits.max_inference_steps,
+                          max_guidance=limits.max_guidance_scale)
+    return SweepRequest(parameter, tuple(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridRequest:
+    """Either `random_samples` per prompt around the request's setting, or every combination of the lists
+    (`seeds` None: `num_seeds` consecutive seeds from the request's seed)."""
+
+    random_samples: int | None
+    guidance_scales: tuple | None = None
+    steps: tuple | None = None
+    seeds: tuple | None = None
+    num_seeds: int = 1
+    guidance_spread: float = 0.5
+    steps_spread: float = 0.5
+
+    def images_per_prompt(self) -> int:
+        if self.random_samples:
+            return self.random_samples
+        return len(self.guidance_scales) * len(self.steps) * (len(self.seeds) if self.seeds else self.num_seeds)
+
+
+def parse_grid(params: dict, req: GenerateRequest, limits: Limits) -> GridRequest:
+    n_random = number(params, "random_samples", None, 1, limits.max_grid_images, integer=True)
+    if n_random:
+        return GridRequest(
+            n_random, guidance_spread=number(params, "guidance_spread", 0.5, 0.0, 1.0, integer=False),
+            steps_spread=number(params, "steps_spread", 0.5, 0.0, 1.0, integer=False))
+    guidance = number_list(params, "guidance_scales", [req.guidance_scale], 0.0, limits.max_guidance_scale,
+                           integer=False)
+    steps = number_list(params, "steps", [req.num_inference_steps], 1, limits.max_inference_steps, integer=True)
+    seeds = number_list(params, "seeds", None, 0, 2**31 - 1, integer=True)
+    num_seeds = 1 if seeds else number(params, "num_seeds", 1, 1, limits.max_grid_images, integer=True)
+    return GridRequest(None, tuple(guidance), tuple(steps), tuple(seeds) if seeds else None, num_seeds)

@@ -16,11 +16,13 @@ from docarray.documents import ImageDoc, TextDoc
 from jina import Executor, requests
 
 from big import parsing
-from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
+from big.config import Limits, ServiceConfig
 from big.errors import BadRequest
 from big.generation.sampling import DEFAULT_GENERATION_BATCH
-from big.service import BIGService, ServiceConfig
+from big.service import BIGService
 from big.storage.workspace import png_bytes
+from executor.decode import decode_instance_images
+from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class BIGExecutor(Executor):
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             generation_batch=int(generation_batch),
-            limits=parsing.Limits(**(limits or {})))).result()
+            limits=Limits(**(limits or {})))).result()
         log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
                  self.service.base_pipe.unet.dtype, self.service.ws.root)
 
@@ -58,7 +60,7 @@ class BIGExecutor(Executor):
     async def finetune(self, docs: DocList[ImageDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
         user = self._user(parameters)
         limits = self.service.config.limits
-        images = parsing.decode_instance_images(docs, limits)
+        images = decode_instance_images(docs, limits)
         job_id, wait = await asyncio.to_thread(self.service.submit_finetune, user, images, parameters)
         if not wait:
             return DocList[ConceptDoc]([ConceptDoc(text="", job_id=job_id, status="queued")])

@@ -72,7 +72,7 @@ def test_each_and_part_is_served_by_the_adapters_it_names(service, monkeypatch):
     params = {"target_model": "meta", "seed": 3, "num_images": 2, "guidance_scale": 4.0}
     seen = []
     real = sampling.render_composed
-    monkeypatch.setattr(generation, "render_composed", lambda parts, specs, **kw: seen.append(parts) or
+    monkeypatch.setattr(sampling, "render_composed", lambda parts, specs, **kw: seen.append(parts) or
                         real(parts, specs, **kw))
     composed = service.generate("carol", [f"a {style} painting of a {obj} shape AND a {obj} shape :2"], params)
 
@@ -88,7 +88,7 @@ def test_each_and_part_is_served_by_the_adapters_it_names(service, monkeypatch):
     assert _bytes(service.generate("carol", [f"a {obj} shape AND a {obj} shape"], params)) == \
         _bytes(service.generate("carol", [f"a {obj} shape"], {**params, "guidance_scale": 8.0}))
     service.generate("carol", [f"a {obj} shape AND a shape :-0.5"], params)
-    assert seen[-1][1].pipe.unet is service._pipeline_for("meta", 2).unet
+    assert seen[-1][1].pipe.unet is service.models.pipeline_for("meta", 2).unet
     # Parts need their UNets side by side, so they are merged even where routes are otherwise not.
     service.config.fuse_adapters = False
     service.cache.drop(lambda key: "+" in key)

@@ -7,7 +7,7 @@ import os
 
 from benchmarks.continual import main
 from conftest import BASE_MODEL
-from big.service import DEFAULT_FINETUNE
+from big.config import DEFAULT_FINETUNE
 
 
 def test_smoke_default_strategy_keeps_what_naive_forgets(tmp_path):

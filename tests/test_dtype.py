@@ -98,7 +98,7 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
         starts.append({k: v.detach().clone().cpu() for k, v in kw["unet"].state_dict().items()})
         return real(**kw)
 
-    monkeypatch.setattr(training, "dreambooth", spy)
+    monkeypatch.setattr(loop, "dreambooth", spy)
     params = {"category": "shape", "target_model": "private_meta", "metamodel_strategy": "seed_split",
               "learning_rate": 1e-4}
     bf16_service.finetune("alice", instance_images(), params)
@@ -113,10 +113,10 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
     for start, stored in zip(starts, (base, v1)):
         assert all(torch.equal(start[k], stored[k]) for k in stored)
     # The served copy of version 1 is those weights rounded to bfloat16; training did not start from it.
-    served = bf16_service._pipeline_for("private_meta:alice", 1).unet.state_dict()
+    served = bf16_service.models.pipeline_for("private_meta:alice", 1).unet.state_dict()
     assert all(torch.equal(served[k].cpu(), v1[k].bfloat16()) for k in v1)
     assert any(not torch.equal(served[k].cpu().float(), v1[k]) for k in v1)
-    assert bf16_service._pipeline_for("private_meta:alice", 2).unet.dtype == torch.bfloat16
+    assert bf16_service.models.pipeline_for("private_meta:alice", 2).unet.dtype == torch.bfloat16
 
 
 def test_storing_a_trunk_loses_the_updates_below_the_dtypes_resolution():

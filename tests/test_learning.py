@@ -36,7 +36,7 @@ def test_dreambooth_learns_an_unseen_concept_with_default_settings(tmp_path):
 
     svc = BIGService(ServiceConfig(workspace=str(tmp_path), auth={"mode": "disabled"}))
     r = svc.finetune("u", instance_images(5, style="plain"), {"category": "shape", "method": "dreambooth"})
-    tuned = svc._pipeline_for(f"private:{r['concept_id']}", 1)
+    tuned = svc.models.pipeline_for(f"private:{r['concept_id']}", 1)
     scores = evaluate.concept_scores(tuned, Scorer(), identifier=r["identifier"], category="shape",
                                      attrs=CONCEPT, n=48)
     svc.close()
@@ -55,7 +55,7 @@ def test_pivotal_tuning_changes_only_the_identifier_row(service):
     examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(3)]
     priors = [loop.TrainExample(im, "a shape") for im in instance_images(2, shape="star", mark="none")]
     r = loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                            noise_scheduler=service._noise_scheduler(), instances=examples, priors=priors,
+                            noise_scheduler=service.models.noise_scheduler(), instances=examples, priors=priors,
                             learning_rate=1e-4, max_train_steps=4, train_batch_size=2, size=service.size,
                             train_token_ids=ident_ids, embedding_learning_rate=1e-2)
     before = pipe.text_encoder.get_input_embeddings().weight
@@ -76,7 +76,7 @@ def _one_step(service, **kw):
     pipe = service.base_pipe
     examples = [loop.TrainExample(im, "a sks shape") for im in instance_images(2)]
     return loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                               unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
+                               unet=pipe.unet, noise_scheduler=service.models.noise_scheduler(), instances=examples,
                                priors=[], learning_rate=1e-3, train_batch_size=2, size=service.size, **kw)
 
 
@@ -98,7 +98,7 @@ def test_min_snr_weights_damp_only_the_nearly_clean_timesteps(service):
 
     from big.training import loop
 
-    sched = service._noise_scheduler()
+    sched = service.models.noise_scheduler()
     t = torch.tensor([0, 100, 500, 999])
     snr = compute_snr(sched, t)
     w = loop.min_snr_weights(sched, t, 5.0)
@@ -122,7 +122,7 @@ def test_the_same_lora_request_trains_the_same_adapter(service):
 
     def adapter(seed):
         return loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                   unet=pipe.unet, noise_scheduler=service._noise_scheduler(), instances=examples,
+                                   unet=pipe.unet, noise_scheduler=service.models.noise_scheduler(), instances=examples,
                                    priors=[], learning_rate=1e-3, max_train_steps=3, train_batch_size=2,
                                    size=service.size, seed=seed, lora=loop.LoraSettings()).lora_unet
 

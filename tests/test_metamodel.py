@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import instance_images
+from big.storage.versions import read_version
 from big.training import loop
 from big.weights import metamodel
 from big.errors import BadRequest
@@ -81,7 +82,7 @@ def test_a_dreambooth_step_after_adapters_rewrites_the_trunk_and_keeps_the_adapt
     a = service.finetune("alice", instance_images(), {"category": "shape", "target_model": "private_meta"})
     seen = []
     real = loop.dreambooth
-    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    monkeypatch.setattr(loop, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     b = service.finetune("alice", instance_images(seed=4, shape="star", colour="red", mark="ring"),
                          {"category": "shape", "target_model": "private_meta", "metamodel_strategy": "seed_split",
                           "num_class_images": 8})
@@ -90,7 +91,7 @@ def test_a_dreambooth_step_after_adapters_rewrites_the_trunk_and_keeps_the_adapt
     assert {e.prompt for e in seen[0]["priors"]} == {"a shape"} and seen[0]["lora"] is None
     folder = service.registry.version_path("private_meta:alice", 2)
     assert os.path.isdir(f"{folder}/unet")
-    stack = service._stack("private_meta:alice", 2)
+    stack = service.models.stack("private_meta:alice", 2)
     assert stack.trunk_version == 2 and [x.identifier for x in stack.adapters] == [a["identifier"]]
     images = service.generate("alice", [f"a {a['identifier']} shape", f"a {b['identifier']} shape"],
                               {"target_model": "private_meta", "seed": 1})
@@ -118,12 +119,12 @@ def test_a_route_is_served_by_a_cached_unet_with_its_adapters_merged(service):
     fused_images = service.generate("carol", prompts, params)
     name = lora.LoraRuntime.adapter_name(service.registry.find_concept(
         owner="alice", target="meta", identifier=a["identifier"])["concept_id"])
-    assert [k for k in service.cache._items if "+" in k] == [f"meta@0+{name}*1.0"]
+    assert [k for k in service.cache.keys() if "+" in k] == [f"meta@0+{name}*1.0"]
     assert _bytes(service.generate("carol", prompts, params)) == _bytes(fused_images)  # merged once, reused
 
     # The merged UNet computes what peft's unmerged layers compute, and the adapter really changes it.
     fused = service.cache.get(f"meta@0+{name}*1.0", lambda: pytest.fail("not cached")).unet
-    lora_unet = service.loras.activate([(name, service.registry.version_path("meta", 1), 1.0)]).unet
+    lora_unet = service.loras.activate([(name, read_version(service.registry.version_path("meta", 1)).lora_file, 1.0)]).unet
     g = torch.Generator().manual_seed(0)
     dtype = service.base_pipe.unet.dtype  # fp16 on a GPU
     x, states = (torch.randn(*shape, generator=g).to(service.device, dtype) for shape in ((2, 4, 16, 16), (2, 6, 128)))
@@ -152,7 +153,7 @@ def test_adapters_with_different_lora_targets_merge_into_one_route(service):
     prompts = [f"a {a['identifier']} shape next to a {b['identifier']} shape"]
     params = {"target_model": "meta", "seed": 3}
     fused = np.asarray(service.generate("carol", prompts, params)[0].image, dtype=int)
-    assert len([k for k in service.cache._items if "+" in k]) == 1
+    assert len([k for k in service.cache.keys() if "+" in k]) == 1
     service.config.fuse_adapters = False
     unmerged = np.asarray(service.generate("carol", prompts, params)[0].image, dtype=int)
     assert np.abs(unmerged - fused).max() <= 2
@@ -166,4 +167,4 @@ def test_a_route_whose_adapter_also_adapts_the_text_encoder_is_not_merged(servic
                                                       "lora_text_encoder": True})
     images = service.generate("carol", [f"a {a['identifier']} shape"], {"target_model": "meta", "seed": 3})
     assert len(images) == 1
-    assert [v for k, (v, _) in service.cache._items.items() if "+" in k] == [None]  # known unmergeable: unmerged
+    assert [v for k, v in service.cache.entries().items() if "+" in k] == [None]  # known unmergeable: unmerged

@@ -10,9 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import instance_images
+from big.storage.versions import read_version
 from big.generation import prompting
 from big.training import preprocess
-from big.weights import embeddings, lora
+from big.weights import embeddings
 from big.errors import BadRequest, Conflict, NotFound
 
 FAST = {"category": "shape", "max_train_steps": 6, "num_class_images": 4}
@@ -156,15 +157,15 @@ def test_a_private_concept_is_a_lora_by_default_and_weighs_kilobytes(service):
     assert sorted(os.listdir(folder)) == ["big_version.json", "learned_embeds.safetensors",
                                           "pytorch_lora_weights.safetensors"]
     unet_bytes = sum(p.numel() * 4 for p in service.base_pipe.unet.parameters())  # as trained and saved: fp32
-    assert lora.version_bytes(folder) <= 0.02 * unet_bytes
+    assert read_version(folder).bytes() <= 0.02 * unet_bytes
     # Every adapter in the file is loaded back (attention and convolutions alike), and a UNet-only file
     # loads without diffusers' "No LoRA keys associated to CLIPTextModel" warning.
     with _DiffusersWarnings() as diffusers_warnings:
-        service.loras.load("probe", folder)
+        service.loras.load("probe", read_version(folder).lora_file)
     assert not [m for m in diffusers_warnings.messages if "No LoRA keys" in m], diffusers_warnings.messages
     from safetensors.torch import load_file
     saved = {k for k in load_file(os.path.join(folder, "pytorch_lora_weights.safetensors")) if "lora_A" in k}
-    loaded = [n for n, _ in service.loras._pipe.unet.named_parameters() if "lora_A.probe" in n]
+    loaded = [n for n, _ in service.loras.pipe.unet.named_parameters() if "lora_A.probe" in n]
     assert len(loaded) == len(saved) > 0 and any("attn2.to_k" in n for n in loaded)
     service.loras.drop("probe")
     # The served base carries no adapter: training copies it, and pretrained images stay the base's.
@@ -276,7 +277,7 @@ def test_textual_inversion_matches_plain_diffusers_and_combines_with_a_lora(serv
                                                     dtype=service.base_pipe.unet.dtype).to(service.device)
     plain.load_textual_inversion(str(tmp_path / "e.safetensors"), token="<t>")
     theirs = plain.encode_prompt("a <t> shape", service.device, 1, False)[0]
-    vec = lora.load_embedding(folder)
+    vec = read_version(folder).embedding()
     tid = service.base_pipe.tokenizer(ti["identifier"], add_special_tokens=False).input_ids[0]
     ours = prompting.encode_prompts(service.base_pipe.tokenizer, service.base_pipe.text_encoder,
                                     [f"a {ti['identifier']} shape"], [""], service.device,
@@ -313,9 +314,9 @@ def test_delete_unloads_the_adapter_and_its_merged_routes(service):
     r = service.finetune("alice", instance_images(4), FAST)
     service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
     assert len(service.loras.loaded()) == 1
-    assert len([k for k in service.cache._items if k.startswith("base@0+")]) == 1  # its merged route
+    assert len([k for k in service.cache.keys() if k.startswith("base@0+")]) == 1  # its merged route
     service.delete("alice", r["identifier"])
-    assert service.loras.loaded() == [] and not [k for k in service.cache._items if k.startswith("base@0+")]
+    assert service.loras.loaded() == [] and not [k for k in service.cache.keys() if k.startswith("base@0+")]
     with pytest.raises(BadRequest):
         service.generate("alice", [f"a {r['identifier']} shape"], {"target_model": "private"})
 

@@ -71,10 +71,10 @@ def test_crash_mid_training_leaves_the_served_metamodel_intact(service, monkeypa
         kw["progress"](1, 0.5)
         raise RuntimeError("simulated crash (out of memory) in training step 2")
 
-    monkeypatch.setattr(training, "dreambooth", crashing)
+    monkeypatch.setattr(loop, "dreambooth", crashing)
     with pytest.raises(Exception, match="simulated crash"):
         service.finetune("bob", instance_images(seed=9), {"category": "painting", "target_model": "meta"})
-    monkeypatch.setattr(training, "dreambooth", real)
+    monkeypatch.setattr(loop, "dreambooth", real)
 
     assert service.registry.get_model("meta")["current_version"] == 1
     assert [c["identifier"] for c in service.concepts("bob")] == [first["identifier"]]
@@ -139,7 +139,7 @@ def test_png_carries_its_parameters(service):
 def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(service, monkeypatch):
     seen = []
     real = loop.dreambooth
-    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    monkeypatch.setattr(loop, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     style = service.finetune("alice", instance_images(2, style="checker", mark="none"), {
         "category": "painting", "target_model": "meta", "captions": ["a orange heart", None],
         "metamodel_strategy": "seed_split"})
@@ -159,7 +159,7 @@ def test_captions_shape_the_training_prompts_and_are_replayed_by_the_metamodel(s
 def test_hue_copies_are_taught_and_stored_with_captions_that_name_no_hue(service, monkeypatch):
     seen = []
     real = loop.dreambooth
-    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    monkeypatch.setattr(loop, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     images = instance_images(2, style="checker", mark="none")
     style = service.finetune("alice", images, {"category": "painting", "target_model": "meta", "hue_copies": 2,
                                                "captions": ["a orange heart", None], "max_train_steps": 2})
@@ -182,7 +182,7 @@ def test_metamodel_strategies_are_configs_the_training_receives(service, monkeyp
                                                                  prior_batch, anchor):
     seen = []
     real = loop.dreambooth
-    monkeypatch.setattr(training, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
+    monkeypatch.setattr(loop, "dreambooth", lambda **kw: seen.append(kw) or real(**kw))
     params = {"target_model": target, "metamodel_strategy": strategy, "num_class_images": 8}
     service.finetune("alice", instance_images(2), {**params, "category": "shape"})
     service.finetune("alice", instance_images(2, style="checker"), {**params, "category": "painting"})

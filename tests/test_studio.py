@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import assert_same_image
 
+from big import parsing
 from big.generation import studio
 from big.errors import BadRequest
 from big.generation.sampling import ImageSpec, batches
@@ -15,12 +16,12 @@ LIMITS = dict(max_frames=64, max_steps=150, max_guidance=50.0)
 
 
 def test_default_guidance_sweep_is_0_to_30_in_31_frames():
-    assert studio.sweep_values("guidance_scale", **LIMITS) == [float(v) for v in range(31)]
+    assert parsing.sweep_values("guidance_scale", **LIMITS) == [float(v) for v in range(31)]
 
 
 def test_steps_sweep_rounds_to_whole_steps():
-    assert studio.sweep_values("num_inference_steps", start=5, stop=20, num=4, **LIMITS) == [5, 10, 15, 20]
-    assert studio.sweep_values("num_inference_steps", values=[3, 7.0], **LIMITS) == [3, 7]
+    assert parsing.sweep_values("num_inference_steps", start=5, stop=20, num=4, **LIMITS) == [5, 10, 15, 20]
+    assert parsing.sweep_values("num_inference_steps", values=[3, 7.0], **LIMITS) == [3, 7]
 
 
 @pytest.mark.parametrize("kw", [
@@ -39,7 +40,7 @@ def test_steps_sweep_rounds_to_whole_steps():
 ])
 def test_bad_sweeps_are_clear_errors(kw):
     with pytest.raises(BadRequest):  # never another exception, which would reach the client as a server error
-        studio.sweep_values(**kw, **LIMITS)
+        parsing.sweep_values(**kw, **LIMITS)
 
 
 def test_grid_is_every_combination_prompt_major():

@@ -6,7 +6,9 @@ from docarray.documents import ImageDoc
 from PIL import Image
 
 from big.errors import BadRequest
-from big.parsing import Limits, decode_instance_images, flag, parse_finetune, parse_generate, prompt_of
+from big.config import Limits
+from big.parsing import flag, parse_finetune, parse_generate, prompt_of
+from executor.decode import decode_instance_images
 
 DEF_FT = dict(learning_rate=1e-4, max_train_steps=100, num_class_images=10)
 DEF_GEN = dict(num_inference_steps=20, guidance_scale=4.0, height=32, width=32)

@@ -70,6 +70,15 @@ class PipelineCache:
             _, (_, s) = self._items.popitem(last=False)
             total -= s
 
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    def entries(self) -> dict:
+        """key -> cached value (None for a route known not to merge)."""
+        with self._lock:
+            return {k: v for k, (v, _) in self._items.items()}
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -1,4 +1,5 @@
-"""Sweeps and grids: which images to make (pure planning), and the sheet or animation that shows them.
+"""Sweeps and grids: which images to make (pure planning), and the sheet or animation that shows them
+(their parameters are parsed in `big.parsing`).
 
 A sweep is one prompt and one seed with one parameter moved over a range (guidance 0..30 by default), shown
 as an animated GIF with the value on each frame. A grid is prompts x guidance scales x steps x seeds, or
@@ -8,55 +9,11 @@ image with its own PNG parameters, so any frame or cell can be made again with /
 from __future__ import annotations
 
 import io
-import math
 import random
-from typing import Any, Sequence
+from typing import Sequence
 
-from big.errors import BadRequest
 from big.generation.sampling import GeneratedImage, ImageSpec
-from big.parsing import number
-
-SWEEPABLE = {
-    # parameter: (default start, default stop, default number of frames, integer?)
-    "guidance_scale": (0.0, 30.0, 31, False),
-    "num_inference_steps": (5, 50, 10, True),
-}
-
-
-def sweep_values(parameter: str, values: Sequence[Any] | None = None, start=None, stop=None, num=None,
-                 *, max_frames: int, max_steps: int, max_guidance: float) -> list:
-    """The swept values: `values` as given, else `num` evenly spaced from `start` to `stop` (both included)."""
-    if not isinstance(parameter, str) or parameter not in SWEEPABLE:
-        raise BadRequest(f"sweep parameter must be one of {', '.join(SWEEPABLE)}")
-    d_start, d_stop, d_num, integer = SWEEPABLE[parameter]
-    if values is not None:
-        if not isinstance(values, (list, tuple)) or not values:
-            raise BadRequest("sweep `values` must be a non-empty list of numbers")
-        frames = len(values)
-    else:
-        start = d_start if start is None else start
-        stop = d_stop if stop is None else stop
-        num = d_num if num is None else num
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (start, stop)):
-            raise BadRequest("sweep `start` and `stop` must be numbers")
-        if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or \
-                int(num) != num or num < 1:
-            raise BadRequest("sweep `num` must be a positive whole number")
-        frames = int(num)
-    if frames > max_frames:  # counted before any list is built: a huge `num` must not take the server's memory
-        raise BadRequest(f"a sweep has at most {max_frames} frames")
-    if values is not None:
-        out = list(values)
-    else:
-        out = [start + (stop - start) * i / (frames - 1) for i in range(frames)] if frames > 1 else [start]
-    # Checked as any number parameter is (no bools, finite: an infinite step count cannot round), then rounded.
-    out = [number({"sweep values": v}, "sweep values", None, -math.inf, math.inf, integer=False) for v in out]
-    out = [int(round(v)) if integer else round(v, 4) for v in out]
-    lo, hi = (1, max_steps) if integer else (0.0, max_guidance)
-    if any(not lo <= v <= hi for v in out):
-        raise BadRequest(f"{parameter} values must lie in [{lo}, {hi}]")
-    return out
-
+from big.generation.sheets import animated_gif, contact_sheet
 
 def sweep_specs(prompt: str, seed: int, parameter: str, values: list, *, guidance_scale: float,
                 num_inference_steps: int) -> list[ImageSpec]:
@@ -98,16 +55,12 @@ def cell_caption(img: GeneratedImage) -> str:
 
 
 def gif_bytes(images: list[GeneratedImage], labels: list[str], duration_ms: int = 250) -> bytes:
-    from big.generation.sheets import animated_gif
-
     buf = io.BytesIO()
     animated_gif([g.image for g in images], labels, buf, duration_ms=duration_ms)
     return buf.getvalue()
 
 
 def sheet_png(images: list[GeneratedImage], columns: int, title: str | None = None) -> bytes:
-    from big.generation.sheets import contact_sheet
-
     sheet = contact_sheet([g.image for g in images], [cell_caption(g) for g in images],
                           columns=max(1, min(columns, len(images))), title=title)
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS concepts (
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, target TEXT NOT NULL, category TEXT NOT NULL,
     status TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
-    loss REAL, eta_s REAL, error TEXT, concept_id TEXT, identifier TEXT, model_version INTEGER,
+    loss REAL, eta_s REAL, error TEXT, error_code TEXT, concept_id TEXT, identifier TEXT, model_version INTEGER,
     created REAL NOT NULL, started REAL, finished REAL, params TEXT, cancel_requested INTEGER DEFAULT 0);
 """
 
@@ -42,10 +42,21 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         # Jobs that were running when the process died will never finish: say so (and that nothing is left to
         # wait for: an ended job's ETA is 0, not its last estimate).
         self._db.execute("UPDATE jobs SET status='failed', error='server restarted during the job', finished=?, "
                          "eta_s=0 WHERE status IN ('queued','running')", (time.time(),))
+
+    def _migrate(self) -> None:
+        """A workspace made by an earlier version: jobs kept an error's code as a "[code] " prefix of its text."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "error_code" in columns:
+            return
+        self._db.execute("ALTER TABLE jobs ADD COLUMN error_code TEXT")
+        for row in self._db.execute("SELECT job_id, error FROM jobs WHERE error LIKE '[%] %'").fetchall():
+            code, _, message = row["error"][1:].partition("] ")
+            self._db.execute("UPDATE jobs SET error_code=?, error=? WHERE job_id=?", (code, message, row["job_id"]))
 
     def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

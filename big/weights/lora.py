@@ -1,9 +1,4 @@
-"""Private concepts stored as megabytes (LoRA adapters, embeddings) and applied to the loaded base per request.
-
-A LoRA concept's version folder holds `pytorch_lora_weights.safetensors` (diffusers' format, what
-`load_lora_weights` reads) and, when its identifier's embedding was tuned with it (pivotal tuning),
-`learned_embeds.safetensors`; a textual-inversion concept holds `learned_embeds.safetensors` and the
-AUTOMATIC1111 `.pt` file. `big_version.json` says which method made it.
+"""LoRA adapters applied to the loaded base per request (the files are `storage.versions`' business).
 
 `LoraRuntime` keeps one copy of the base UNet and text encoder into which every used LoRA concept is loaded
 once as a named peft adapter; a request activates its adapters by name (`set_adapters`), so switching users
@@ -14,95 +9,14 @@ from __future__ import annotations
 
 import collections
 import copy
-import json
 import os
 import threading
 import warnings
 
 import torch
-from safetensors.torch import load_file
 
-from big.weights import embeddings, pipelines
-from big.weights.embeddings import ConceptEmbedding
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDDING_FILE = embeddings.DIFFUSERS_FILE
-
-
-def read_meta(version_dir: str) -> dict:
-    with open(os.path.join(version_dir, pipelines.VERSION_META)) as f:
-        return json.load(f)
-
-
-def method_of(version_dir: str) -> str:
-    return read_meta(version_dir).get("method", "dreambooth")
-
-
-def save_lora(staging: str, lora_unet: dict, lora_text_encoder: dict | None, metadata: dict | None) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(
-        staging, unet_lora_layers=lora_unet, text_encoder_lora_layers=lora_text_encoder or None,
-        weight_name=LORA_FILE, safe_serialization=True,
-        unet_lora_adapter_metadata=(metadata or {}).get("unet"),
-        text_encoder_lora_adapter_metadata=(metadata or {}).get("text_encoder"))
-
-
-def save_embedding(staging: str, word: str, vectors: torch.Tensor, *, token_id: int, steps: int, base: str,
-                   a1111: bool = True) -> None:
-    from big.storage.workspace import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(staging, EMBEDDING_FILE), embeddings.to_diffusers_bytes(word, vectors))
-    if a1111:
-        atomic_write_bytes(os.path.join(staging, f"{word}.pt"),
-                           embeddings.to_a1111_bytes(word, vectors, token_id, steps, base))
-
-
-def read_lora_bytes(data: bytes) -> dict | None:
-    """A LoRA state dict from safetensors bytes (every key names a LoRA weight), else None; safetensors only,
-    so nothing in the file can run code."""
-    from safetensors.torch import load as load_bytes
-
-    from big.errors import BadRequest
-
-    try:
-        state = load_bytes(data)
-    except Exception:  # noqa: BLE001 - not safetensors: maybe an embedding (.pt)
-        return None
-    if not state or not all("lora" in k for k in state):
-        return None
-    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
-        raise BadRequest("the LoRA has non-finite weights")
-    return state
-
-
-def write_lora_bytes(staging: str, data: bytes) -> None:
-    """The file as it came (its header may carry the adapter's alpha and rank)."""
-    from big.storage.workspace import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(staging, LORA_FILE), data)
-
-
-def load_embedding(version_dir: str) -> torch.Tensor | None:
-    path = os.path.join(version_dir, EMBEDDING_FILE)
-    if not os.path.exists(path):
-        return None
-    return next(iter(load_file(path).values())).float()
-
-
-def concept_files(version_dir: str) -> list[str]:
-    """The files a concept is made of, as other tools read them (no BIG bookkeeping)."""
-    method = method_of(version_dir)
-    if method == "dreambooth":
-        return [os.path.join(sub, f) for sub in ("unet", "text_encoder")
-                for f in sorted(os.listdir(os.path.join(version_dir, sub)))
-                if os.path.isdir(os.path.join(version_dir, sub))]
-    return sorted(f for f in os.listdir(version_dir) if f != pipelines.VERSION_META)
-
-
-def version_bytes(version_dir: str) -> int:
-    return sum(os.path.getsize(os.path.join(version_dir, f)) for f in concept_files(version_dir))
-
+from big.errors import BadRequest
+from big.weights import pipelines
 
 class LoraRuntime:
     """Named LoRA adapters on one shared copy of the base modules, activated per request."""
@@ -111,8 +25,13 @@ class LoraRuntime:
         self.base_pipe = base_pipe
         self.max_adapters = max_adapters
         self._pipe = None
-        self._loaded: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # adapter -> folder
+        self._loaded: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # adapter -> its file
         self._lock = threading.Lock()
+
+    @property
+    def pipe(self):
+        """The shared copy of the base that carries the loaded adapters."""
+        return self._ensure_pipe()
 
     def _ensure_pipe(self):
         if self._pipe is None:
@@ -125,19 +44,19 @@ class LoraRuntime:
     def adapter_name(concept_id: str) -> str:
         return f"c{concept_id[:16]}"
 
-    def load(self, name: str, version_dir: str) -> None:
+    def load(self, name: str, lora_file: str) -> None:
         pipe = self._ensure_pipe()
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
-        load_lora(pipe, version_dir, name, weight_name=LORA_FILE)
-        self._loaded[name] = version_dir
+        load_lora(pipe, os.path.dirname(lora_file), name, weight_name=os.path.basename(lora_file))
+        self._loaded[name] = lora_file
         while len(self._loaded) > self.max_adapters:
             old, _ = self._loaded.popitem(last=False)
             pipe.delete_adapters(old)
 
     def activate(self, adapters: list[tuple[str, str, float]]):
-        """The shared LoRA pipeline with exactly these (name, folder, weight) adapters on. Callers that
+        """The shared LoRA pipeline with exactly these (name, file, weight) adapters on. Callers that
         render with it must hold `lock` until they are done, as another request would switch the set."""
         pipe = self._ensure_pipe()
         for name, folder, _ in adapters:
@@ -179,8 +98,6 @@ class LoraRuntime:
     def check(self, name: str, state: dict) -> None:
         """Load a LoRA state dict under a scratch name and remove it again: BadRequest unless it loads and
         adapts at least one module of this model (diffusers skips keys that match nothing)."""
-        from big.errors import BadRequest
-
         pipe = self._ensure_pipe()
         scratch = f"check{name}"
         try:
@@ -227,8 +144,3 @@ def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:
             raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
         pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
                                  metadata=metadata, _pipeline=pipe)
-
-
-def embedding_for(tokenizer, word: str, vectors: torch.Tensor, device, dtype) -> tuple[int, ConceptEmbedding]:
-    token_id = embeddings.word_token(tokenizer, word)
-    return token_id, ConceptEmbedding(word, token_id, vectors.to(device, dtype))

@@ -18,6 +18,36 @@ from typing import Mapping, Sequence
 
 _WORD = re.compile(r"[A-Za-z0-9_\-]+")
 
+# How a metamodel keeps earlier concepts, as data (docs/metamodel.md compares them, benchmarks/continual.py measures):
+#   naive       plain sequential DreamBooth: class images of the current category only
+#   seed_split  the BIG recipe: prior batch split over categories and earlier instances (training/planner.py)
+#   anchored    seed_split plus an L2 pull towards the weights before this concept (L2-SP)
+#   replay      seed_split with twice the prior batch per step and a light L2-SP anchor
+#   balanced    replay, but each step's prior batch is drawn evenly over the plan's groups (each category's
+#               class images, each earlier concept), so an early concept keeps its share of every step
+#   adapters    each concept its own LoRA (+ identifier embedding) over the unchanged trunk, applied to the
+#               prompts that name it; learned by method 'lora' with class images only
+# `replay_earlier`: plan earlier concepts and other categories into the prior batch; `prior_batch_factor`:
+# prior images per step as a multiple of the instance batch; `anchor_weight`: the L2-SP weight, which a
+# request's own `anchor_weight` overrides; `finetune_defaults`: over the method's defaults (rank 4: lower ranks
+# did not learn the embedded model's finest marks, docs/metamodel.md).
+METAMODEL_STRATEGY_SETTINGS = {
+    "naive": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0),
+    "seed_split": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=0.0),
+    "anchored": dict(replay_earlier=True, prior_batch_factor=1, anchor_weight=1e-3),
+    "replay": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4),
+    "balanced": dict(replay_earlier=True, prior_batch_factor=2, anchor_weight=2e-4, balanced=True),
+    "adapters": dict(replay_earlier=False, prior_batch_factor=1, anchor_weight=0.0, adapters=True,
+                     finetune_defaults=dict(lora_rank=4)),
+}
+DEFAULT_METAMODEL_STRATEGY = "adapters"
+METAMODEL_STRATEGIES = tuple(METAMODEL_STRATEGY_SETTINGS)
+
+
+def method_of_strategy(strategy: str) -> str:
+    """The learning method a metamodel strategy implies."""
+    return "lora" if METAMODEL_STRATEGY_SETTINGS[strategy].get("adapters") else "dreambooth"
+
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:

@@ -1,8 +1,7 @@
-"""Loading the base pipeline and the versions trained from it.
+"""The base pipeline: loading it, its device and dtype, and pipelines composed over its modules.
 
-A trained version folder holds only what training changed (`unet/`, and `text_encoder/` when the
-text encoder was trained) plus `big_version.json`; everything else is shared with the loaded base
-pipeline, so a version costs the memory of its UNet, not of a whole pipeline.
+A trained version (`storage.versions`) holds only what training changed; everything else is shared with the
+loaded base pipeline, so a version costs the memory of its UNet, not of a whole pipeline.
 """
 from __future__ import annotations
 
@@ -14,13 +13,9 @@ import os
 
 import torch
 
-log = logging.getLogger(__name__)
+from big.config import EMBEDDED, EMBEDDED_MODEL_DIR
 
-EMBEDDED = "embedded"
-# The embedded model is data in the repository (models/shapes-sd), found without importing its world package.
-EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                  "models", "shapes-sd")
-VERSION_META = "big_version.json"
+log = logging.getLogger(__name__)
 
 
 def resolve_base(spec: str) -> str:
@@ -92,8 +87,8 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
         raise ValueError("dtype 'float16' on a CPU: use 'bfloat16' (fast where the CPU has AVX512-BF16 or AMX) "
                          "or 'float32'")
     if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bfloat16():
-        # Served as asked, but said loudly: on an AVX2-only CPU the embedded model generated 11x slower in
-        # bfloat16 than in float32 (8 images: 28.5 s against 2.6 s, 2026-12-01).
+        # Served as asked, but said loudly: an AVX2-only CPU generates many times slower in bfloat16 than in
+        # float32 (docs/research/precision.md).
         log.warning(
             "dtype 'bfloat16' on a CPU without native bfloat16 kernels (capability %s; oneDNN's need AVX-512 and "
             "are fast with AVX512-BF16 or AMX): torch falls back to far slower ones; use 'float32' here",
@@ -128,12 +123,8 @@ def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | Non
 
 
 # A metamodel's trained trunks are written in float32 whatever the served dtype (as diffusers' DreamBooth script
-# writes its float32 master weights), and its next DreamBooth step trains from them. Rounding costs a real share
-# of an update (benchmarks/storage_rounding.py, 300 DreamBooth steps of the embedded model): at SD 1.5's learning
-# rate of 1e-6 float16 lost 9.5% of the update's norm and bfloat16 all of it; at 1e-4, 0.7% and 8%. A chain of
-# four versions, each trained from the rounded one before, stays about one such share from the float32 chain
-# (benchmarks/trunk_chain_rounding.py): the loss does not compound, but in bfloat16 at 1e-6 it is a quarter to a
-# third of each version's update.
+# writes its float32 master weights), and its next DreamBooth step trains from them: rounding a trunk to the
+# served dtype loses a measured share of each update (docs/research/precision.md).
 TRUNK_DTYPE = torch.float32
 
 
@@ -160,30 +151,6 @@ def defaults_of(spec: str) -> dict:
         with open(p) as f:
             return json.load(f)
     return {}
-
-
-def save_version(staging: str, unet, text_encoder, meta: dict) -> None:
-    if unet is not None:
-        unet.save_pretrained(os.path.join(staging, "unet"), safe_serialization=True)
-    if text_encoder is not None:
-        text_encoder.save_pretrained(os.path.join(staging, "text_encoder"), safe_serialization=True)
-    with open(os.path.join(staging, VERSION_META), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def load_version_modules(version_dir: str, like_pipe, dtype: torch.dtype | None = None):
-    """(unet, text_encoder-or-None) of a version, on the base pipeline's device and (unless `dtype`) dtype."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    dtype, device = dtype or like_pipe.unet.dtype, like_pipe.device
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(version_dir, "unet"), dtype=dtype).to(device)
-    te_dir = os.path.join(version_dir, "text_encoder")
-    text = CLIPTextModel.from_pretrained(te_dir, dtype=dtype).to(device) if os.path.isdir(te_dir) else None
-    unet.requires_grad_(False)
-    if text is not None:
-        text.requires_grad_(False)
-    return unet.eval(), (text.eval() if text is not None else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,139 @@
+"""A user's concepts: list them, delete a private one, export its files, import files from another tool."""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Sequence
+
+from big import parsing
+from big.errors import BadRequest, Conflict, NotFound
+from big.models import ModelStore, model_key
+from big.storage.registry import Registry
+from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, read_lora_bytes, write_version
+from big.storage.workspace import Workspace
+from big.training.identifiers import choose_identifier
+from big.weights import embeddings
+from big.weights.lora import LoraRuntime
+
+EXPORT_FORMATS = ("all", "diffusers", "a1111")
+
+
+class Concepts:
+    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, *, identifier_pool, base_key: str):
+        self.store, self.registry, self.ws = store, registry, ws
+        self.identifier_pool = identifier_pool
+        self.base_key = base_key
+
+    @property
+    def limits(self):
+        return self.store.config.limits
+
+    def _mine(self, user: str, identifier: str, what: str = "") -> dict:
+        c = self.registry.find_concept(owner=user, target="private", identifier=identifier)
+        if c is None:
+            raise NotFound(f"you have no private concept {identifier!r}{what}")
+        return c
+
+    def list(self, user: str) -> list[dict]:
+        return [{"identifier": c["identifier"], "category": c["category"], "target_model": c["target"],
+                 "model_version": c["version"], "prompt": f"a {c['identifier']} {c['category']}",
+                 "mine": c["owner"] == user, "n_images": c["n_images"], "method": self.store.concept(c).method}
+                for c in self.registry.list_concepts(owner=user)]
+
+    def delete(self, user: str, identifier: str) -> dict:
+        c = self._mine(user, identifier, " (metamodel concepts cannot be unlearned)")
+        with self.store.lock(c["model_key"]):
+            self.registry.mark_concept_deleted(c["concept_id"])
+            self.store.forget(c)
+            self.ws.discard(self.ws.model_dir(c["model_key"]))
+            self.ws.delete_instances(c["concept_id"])
+        return {"identifier": identifier, "deleted": True}
+
+    def export(self, user: str, identifier: str, fmt: str = "all") -> list[tuple[str, bytes]]:
+        """A private concept's files as other tools read them: (file name, bytes)."""
+        if fmt not in EXPORT_FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        version = self.store.concept(self._mine(user, identifier)).version
+        files = version.files()
+        if fmt == "diffusers":
+            files = [f for f in files if not f.endswith(".pt")]
+        elif fmt == "a1111":
+            files = [f for f in files if f.endswith(".pt")]
+            if not files:
+                raise BadRequest("the AUTOMATIC1111 format is for embeddings (textual_inversion concepts)")
+        size = sum(os.path.getsize(os.path.join(version.path, f)) for f in files)
+        if size > self.limits.max_export_bytes:
+            raise BadRequest(f"this concept is {size / 2**20:.0f} MiB (a DreamBooth concept is a whole UNet); the "
+                             f"export limit is {self.limits.max_export_bytes / 2**20:.0f} MiB: train it as LoRA")
+        out = []
+        for f in files:
+            with open(os.path.join(version.path, f), "rb") as fh:
+                out.append((f, fh.read()))
+        return out
+
+    def _read_files(self, files: Sequence[tuple[str, bytes]]):
+        """(LoRA state, its file's bytes, embedding vectors) of an import; each may be None."""
+        if not files or len(files) > 2:
+            raise BadRequest("send one LoRA file, one embedding file, or one of each")
+        lora_state, lora_bytes, embedding = None, None, None
+        for name, data in files:
+            if not data:
+                raise BadRequest(f"{name or 'a file'} is empty")
+            if len(data) > self.limits.max_import_bytes:
+                raise BadRequest(f"{name}: {len(data) / 2**20:.1f} MiB; the import limit is "
+                                 f"{self.limits.max_import_bytes / 2**20:.0f} MiB")
+            state = read_lora_bytes(data)
+            if state is not None:
+                if lora_state is not None:
+                    raise BadRequest("one LoRA file per concept")
+                lora_state, lora_bytes = state, data
+            else:
+                if embedding is not None:
+                    raise BadRequest("one embedding file per concept")
+                dim = self.store.base_pipe.text_encoder.get_input_embeddings().weight.shape[1]
+                embedding = embeddings.read_embedding_file(data, name or "", dim)[1]
+        return lora_state, lora_bytes, embedding
+
+    def import_(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
+        """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept."""
+        category = parsing.category_of(params)
+        lora_state, lora_bytes, embedding = self._read_files(files)
+        concept_id = uuid.uuid4().hex
+        key = model_key("private", user, concept_id)
+        tokenizer = self.store.base_pipe.tokenizer
+        mine = self.store.private_words(user)
+        identifier = params.get("identifier")
+        if identifier is not None:
+            identifier = parsing.word_of(identifier, "identifier must be one lowercase word")
+            embeddings.word_token(tokenizer, identifier)
+            if identifier in mine:
+                raise Conflict(f"you already have a concept {identifier!r}")
+        else:
+            identifier = choose_identifier(self.identifier_pool, mine, reserved_words=category.split())
+        method = "lora" if lora_state is not None else "textual_inversion"
+        names = [name for name, _ in files]
+        if lora_state is not None:
+            with self.store.loras.lock:  # the real check: do the keys and shapes fit this base model?
+                self.store.loras.check(LoraRuntime.adapter_name(concept_id), lora_state)
+        meta = VersionMeta(model_key_kind="private", base=self.base_key, version=1, identifier=identifier,
+                           category=category, method=method, imported=names,
+                           num_vectors=int(embedding.shape[0]) if embedding is not None else 0)
+        staging = self.ws.new_staging_dir()
+        try:
+            write_version(staging, meta, lora=LoraWeights(file_bytes=lora_bytes) if lora_state is not None else None,
+                          embedding=EmbeddingWeights(identifier, embedding, embeddings.word_token(tokenizer, identifier),
+                                                     0, a1111=lora_state is None) if embedding is not None else None)
+            with self.store.lock(key):
+                self.registry.ensure_model(key, "private", user, self.base_key)
+                path = self.ws.publish_version(staging, key, 1)
+                staging = None
+                self.registry.commit_version(key, 1, path, None, {
+                    "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
+                    "category": category, "n_images": 0, "params": {"imported": names}})
+        except Exception:
+            self.ws.discard(staging)
+            if self.registry.get_concept(concept_id) is None:
+                self.ws.discard(self.ws.model_dir(key))
+            raise
+        return {"identifier": identifier, "category": category, "target": "private", "model_version": 1,
+                "method": method}

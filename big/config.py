@@ -1,0 +1,136 @@
+"""What a service is configured with, and the one place defaults are layered.
+
+Precedence of finetune defaults, lowest first (written here once; `docs/configuration.md` explains each layer):
+  1. the shared values of each file layer in turn: BIG's `DEFAULT_FINETUNE`, the base model's
+     `big_defaults.json` (`finetune_defaults`), `config.yml`'s `finetune_defaults`;
+  2. the same layers' `per_method[<method>]` values;
+  3. for a metamodel, its strategy's own `finetune_defaults` (`weights.metamodel.METAMODEL_STRATEGY_SETTINGS`);
+  4. the file layers' `per_strategy[<strategy>]` values.
+So a per-method or per-strategy value from any file wins over a shared one from any file.
+Generation defaults: `DEFAULT_GENERATE` and the model's size, then the model's `default_guidance_scale`,
+then `config.yml`'s `generate_defaults`, with the model's `default_steps` where nothing else set the steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+from big.generation.sampling import DEFAULT_GENERATION_BATCH
+from big.weights.metamodel import DEFAULT_METAMODEL_STRATEGY, METAMODEL_STRATEGIES, METAMODEL_STRATEGY_SETTINGS
+
+EMBEDDED = "embedded"
+# The embedded model is data in the repository, found without importing the package of its world.
+EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd")
+# How a concept is learned. A metamodel's strategy decides its method (adapters: LoRA; the others rewrite the
+# whole trunk by DreamBooth); a private concept defaults to LoRA (megabytes, applied to the base per request).
+METHODS = ("dreambooth", "lora", "textual_inversion")
+
+DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_images=48, train_batch_size=4,
+                        train_text_encoder=False, metamodel_strategy=DEFAULT_METAMODEL_STRATEGY,
+                        train_identifier_embedding=True, embedding_learning_rate=1e-3, method="lora",
+                        # Each method's own: diffusers' DreamBooth-LoRA settings; an embedding trains nothing
+                        # that class images could protect, so it generates none.
+                        per_method={"lora": dict(learning_rate=1e-4, lora_rank=4, lora_targets="attention"),
+                                    "textual_inversion": dict(num_class_images=0, embedding_learning_rate=5e-3)})
+DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each bound is a `limits:` key of config.yml."""
+
+    min_images: int = 1
+    max_images: int = 32
+    min_image_side: int = 32
+    max_train_steps: int = 5000
+    min_learning_rate: float = 1e-8
+    max_learning_rate: float = 1e-2
+    max_num_images: int = 16
+    max_inference_steps: int = 150
+    max_guidance_scale: float = 50.0
+    max_side: int = 1024
+    max_num_class_images: int = 1000
+    max_prompt_chars: int = 1000
+    max_prompt_parts: int = 8  # `AND` parts: each is one more UNet pass per step
+    max_part_weight: float = 10.0  # |weight| of an `AND` part (it multiplies the guidance scale)
+    max_grid_images: int = 256  # /grid and /sweep: images in one request
+    max_import_bytes: int = 64 * 1024 * 1024  # /import: one concept file
+    max_export_bytes: int = 512 * 1024 * 1024  # /export: a DreamBooth concept is a whole UNet
+    max_lora_rank: int = 128
+    # Images a training job may have after tiling and flipping, and images one /generate or render call may
+    # make, as multiples of max_images and max_num_images (a prompt list times num_images).
+    max_prepared_factor: int = 4
+    max_request_images_factor: int = 4
+
+    @property
+    def max_prepared_images(self) -> int:
+        return self.max_prepared_factor * self.max_images
+
+    @property
+    def max_request_images(self) -> int:
+        return self.max_request_images_factor * self.max_num_images
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    workspace: str = "workspace"
+    base_model: str = EMBEDDED
+    device: str = "auto"
+    # The served dtype: auto (float16 on CUDA, float32 on a CPU), float32, float16 (GPU only) or bfloat16.
+    # Training works on float32 weights; a metamodel's DreamBooth trunks are written in float32.
+    dtype: str = "auto"
+    auth: dict = dataclasses.field(default_factory=dict)
+    finetune_defaults: dict = dataclasses.field(default_factory=dict)
+    generate_defaults: dict = dataclasses.field(default_factory=dict)
+    class_image_steps: int = 20
+    # Images per pipeline call (generation, class images); with classifier-free guidance the UNet sees twice as
+    # many. A batch that runs out of GPU memory is retried in halves, so this only needs lowering to avoid that.
+    generation_batch: int = DEFAULT_GENERATION_BATCH
+    cache_max_bytes: int = 4 * 1024**3
+    train_workers: int = 1
+    train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
+    # A request's LoRA adapters (a metamodel prompt's route, private concepts) merged into a cached UNet copy
+    # (in cache_max_bytes) instead of applied unmerged per call: same images within rounding, the base's speed.
+    fuse_adapters: bool = True
+    limits: Limits = dataclasses.field(default_factory=Limits)
+
+    def __post_init__(self):
+        if self.generation_batch < 1:
+            raise ValueError(f"generation_batch must be at least 1, not {self.generation_batch}")
+
+
+def merge_finetune_layers(layers: Sequence[dict]) -> dict:
+    """Steps 1, 2 and 4 of the precedence: the shared values, and `per_method` / `per_strategy` merged key by
+    key across the layers (not replaced wholesale)."""
+    merged = {k: v for layer in layers for k, v in layer.items()}
+    merged["per_method"] = {m: {k: v for layer in layers for k, v in layer.get("per_method", {}).get(m, {}).items()}
+                            for m in METHODS}
+    merged["per_strategy"] = {
+        s: {k: v for layer in layers for k, v in layer.get("per_strategy", {}).get(s, {}).items()}
+        for s in METAMODEL_STRATEGIES}
+    return merged
+
+
+def finetune_defaults_for(merged: dict, method: str, strategy: str | None) -> dict:
+    """The defaults one job starts from: `merged` (from `merge_finetune_layers`) for this method and, for a
+    metamodel (`strategy` given), this strategy."""
+    out = {**merged, **merged.get("per_method", {}).get(method, {})}
+    if strategy is not None:
+        out.update(METAMODEL_STRATEGY_SETTINGS[strategy].get("finetune_defaults", {}))
+        out.update(merged.get("per_strategy", {}).get(strategy, {}))
+    return out
+
+
+def service_defaults(config: ServiceConfig, model_defaults: dict, size: int) -> tuple[dict, dict]:
+    """(finetune defaults merged over the file layers, generation defaults) of a service."""
+    generate = {
+        **DEFAULT_GENERATE, "height": size, "width": size,
+        **{k: model_defaults[f"default_{k}"] for k in ("guidance_scale",) if f"default_{k}" in model_defaults},
+        **config.generate_defaults,
+    }
+    if "default_steps" in model_defaults:
+        generate.setdefault("num_inference_steps", model_defaults["default_steps"])
+    finetune = merge_finetune_layers([DEFAULT_FINETUNE, model_defaults.get("finetune_defaults", {}),
+                                      config.finetune_defaults])
+    return finetune, generate

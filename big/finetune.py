@@ -1,0 +1,226 @@
+"""One finetune job: the word, the prepared images, the prior plan, training, and the version committed.
+
+A job runs under its model key's lock, trains from that key's current version, and publishes the next version
+with one registry transaction; a failure at any point leaves the previous version serving and nothing of the
+new one on disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import uuid
+from typing import Sequence
+
+from PIL import Image
+
+from big import parsing
+from big.errors import BadRequest, Conflict
+from big.jobs import JobContext, JobManager, job_error, job_view
+from big.models import ModelStore, model_key
+from big.storage.registry import Registry
+from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, write_version
+from big.storage.workspace import Workspace
+from big.training import class_images, loop, planner, preprocess
+from big.training.identifiers import choose_identifier
+from big.weights import embeddings, metamodel, pipelines
+from big.weights.metamodel import METAMODEL_STRATEGY_SETTINGS
+
+log = logging.getLogger(__name__)
+
+
+def concept_examples(images, identifier: str, category: str, captions, templates=None) -> list[loop.TrainExample]:
+    """A concept's training examples: every image with "a {id} {category}", and a captioned image also with
+    "a {id} {category} of {caption}", so both the bare and the composed use are taught. With prompt
+    templates, every image is taught with every template instead."""
+    out = []
+    for im, caption in zip(images, captions or [None] * len(images)):
+        if templates:
+            out += [loop.TrainExample(im, preprocess.fill_template(t, name=identifier, category=category,
+                                                                   filewords=caption)) for t in templates]
+            continue
+        out.append(loop.TrainExample(im, planner.concept_prompt(identifier, category)))
+        if caption:
+            out.append(loop.TrainExample(im, planner.concept_prompt(identifier, category, caption)))
+    return out
+
+
+class Finetuner:
+    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, jobs: JobManager, *, defaults: dict,
+                 identifier_pool, base_key: str, size: int, class_image_steps: int, guidance_scale: float):
+        self.store, self.registry, self.ws, self.jobs = store, registry, ws, jobs
+        self.config = store.config
+        self.defaults = defaults
+        self.identifier_pool = identifier_pool
+        self.base_key = base_key
+        self.size = size
+        self.class_image_steps = class_image_steps
+        self.guidance_scale = guidance_scale
+
+    @property
+    def base_pipe(self):
+        return self.store.base_pipe
+
+    def submit(self, user: str, images: Sequence[Image.Image], params: dict) -> tuple[str, bool]:
+        """Validate and queue a finetune; returns (job id, whether the caller asked to wait)."""
+        req = parsing.parse_finetune(params, self.defaults, self.config.limits)
+        if not images:
+            raise BadRequest("no instance images")
+        if req.captions is not None and len(req.captions) != len(images):
+            raise BadRequest(f"captions: {len(req.captions)} for {len(images)} images; give one per image")
+        job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
+        self.jobs.submit(job_id, lambda ctx: self.run(ctx, user, list(images), req))
+        return job_id, req.wait
+
+    def result(self, job_id: str) -> dict:
+        """The finished job's view, or the error it failed with."""
+        job = self.registry.get_job(job_id)
+        if job["status"] != "succeeded":
+            raise job_error(job)
+        return {**job_view(job), "method": json.loads(job["params"] or "{}").get("method", "dreambooth")}
+
+    def _identifier(self, user: str, key: str, kind: str, req: parsing.FinetuneRequest) -> str:
+        taken = self.registry.identifiers_ever_used(key)
+        if kind == "private":  # keep a user's private identifiers unambiguous for /generate
+            taken |= self.store.private_words(user)
+        if not req.overwrite:
+            return choose_identifier(self.identifier_pool, taken, seed=req.seed, reserved_words=req.category.split())
+        # The concept is an existing word's new embedding, private to its owner.
+        embeddings.word_token(self.base_pipe.tokenizer, req.overwrite)
+        if req.overwrite in self.store.private_words(user):
+            raise Conflict(f"you already have a concept for {req.overwrite!r}; delete it first")
+        return req.overwrite
+
+    def run(self, ctx: JobContext, user: str, images: list[Image.Image], req: parsing.FinetuneRequest) -> dict:
+        concept_id = uuid.uuid4().hex
+        kind = req.target
+        key = model_key(kind, user, concept_id)
+        with self.store.lock(key):
+            version = self.registry.ensure_model(key, kind, None if kind == "meta" else user,
+                                                 self.base_key)["current_version"]
+            identifier = self._identifier(user, key, kind, req)
+            prepared = preprocess.prepare(images, list(req.captions) if req.captions else None, crop=req.crop,
+                                          split_oversized=req.split_oversized, flip=req.flip,
+                                          hue_copy_count=req.hue_copies)
+            limit = self.config.limits.max_prepared_images
+            if len(prepared.images) > limit * (1 + req.hue_copies):
+                raise BadRequest(f"{len(prepared.images) // (1 + req.hue_copies)} training images after tiling and "
+                                 f"flipping; at most {limit}")
+            stack = self.store.stack(key, version) if kind != "private" else metamodel.EMPTY
+            result, plan, written = self._train(ctx, key, kind, version, stack, identifier, prepared, req)
+            meta = VersionMeta(
+                model_key_kind=kind, base=self.base_key, version=version + 1, method=req.method,
+                identifier=identifier, category=req.category, prior_plan=[dataclasses.asdict(s) for s in plan],
+                n_training_images=len(prepared.images), train_seconds=result.seconds, final_loss=result.final_loss)
+            if kind != "private":
+                new_stack = metamodel.after_adapter(stack, metamodel.Adapter(version + 1, concept_id, identifier)) \
+                    if req.method == "lora" else metamodel.after_trunk(stack, version + 1)
+                meta.trunk_version, meta.adapters = new_stack.trunk_version, new_stack.to_meta()["adapters"]
+                meta.metamodel_strategy = req.metamodel_strategy
+            if req.method == "lora":
+                meta.lora_rank, meta.lora_alpha, meta.lora_targets = req.lora_rank, req.lora_alpha, req.lora_targets
+            if result.embedding is not None and req.method != "dreambooth":
+                meta.num_vectors, meta.overwrite = int(result.embedding.shape[0]), bool(req.overwrite)
+            self._commit(ctx, user, key, kind, version + 1, concept_id, meta, written, prepared, len(images), req)
+        return {"concept_id": concept_id, "identifier": identifier, "model_version": version + 1,
+                "loss": result.final_loss}
+
+    def _train(self, ctx, key, kind, version, stack, identifier, prepared, req):
+        """Train the concept; returns (TrainResult, prior plan, the weights to write)."""
+        # A private model learns one concept from the base: nothing earlier to keep.
+        strategy = METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy if kind != "private" else "naive"]
+        anchor_weight = req.anchor_weight if req.anchor_weight is not None and kind != "private" \
+            else strategy["anchor_weight"]
+        learned = self.registry.concepts_of_model(key) if kind != "private" else []
+        in_adapters = {a.concept_id for a in stack.adapters}  # kept by their adapters, not by replay into the trunk
+        plan = planner.plan_prior_batch(
+            req.num_class_images, req.category,
+            [planner.EarlierConcept(c["concept_id"], c["identifier"], c["category"]) for c in learned
+             if c["concept_id"] not in in_adapters],
+            metamodel=strategy["replay_earlier"])
+        log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
+                 planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
+        priors, groups = self.prior_examples(plan)
+        tok = self.base_pipe.tokenizer
+        token_ids = tok(identifier, add_special_tokens=False).input_ids
+        embedding = None
+        if req.method == "textual_inversion" or (req.method == "lora" and req.train_identifier_embedding):
+            n = req.num_vectors if req.method == "textual_inversion" else 1
+            start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
+            embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
+        # A metamodel's trunk is trained again by its next DreamBooth step; a private model never is, so it is
+        # written as it is served (half the disk of an SD UNet in float16).
+        stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
+        fresh = req.method == "dreambooth" and stored != self.base_pipe.unet.dtype
+        unet, text_encoder, own_text = self.store.training_modules(
+            key, stack.trunk_version if kind != "private" else version, stored if fresh else None)
+        result = loop.dreambooth(
+            vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+            noise_scheduler=self.store.noise_scheduler(),
+            instances=concept_examples(prepared.images, identifier, req.category, prepared.captions,
+                                       req.prompt_templates), priors=priors,
+            learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
+            train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
+            train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
+            seed=req.seed, size=self.size,
+            prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
+            train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" else (),
+            embedding_learning_rate=req.embedding_learning_rate,
+            lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
+            if req.method == "lora" else None,
+            embedding=embedding, train_unet=req.method != "textual_inversion",
+            prior_groups=groups if strategy.get("balanced") else None,
+            lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
+            mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
+            modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop)
+        if req.method == "dreambooth":
+            new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
+            written = dict(unet=pipelines.as_dtype(result.unet, stored), text_encoder=pipelines.as_dtype(new_text, stored))
+        else:
+            written = dict(
+                lora=LoraWeights(result.lora_unet, result.lora_text_encoder, result.lora_metadata)
+                if req.method == "lora" else None,
+                embedding=EmbeddingWeights(identifier, result.embedding, token_ids[0], req.max_train_steps,
+                                           a1111=req.method == "textual_inversion")
+                if result.embedding is not None else None)
+        return result, plan, written
+
+    def _commit(self, ctx, user, key, kind, version, concept_id, meta, written, prepared, n_images, req) -> None:
+        """Stage the version's files, publish them, and make the version current in one transaction."""
+        staging = self.ws.new_staging_dir()
+        try:
+            write_version(staging, meta, **written)
+            self.ws.save_instances(concept_id, prepared.images,
+                                   list(prepared.captions) if any(prepared.captions) else None)
+            path = self.ws.publish_version(staging, key, version)
+            staging = None
+            self.registry.commit_version(key, version, path, ctx.job_id, {
+                "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
+                "category": req.category, "n_images": n_images, "params": req.as_params()})
+        except Exception:
+            self.ws.discard(staging)
+            if self.registry.get_concept(concept_id) is None:
+                self.ws.delete_instances(concept_id)
+                self.ws.discard(self.ws.version_dir(key, version))
+            raise
+
+    def prior_class_images(self, category: str, n: int) -> list[Image.Image]:
+        """The first `n` prior-preservation images of "a {category}" from the base model, generated once and
+        shared by every user and model (a benchmark calls it to make them before it times training)."""
+        return class_images.ensure_class_images(
+            self.ws, self.base_key, lambda: pipelines.compose(self.base_pipe), category, n, size=self.size,
+            steps=self.class_image_steps, guidance_scale=self.guidance_scale, batch=self.config.generation_batch)[0]
+
+    def prior_examples(self, plan: Sequence[planner.PriorSlot]) -> tuple[list[loop.TrainExample], list[int]]:
+        """The prior examples of a plan, and for each the index of the slot (group) it fills."""
+        out: list[loop.TrainExample] = []
+        groups: list[int] = []
+        for group, slot in enumerate(plan):
+            if slot.kind == "class":
+                out += [loop.TrainExample(im, slot.prompt) for im in self.prior_class_images(slot.category, slot.count)]
+            else:  # an earlier concept, replayed with the prompts it was taught with
+                earlier = concept_examples(self.ws.load_instances(slot.concept_id), slot.identifier, slot.category,
+                                           self.ws.load_captions(slot.concept_id))
+                out += [earlier[i % len(earlier)] for i in range(slot.count if earlier else 0)]
+            groups += [group] * (len(out) - len(groups))
+        return out, groups
