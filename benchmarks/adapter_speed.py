@@ -2,28 +2,22 @@
 (`fuse_adapters`, the default) and unmerged (peft's LoRA layers, switched per request), against a prompt the
 trunk serves alone, in the same process.
 
-    python benchmarks/adapter_speed.py [--threads 2] [--images 32] [--repeats 5] [--steps 100]
+    python -m benchmarks.adapter_speed [--threads 2] [--images 32] [--repeats 5] [--steps 100]
 
 Teaches one concept to an `adapters` metamodel of the embedded model (`--steps` only: the adapter's
 size, not its quality, sets its cost), then times calls of `--images` images each, the three kinds
 alternating, and prints each kind's median seconds and its ratio to the trunk's. The first merged call,
-which builds the merged copy, is timed on its own. Writes reports/adapter_speed.json.
+which builds the merged copy, is timed on its own. Writes reports/adapter_speed/adapter_speed.json.
 """
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from continual import SEQUENCE, instance_images  # noqa: E402
-from big.service import BIGService, ServiceConfig  # noqa: E402
+from benchmarks import harness
+from benchmarks.continual import SEQUENCE
+from benchmarks.harness import concept_images
 
 
 def main(argv=None):
@@ -33,13 +27,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="reports/adapter_speed.json")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    ap.add_argument("--out", default="reports/adapter_speed")
+    a = harness.parse_args(ap, argv, smoke=dict(images=2, repeats=1, steps=3))
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
+        svc = harness.service(tmp)
         name, category, attrs = SEQUENCE[0]
-        images, _ = instance_images(attrs, 5, a.seed)
+        images, _ = concept_images(attrs, 5, a.seed)
         concept = svc.finetune("bench", images, {"category": category, "target_model": "meta",
                                                  "max_train_steps": a.steps, "seed": a.seed})
         ident = concept["identifier"]
@@ -70,13 +63,12 @@ def main(argv=None):
               "median_s": {k: round(v, 3) for k, v in med.items()},
               "ratio_to_trunk": {k: round(v / base, 2) for k, v in med.items()},
               "first_merged_call_s": round(first_merged, 3)}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=1)
+    harness.write_report(a.out, "adapter_speed", report)
     print(f"{a.images} images per call, {a.threads} threads, median of {a.repeats} (alternating):")
     for k in kinds:
         print(f"  {k:32s} {med[k]:6.2f} s  {med[k] / base:.2f}x the trunk's")
     print(f"  first merged call (merges, then renders): {first_merged:.2f} s")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Does the metamodel forget? A sequence of concepts taught to one metamodel, scored after each step.
 
-    python benchmarks/continual.py [--strategies naive seed_split adapters] [--steps 200] [--n 32] [--no-captions]
+    python -m benchmarks.continual [--strategies naive seed_split adapters] [--steps 200] [--n 32] [--no-captions]
                                    [--dtype bfloat16]
-    python benchmarks/continual.py --preset smoke      # the small version the test suite runs
+    python -m benchmarks.continual --preset smoke      # the small version the test suite runs
 
 Sequence: an object (an orange heart with a centre dot, category "shape"), a style (checker, "painting", each
 image captioned with its subject unless --no-captions), a second object of the same category (a red star with a
@@ -25,23 +25,21 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import random
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
+from benchmarks import harness
+from benchmarks.harness import concept_images
 from big.storage.versions import read_version
 from big.generation import sampling
-from big.service import BIGService, ServiceConfig  # noqa: E402
-from shapes_world import evaluate, world  # noqa: E402
-from shapes_world.scorer import Scorer  # noqa: E402
-from big.generation.sheets import captioned_sheet, line_chart  # noqa: E402
+from big.service import BIGService
+from shapes_world import evaluate
+from shapes_world.scorer import Scorer
+from big.generation.sheets import captioned_sheet, line_chart
 
 SEQUENCE = [
     ("heart-dot", "shape", {"shape": "heart", "colour": "orange", "mark": "dot"}),
@@ -55,16 +53,6 @@ PRESETS = {
 }
 
 
-def instance_images(attrs: dict, n: int, seed: int, captions: bool = True):
-    """(images, captions): a style is many subjects in that style, each captioned with its subject (as a
-    user following the [filewords] habit would); an object's images need no caption."""
-    rng = random.Random(seed)
-    if "style" in attrs:
-        scenes = [world.random_scene(rng, style=attrs["style"]) for _ in range(n)]
-        return [world.render(s) for s in scenes], ([f"a {s.colour} {s.shape}" for s in scenes] if captions else None)
-    return [world.render(world.random_scene(rng, style="plain", **attrs)) for _ in range(n)], None
-
-
 def teach_as_adapters(svc: BIGService, seed: int = 0, style_images: int = 5,
                       style_params: dict | None = None) -> list[tuple[str, str, dict, dict]]:
     """The whole SEQUENCE taught to `svc`'s shared metamodel with the `adapters` strategy, one concept after
@@ -74,7 +62,7 @@ def teach_as_adapters(svc: BIGService, seed: int = 0, style_images: int = 5,
     {"metamodel_strategy": "seed_split"}, which teaches the styles into the trunk by DreamBooth)."""
     learned = []
     for i, (name, category, attrs) in enumerate(SEQUENCE):
-        images, captions = instance_images(attrs, style_images if "style" in attrs else 5, seed + 100 * i)
+        images, captions = concept_images(attrs, style_images if "style" in attrs else 5, seed + 100 * i)
         params = {"category": category, "target_model": "meta", "metamodel_strategy": "adapters", "seed": seed + i}
         if "style" in attrs:
             params.update(style_params or {})
@@ -120,7 +108,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
     scorer = scorer or Scorer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, dtype=dtype, auth={"mode": "disabled"}))
+        svc = harness.service(tmp, base_model=base_model, dtype=dtype)
         # Read only: strategies running side by side share it.
         shutil.copytree(class_cache, os.path.join(tmp, "class_images"), dirs_exist_ok=True)
         for category in sorted({c for _, c, _ in SEQUENCE[:concepts]}):  # made before any training is timed
@@ -131,7 +119,7 @@ def run_strategy(strategy: str, *, steps, n, base_n, concepts, seed, scorer, out
             if steps:
                 params["max_train_steps"] = steps
             t0 = time.time()
-            images, image_captions = instance_images(attrs, 5, seed + 100 * i, captions)
+            images, image_captions = concept_images(attrs, 5, seed + 100 * i, captions)
             if image_captions:
                 params["captions"] = image_captions
             r = svc.finetune("bench", images, params)
@@ -190,7 +178,7 @@ def save_class_images(svc: BIGService, categories, class_cache: str) -> None:
 def prepare_shared(*, base_model, scorer, seed, base_n, concepts, class_cache, dtype="auto"):
     """The base model's scores, and the class images of the sequence's categories written to `class_cache`."""
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model=base_model, dtype=dtype, auth={"mode": "disabled"}))
+        svc = harness.service(tmp, base_model=base_model, dtype=dtype)
         base = evaluate.base_accuracy(svc.base_pipe, scorer, n=base_n, seed=seed, parts=("seen",))
         save_class_images(svc, {c for _, c, _ in SEQUENCE[:concepts]}, class_cache)
         svc.close()

@@ -1,6 +1,6 @@
 """DreamBooth smoke benchmark on the embedded model, through the service's own finetune path.
 
-    python benchmarks/dreambooth_smoke.py [--steps 200] [--lr 1e-4] [--threads 2]
+    python -m benchmarks.dreambooth_smoke [--steps 200] [--lr 1e-4] [--threads 2]
 
 5 rendered images of an unseen concept (an orange heart with a centre dot: a held-out colour x shape
 pair plus a mark pretraining never showed), category "shape", prior preservation on. Prints wall time
@@ -10,23 +10,18 @@ base-prompt accuracy of the fine-tuned model against the base model on the same 
 import argparse
 import json
 import os
-import random
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from big.service import BIGService, ServiceConfig  # noqa: E402
-from shapes_world import evaluate, world  # noqa: E402
-from shapes_world.scorer import Scorer  # noqa: E402
+from benchmarks import harness
+from shapes_world import evaluate
+from shapes_world.scorer import Scorer
 
 CONCEPT = {"shape": "heart", "colour": "orange", "mark": "dot"}
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None, help="default: the model's finetune default")
     ap.add_argument("--lr", type=float, default=None)
@@ -37,15 +32,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded")
     ap.add_argument("--out", default="reports/dreambooth_smoke")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = harness.parse_args(ap, argv, smoke=dict(steps=5, class_images=4, n=4))
     os.makedirs(a.out, exist_ok=True)
-    rng = random.Random(a.seed)
-    images = [world.render(world.random_scene(rng, style="plain", **CONCEPT)) for _ in range(5)]
+    images = harness.scene_images(5, a.seed, style="plain", **CONCEPT)
     scorer = Scorer()
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model=a.base_model, auth={"mode": "disabled"}))
-        params = {"category": "shape", "target_model": "private", "seed": a.seed}
+        svc = harness.service(tmp, base_model=a.base_model)
+        params = {"category": "shape", "target_model": "private", "method": "dreambooth", "seed": a.seed}
         for k, v in (("max_train_steps", a.steps), ("learning_rate", a.lr), ("num_class_images", a.class_images),
                      ("train_batch_size", a.batch)):
             if v is not None:
@@ -70,13 +63,13 @@ def main():
         "base_drift_points": {k: round(100 * (before["seen"][k] - after["seen"][k]), 1) for k in ("colour", "shape", "both")},
     }
     print(json.dumps(report, indent=1))
-    with open(os.path.join(a.out, "dreambooth_smoke.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    harness.write_json(os.path.join(a.out, "dreambooth_smoke.json"), report)
     from big.generation.sheets import contact_sheet
 
     contact_sheet(images + [im for im, _ in sheet], ["instance"] * len(images) + [c for _, c in sheet], columns=7,
                   title=f"dreambooth smoke: fidelity {scores['fidelity']:.2f} in {wall:.0f}s").save(
         os.path.join(a.out, "dreambooth_smoke.png"))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Private concepts by method: bytes, fidelity at equal wall time, and the cost of switching users' LoRAs.
 
-    python benchmarks/personal_bench.py [--threads 2] [--n 32] [--out reports/personal]
+    python -m benchmarks.personal_bench [--threads 2] [--n 32] [--out reports/personal]
 
 1. Fidelity at equal wall time: DreamBooth trains with the embedded model's default steps; LoRA and textual
    inversion get as many steps as fit in the same training time (their time per step is measured first with
@@ -16,24 +16,18 @@
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.service_bench import timed  # noqa: E402
-from conftest import instance_images  # noqa: E402
+from benchmarks import harness
+from benchmarks.service_bench import timed
+from benchmarks.harness import instance_images
 from big.storage.versions import read_version
-from big.service import BIGService, ServiceConfig  # noqa: E402
-from big.config import Limits  # noqa: E402
-from shapes_world.evaluate import shows  # noqa: E402
-from shapes_world.scorer import Scorer  # noqa: E402
-from big.generation.sheets import contact_sheet  # noqa: E402
+from shapes_world.evaluate import shows
+from shapes_world.scorer import Scorer
+from big.generation.sheets import contact_sheet
 
 CONCEPT = {"shape": "heart", "colour": "orange", "mark": "dot"}
 OTHER = {"shape": "star", "colour": "blue", "mark": "ring"}
@@ -68,7 +62,7 @@ def score(svc, user, ident, n, seed=5000):
             {k: float(np.mean([r[k] == v for r in ri])) for k, v in CONCEPT.items()}, inst)
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n", type=int, default=32)
@@ -76,23 +70,23 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--lora-seeds", type=int, nargs="+", default=[10, 11, 12],
                     help="finetune seeds (they pick the identifier) for LoRA: held out from the ones (0-2) that chose "
-                         "its settings in benchmarks/lora_settings.py")
+                         "its settings in research/lora_settings.py")
+    ap.add_argument("--calibration-steps", type=int, default=30, help="steps that time each method's step")
     ap.add_argument("--out", default="reports/personal")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = harness.parse_args(ap, argv, smoke=dict(n=2, steps=4, repeat=1, lora_seeds=[10], calibration_steps=3))
     os.makedirs(a.out, exist_ok=True)
     report = {"threads": a.threads, "n": a.n, "seeds": "5000.. (concept), 105000.. (class prompt)"}
     images = instance_images(5, style="plain")
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, auth={"mode": "disabled"},
-                                       limits=Limits(max_num_images=max(16, a.n))))
+        svc = harness.service(tmp, max_num_images=max(16, a.n))
         db_steps = a.steps or svc.finetune_defaults["max_train_steps"]
         # 1. time per step of each method (short runs), then equal training time
         per_step = {}
         for name, extra in METHODS.items():
-            r = svc.finetune(f"calib-{name}", images, {"category": "shape", "max_train_steps": 30, **extra})
+            r = svc.finetune(f"calib-{name}", images, {"category": "shape", "max_train_steps": a.calibration_steps,
+                                                            **extra})
             meta = read_version(svc.registry.version_path(f"private:{r['concept_id']}", 1)).meta.to_dict()
-            per_step[name] = meta["train_seconds"] / 30
+            per_step[name] = meta["train_seconds"] / a.calibration_steps
         budget = per_step["dreambooth"] * db_steps
         rows, sheet, captions = [], [], []
         for name, extra in METHODS.items():
@@ -170,8 +164,8 @@ def main():
             "first_generate_with_load_s": round(first_a, 3)}
         print(json.dumps(report["switching"], indent=1), flush=True)
         svc.close()
-    with open(os.path.join(a.out, "lora.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    harness.write_json(os.path.join(a.out, "lora.json"), report)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Service benchmarks on the embedded model, each a ratio against a reference run in this process.
 
-    python benchmarks/service_bench.py [--threads 2] [--steps 60]
+    python -m benchmarks.service_bench [--threads 2] [--steps 60] [--no-grpc]   (--preset smoke: the tests' run)
 
 1. finetune throughput: big.training.loop.dreambooth (VAE latents and text states computed once per
    job) vs the plain diffusers DreamBooth loop (VAE encode + text encoder every step), same model,
@@ -12,20 +12,15 @@
 import argparse
 import json
 import os
-import random
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from big.training import loop  # noqa: E402
-from big.service import BIGService, ServiceConfig  # noqa: E402
-from shapes_world import world  # noqa: E402
+from benchmarks import harness
+from big.training import loop
 
 
 def plain_diffusers_loop(pipe, instances, priors, *, steps, batch, lr, seed, size):
@@ -34,7 +29,7 @@ def plain_diffusers_loop(pipe, instances, priors, *, steps, batch, lr, seed, siz
 
     from diffusers import DDPMScheduler
 
-    unet = copy.deepcopy(pipe.unet).train()
+    unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)  # the served UNet is frozen
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +67,7 @@ def step_breakdown(pipe, instances, priors, batch, size, repeat=10):
     texts = [e.prompt for e in (instances * batch)[:batch] + priors[:batch]]
     tok = pipe.tokenizer
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    unet = copy.deepcopy(pipe.unet).train()
+    unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)
     with torch.no_grad():
         vae_s = timed(lambda: pipe.vae.encode(px).latent_dist.sample(), repeat)
         text_s = timed(lambda: pipe.text_encoder(ids)[0], repeat)
@@ -97,36 +92,32 @@ def step_breakdown(pipe, instances, priors, batch, size, repeat=10):
 
 
 def timed(fn, repeat=1):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return harness.median_seconds(fn, repeat)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--class-images", type=int, default=32)
     ap.add_argument("--no-grpc", action="store_true")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    rng = random.Random(0)
-    imgs = [world.render(world.random_scene(rng, shape="heart", colour="orange", mark="dot")) for _ in range(5)]
-    report = {"threads": a.threads, "steps": a.steps, "batch": a.batch, "repeat": a.repeat}
+    ap.add_argument("--out", default="reports/service_bench")
+    a = harness.parse_args(ap, argv, smoke=dict(steps=3, batch=2, repeat=1, class_images=4, no_grpc=True))
+    imgs = harness.scene_images(5, 0, **harness.HEART_DOT)
+    report = {"threads": a.threads, "steps": a.steps, "batch": a.batch, "repeat": a.repeat, "preset": a.preset}
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
+        svc = harness.service(tmp)
         pipe = svc.base_pipe
         cache_dir = svc.ws.class_image_dir(svc.base_key, "shape", svc.size)
 
         # 2. class images, cold then warm cache (also fills the cache for 1.)
-        r1 = svc.finetune("u1", imgs, {"category": "shape", "max_train_steps": 5, "num_class_images": 32})
+        finetune = {"category": "shape", "max_train_steps": 5, "num_class_images": a.class_images}
+        svc.finetune("u1", imgs, finetune)
         n_after_first = len([f for f in os.listdir(cache_dir) if f.endswith(".png")])
         t0 = time.perf_counter()
-        svc.finetune("u2", imgs, {"category": "shape", "max_train_steps": 5, "num_class_images": 32})
+        svc.finetune("u2", imgs, finetune)
         second = time.perf_counter() - t0
         n_after_second = len([f for f in os.listdir(cache_dir) if f.endswith(".png")])
         report["class_images"] = {"generated_by_first_finetune": n_after_first,
@@ -135,7 +126,8 @@ def main():
 
         # 1. training throughput
         instances = [loop.TrainExample(im, "a sks shape") for im in imgs]
-        priors = [loop.TrainExample(im, "a shape") for im in svc.ws.load_class_images(svc.base_key, "shape", svc.size, 32)]
+        priors = [loop.TrainExample(im, "a shape")
+                  for im in svc.ws.load_class_images(svc.base_key, "shape", svc.size, a.class_images)]
         kw = dict(steps=a.steps, batch=a.batch, lr=1e-4, seed=0, size=svc.size)
         plain = timed(lambda: plain_diffusers_loop(pipe, instances, priors, **kw), a.repeat)
         ours = timed(lambda: loop.dreambooth(
@@ -158,9 +150,8 @@ def main():
     if not a.no_grpc:
         report["generate_grpc"] = grpc_overhead(a.repeat * 2, a.threads)
     print(json.dumps(report, indent=1))
-    os.makedirs("reports", exist_ok=True)
-    with open("reports/service_bench.json", "w") as f:
-        json.dump(report, f, indent=1)
+    harness.write_report(a.out, "service_bench", report)
+    return report
 
 
 def grpc_overhead(repeat, threads):

@@ -1,6 +1,6 @@
 """Generation studio on the embedded model: does emphasis work, and what do sweeps and grids cost?
 
-    python benchmarks/studio_bench.py [--threads 2] [--n 64] [--out reports/studio]
+    python -m benchmarks.studio_bench [--threads 2] [--n 64] [--out reports/studio]
 
 1. Emphasis: prompts that name two colours ("a red blue star") leave the colour to the model (it picks the
    first); the scorer reads n images per prompt (seeds fixed, printed) without and with the target colour
@@ -15,20 +15,15 @@ Writes the sweep GIF, the grid sheet, an emphasis sheet and a JSON report to --o
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.service_bench import timed  # noqa: E402
-from big.service import BIGService, ServiceConfig  # noqa: E402
-from big.config import Limits  # noqa: E402
-from shapes_world.scorer import Scorer  # noqa: E402
-from big.generation.sheets import contact_sheet  # noqa: E402
+from benchmarks import harness
+from benchmarks.service_bench import timed
+from shapes_world.scorer import Scorer
+from big.generation.sheets import contact_sheet
 
 PAIRS = [("red", "blue", "star"), ("green", "yellow", "circle"), ("purple", "orange", "square")]
 UP_WEIGHTS = (1.5, 2, 3)
@@ -42,7 +37,7 @@ def colour_share(svc, scorer, prompt, colour, n, seed, steps, emphasis):
     return float(np.mean([r["colour"] == colour for r in reads])), imgs
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n", type=int, default=32)
@@ -51,14 +46,12 @@ def main():
     ap.add_argument("--weight", type=float, default=1.5)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="reports/studio")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = harness.parse_args(ap, argv, smoke=dict(n=2, steps=4, repeat=1))
     os.makedirs(a.out, exist_ok=True)
     scorer = Scorer()
     report = {"threads": a.threads, "n": a.n, "seed": a.seed, "steps": a.steps, "weight": a.weight}
     with tempfile.TemporaryDirectory() as tmp:
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
-                                       limits=Limits(max_num_images=max(16, a.n))))
+        svc = harness.service(tmp, max_num_images=max(16, a.n))
 
         # 1. emphasis. The model paints the first of two colours, so the target is the second one: raised by
         # weighting it up or the first one down, over a range of weights (the effect has a threshold).
@@ -126,8 +119,8 @@ def main():
         "grid_16_images_s": round(grid_s, 2), "grid_per_image_s": round(grid_s / len(images), 3),
         "grid_per_image_vs_single": round(grid_s / len(images) / single, 2)}
     print(json.dumps(report, indent=1))
-    with open(os.path.join(a.out, "studio.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    harness.write_report(a.out, "studio", report)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How many CPU threads a training job should use: the same /finetune job with the service's `train_threads`
 unset (torch's default) and set, alternating, as a server runs it.
 
-    python benchmarks/train_threads.py [--threads 2] [--steps 150] [--repeats 2] [--settings default 1]
+    python -m benchmarks.train_threads [--threads 2] [--steps 150] [--repeats 2] [--settings default 1]
 
 Each job runs in a fresh process (torch's thread settings outlive a job) whose main thread first serves a
 /generate, as a running server's serving thread has, so that its OpenMP team exists beside the job
@@ -15,17 +15,14 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from continual import SEQUENCE, instance_images, save_class_images  # noqa: E402
-from big.service import BIGService, ServiceConfig  # noqa: E402
+from benchmarks import harness
+from benchmarks.continual import SEQUENCE, save_class_images
+from benchmarks.harness import concept_images
 
 
 def timed_job(setting, strategy: str, steps: int, seed: int, class_cache: str, threads: int) -> float:
@@ -34,10 +31,9 @@ def timed_job(setting, strategy: str, steps: int, seed: int, class_cache: str, t
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(class_cache, os.path.join(tmp, "class_images"))
-        svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"},
-                                       train_threads=setting))
+        svc = harness.service(tmp, train_threads=setting)
         svc.generate("bench", ["a red circle", "a blue striped painting of a star"], {"num_images": 4})
-        images, _ = instance_images(SEQUENCE[0][2], 5, seed)
+        images, _ = concept_images(SEQUENCE[0][2], 5, seed)
         params = {"category": "shape", "target_model": "meta", "metamodel_strategy": strategy, "seed": seed,
                   "max_train_steps": steps}
         t0 = time.perf_counter()
@@ -47,18 +43,17 @@ def timed_job(setting, strategy: str, steps: int, seed: int, class_cache: str, t
     return seconds
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the main (serving) thread")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=["default", "1"])
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = harness.parse_args(ap, argv, smoke=dict(steps=3, repeats=1, settings=["1"]))
     settings = [None if s == "default" else int(s) for s in a.settings]
     with tempfile.TemporaryDirectory() as class_cache:
         with tempfile.TemporaryDirectory() as tmp:  # the serving thread's work: class images on the main thread
-            svc = BIGService(ServiceConfig(workspace=tmp, base_model="embedded", auth={"mode": "disabled"}))
+            svc = harness.service(tmp)
             save_class_images(svc, {"shape"}, class_cache)
             svc.close()
         times: dict[tuple[str, str], list[float]] = {}
@@ -78,6 +73,7 @@ def main():
         cells = ", ".join(f"{n}: {statistics.median(times[(strategy, n)]):.1f} s "
                           f"({statistics.median(times[(strategy, n)]) / ref:.2f}x)" for n in names)
         print(f"{strategy:9s} {cells}")
+    return {f"{k[0]}/{k[1]}": statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

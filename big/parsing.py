@@ -88,10 +88,7 @@ def category_of(params: dict) -> str:
 
 
 def target_of(params: dict, allowed: tuple[str, ...], default: str) -> str:
-    t = given(params, "target_model", default)
-    if t not in allowed:
-        raise BadRequest(f"target_model must be one of {', '.join(allowed)}; got {t!r}")
-    return t
+    return _choice(params, "target_model", allowed, default)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -292,7 +292,7 @@ def stage_export(work: str, out: str, tokenizer_dir: str) -> None:
 
 DEFAULT_GUIDANCE = 4.0
 # DreamBooth settings measured on this model (benchmarks/dreambooth_smoke.py); the service reads them.
-# LoRA's own: benchmarks/lora_settings.py chose them.
+# LoRA's own: research/lora_settings.py chose them.
 FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 700, "num_class_images": 48, "train_batch_size": 4,
                      "train_identifier_embedding": True, "embedding_learning_rate": 1e-3,
                      "per_method": {"lora": {"learning_rate": 3e-3, "lora_rank": 1,

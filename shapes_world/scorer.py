@@ -103,7 +103,7 @@ def _mark_cover(scene: world.Scene) -> tuple[np.ndarray, np.ndarray]:
 def _reinked(scene: world.Scene, img: Image.Image, rng: random.Random) -> Image.Image:
     """`img` (the render of `scene`) with its mark redrawn in another ink, half the time (`train --reink-marks`).
     The renderer's marks are pure black (or the background's contrast), and the shipped scorer, which never saw
-    another ink, reads a full-size navy or dark purple dot as no mark (benchmarks/scorer_marks.py). The new ink
+    another ink, reads a full-size navy or dark purple dot as no mark (research/scorer_marks.py). The new ink
     stays far from the pixels under the mark, so the mark stays visible and its label true."""
     if scene.mark == "none" or rng.random() < 0.5:
         return img
@@ -196,7 +196,7 @@ def main():
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reink-marks", action="store_true", help="also train on marks redrawn in other inks (not the "
-                    "shipped scorer's recipe: a second reader for the mark head, see benchmarks/scorer_marks.py)")
+                    "shipped scorer's recipe: a second reader for the mark head, see research/scorer_marks.py)")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     if a.threads:

@@ -23,7 +23,42 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+from benchmarks.harness import instance_images  # noqa: E402,F401 - the tests' concept images, as the benchmarks'
 from shapes_world.model import DEFAULT_MODEL_DIR  # noqa: E402
+
+
+TIERS = {"unit": "no model loaded", "service": "the service in-process on the embedded model",
+         "integration": "a real jina flow over gRPC, the CLI, the notebook", "bench_smoke": "benchmarks' smoke presets"}
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its tier (the folder it is in), so `-m "not bench_smoke"` and the like select."""
+    for item in items:
+        tier = next((t for t in TIERS if t in item.path.parts), None)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_loads_no_model(request, monkeypatch):
+    """tests/unit is the quick loop: a test there that loads the embedded model's or scorer's weights fails."""
+    if "unit" not in request.node.path.parts:
+        yield
+        return
+    from diffusers import DiffusionPipeline, ModelMixin
+    from transformers import PreTrainedModel
+
+    def guarded(original):
+        def load(cls, path, *args, **kwargs):
+            if str(path).startswith(MODELS_DIR):
+                raise AssertionError(f"tests/unit loads no model ({path}): move this test to tests/service")
+            return original.__func__(cls, path, *args, **kwargs)
+        return classmethod(load)
+
+    for owner in (DiffusionPipeline, ModelMixin, PreTrainedModel):
+        monkeypatch.setattr(owner, "from_pretrained", guarded(owner.__dict__["from_pretrained"]))
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -65,18 +100,6 @@ def assert_same_but_rounding(a, b, device) -> None:
             assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01
         else:
             assert_same_image(x, y, device)
-
-
-def instance_images(n=4, seed=0, **attrs):
-    """Rendered images of one concept (default: an orange heart with a centre dot)."""
-    import random
-
-    from shapes_world import world
-
-    rng = random.Random(seed)
-    spec = dict(shape="heart", colour="orange", mark="dot", style="plain")
-    spec.update(attrs)
-    return [world.render(world.random_scene(rng, **spec)).resize((64, 64)) for _ in range(n)]
 
 
 @pytest.fixture(scope="session")

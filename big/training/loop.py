@@ -151,7 +151,7 @@ def _token_ids(tokenizer, prompts: Sequence[str], device, expand: tuple[int, int
 def mixed_precision_for(served: torch.dtype, device) -> str:
     """accelerate's mixed precision for a service serving in `served`: on a GPU bfloat16's autocast when served
     so, else float16's; on a CPU none: there the fp32 copies train faster than under bfloat16 autocast
-    (0.82-0.93x, benchmarks/unet_speed_options.py)."""
+    (0.82-0.93x, research/unet_speed_options.py)."""
     if torch.device(device).type != "cuda":
         return "no"
     return "bf16" if served == torch.bfloat16 else "fp16"

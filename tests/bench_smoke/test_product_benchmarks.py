@@ -1,0 +1,35 @@
+"""Every product benchmark's `--preset smoke`: each part of it runs and reports, in seconds, so none can break
+unseen (the numbers of a smoke run mean nothing)."""
+from benchmarks import adapter_speed, dreambooth_smoke, personal_bench, service_bench, studio_bench, train_threads
+
+
+def test_service_bench_smoke(tmp_path):
+    r = service_bench.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r["class_images"]["generated_by_second_finetune"] == 0
+    assert r["finetune_throughput"]["speedup"] > 0 and r["generate_in_process"]["service_s"] > 0
+    assert (tmp_path / "service_bench.json").exists()
+
+
+def test_studio_bench_smoke(tmp_path):
+    studio_bench.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} >= {"studio.json", "guidance_sweep.gif", "grid_4x4.png"}
+
+
+def test_dreambooth_smoke_smoke(tmp_path):
+    r = dreambooth_smoke.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert 0.0 <= r["fidelity"] <= 1.0 and (tmp_path / "dreambooth_smoke.png").exists()
+
+
+def test_personal_bench_smoke(tmp_path):
+    r = personal_bench.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r["switching"] and (tmp_path / "lora.json").exists()
+
+
+def test_adapter_speed_smoke(tmp_path):
+    r = adapter_speed.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r and (tmp_path / "adapter_speed.json").exists()
+
+
+def test_train_threads_smoke():
+    times = train_threads.main(["--preset", "smoke"])
+    assert set(times) == {"adapters/1", "naive/1"} and all(t > 0 for t in times.values())
