@@ -7,7 +7,6 @@ groups of a request separately changes no image.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from big import parsing
@@ -18,14 +17,12 @@ from big.generation.sampling import GeneratedImage, ImageSpec
 from big.models import AdapterUse, ModelStore
 from big.weights import metamodel, pipelines
 
-_WORD = re.compile(r"[A-Za-z0-9_\-]+")
-
 
 def split_composed(specs) -> tuple[list[int], dict[str, list[int]]]:
     """Indices of the plain specs, and of each composable (`AND`) prompt's specs."""
     plain, composed = [], {}
     for i, s in enumerate(specs):
-        if len(prompting.composable_parts(s.prompt)) > 1:
+        if prompting.parse_prompt(s.prompt).composed:
             composed.setdefault(s.prompt, []).append(i)
         else:
             plain.append(i)
@@ -107,7 +104,7 @@ class Generator:
     def render_specs(self, user: str, req: parsing.GenerateRequest, specs: list[ImageSpec]) -> list[GeneratedImage]:
         if req.target == "private":
             return self._private(user, req, specs)
-        if any(prompting.lora_tags(s.prompt)[1] for s in specs):
+        if any(prompting.parse_prompt(s.prompt).lora for s in specs):
             raise BadRequest("<lora:...> tags pick private LoRA concepts: use target_model 'private'")
         key, version = self.store.resolve(user, req.target, req.identifier, req.model_version)
         stack = self.store.stack(key, version) if req.target != "pretrained" else metamodel.EMPTY
@@ -123,12 +120,13 @@ class Generator:
         plain, composed = split_composed(specs)
         for prompt, idx in composed.items():
             parts = []
-            for text, weight in prompting.composable_parts(prompt):
+            for text, weight in prompting.parse_prompt(prompt).parts:
                 model, embeds = self._part_model(key, stack, version, text)
                 parts.append(sampling.PromptPart(model, text, weight, embeds))
             for i, image in zip(idx, self._parts(parts, req, [specs[i] for i in idx], version=version, label=label)):
                 out[i] = image
-        for adapters, group in metamodel.group_by_route([specs[i].prompt for i in plain], stack.adapters).items():
+        words = [prompting.parse_prompt(specs[i].prompt).words for i in plain]
+        for adapters, group in metamodel.group_by_route(words, stack.adapters).items():
             idx = [plain[j] for j in group]
             chunk = [specs[i] for i in idx]
             if not adapters:
@@ -154,7 +152,7 @@ class Generator:
     def _part_model(self, key: str, stack: metamodel.Stack, version: int, prompt: str):
         """(pipeline, embeddings) that serve one `AND` part of a metamodel prompt. Parts denoise side by side,
         so a part's adapters are always merged into their own UNet copy (even with `fuse_adapters: false`)."""
-        adapters = metamodel.route(prompt, stack.adapters)
+        adapters = metamodel.route(prompting.parse_prompt(prompt).words, stack.adapters)
         if not adapters:
             return self.store.pipeline_for(key, version), None
         embeds, uses = self._adapter_uses(key, adapters)
@@ -191,7 +189,8 @@ class Generator:
             for i, image in zip(plain, images):
                 out[i] = image
         for prompt, idx in composed.items():
-            parts = [sampling.PromptPart(model, text, weight, embeds) for text, weight in prompting.composable_parts(prompt)]
+            parts = [sampling.PromptPart(model, text, weight, embeds)
+                     for text, weight in prompting.parse_prompt(prompt).parts]
             for i, image in zip(idx, self._parts(parts, req, [specs[i] for i in idx], version=version, label=label)):
                 out[i] = image
         return out
@@ -216,7 +215,7 @@ class Generator:
             if missing:
                 raise NotFound(f"you have no private concept {missing[0]!r}")
             return [by_word[n] for n in names]
-        words = {w for p in prompts for w in _WORD.findall(p)}
+        words = {w for p in prompts for w in prompting.parse_prompt(p).words}
         found = [c for c in mine if c["identifier"] in words and not self.store.concept(c).version.meta.overwrite]
         if not found:
             raise BadRequest("target_model 'private' needs `identifier` (or `identifiers`), or a prompt that uses "
@@ -229,7 +228,7 @@ class Generator:
         prompts = sorted({s.prompt for s in specs})
         tags: dict[str, float] = {}
         for prompt in prompts:
-            for name, weight in prompting.lora_tags(prompt)[1].items():
+            for name, weight in prompting.parse_prompt(prompt).lora:
                 if tags.setdefault(name, weight) != weight:
                     raise BadRequest(f"<lora:{name}> has two weights in one request")
         named = tuple(dict.fromkeys(list(req.identifiers) + list(tags))) if req.identifiers else ()

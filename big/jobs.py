@@ -86,7 +86,7 @@ class JobManager:
                 return
             # Each job runs on a thread of its own that ends with the job. On a CPU, torch's OpenMP team
             # belongs to the calling thread and lives as long as that thread does; an idle team left behind
-            # by a long-lived worker slowed every later /generate by ~10% (benchmarks/service_bench.py).
+            # by a long-lived worker slows every later /generate (docs/benchmarks.md, "Service").
             runner = threading.Thread(target=self._run, args=item, name=f"big-job-{item[0][:8]}", daemon=True)
             runner.start()
             runner.join()
@@ -98,9 +98,8 @@ class JobManager:
     def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
         job = self.registry.get_job(job_id)
         if self.threads:
-            # This thread's own OpenMP team (the serving thread keeps its own). On a 2-core CPU a 150-step
-            # adapter job took 41 s with two threads beside an idle serving team and 20 s with one
-            # (benchmarks/train_threads.py).
+            # This thread's own OpenMP team (the serving thread keeps its own): beside an idle serving team,
+            # one thread trains faster than torch's default on a small CPU (docs/benchmarks.md, "Service").
             import torch
 
             torch.set_num_threads(self.threads)

@@ -316,7 +316,7 @@ def prompt_of(text: Any, limits: Limits) -> str:
         raise BadRequest("each document needs a non-empty `text` prompt")
     if len(text) > limits.max_prompt_chars:
         raise BadRequest(f"prompt longer than {limits.max_prompt_chars} characters")
-    parts = prompting.composable_parts(text.strip())
+    parts = prompting.parse_prompt(text.strip()).parts
     if len(parts) > limits.max_prompt_parts:
         raise BadRequest(f"a prompt has at most {limits.max_prompt_parts} AND parts (this one: {len(parts)})")
     for part, weight in parts:

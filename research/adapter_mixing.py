@@ -11,7 +11,7 @@ service's own path), then scores, with the same prompts and seeds as continual.p
   weights (style, object), time splits (one adapter for the first k of 20 steps, then the other or both),
   the mean of both adapters' predictions at every step, each adapter in its own UNet region, and one
   adapter per layer chosen by the size of its weights (K-LoRA).
-Writes reports/continual/adapter_mixing.json.
+Writes docs/research/compositions/adapter_mixing.json.
 """
 import argparse
 import dataclasses
@@ -164,7 +164,7 @@ def main():
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--out", default="docs/research/compositions")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)

@@ -30,7 +30,7 @@ Every concept's own fidelity ("a {id} {category}", n images from the first seed)
 scored too, as a change to how styles are taught must keep the styles learned.
 Images i use seed + i; the scorer reads every attribute of both concepts (`--second-scorer DIR` reads them
 again with another scorer, e.g. models/shapes-scorer-inks, whose mark head also reads dots in other inks). Writes
-reports/continual/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
+docs/research/compositions/composition_guidance.json and a contact sheet of the first images of each pair and prompt.
 """
 import argparse
 import json
@@ -80,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--teach-seed", type=int, default=0, help="seed of the concepts' images and training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-model", default="embedded", help="'embedded' or a model folder (e.g. a variant of it)")
-    ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--out", default="docs/research/compositions")
     ap.add_argument("--style-hue-copies", type=int, default=0, help="the styles' hue_copies when taught")
     ap.add_argument("--style-images", type=int, default=5, help="how many images teach each style")
     ap.add_argument("--style-lora-rank", type=int, help="the styles' lora_rank (default: the model's, 4)")

@@ -87,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="reports/scorer_marks")
+    ap.add_argument("--out", default="docs/research/scorer_marks")
     ap.add_argument("--second-scorer", help="a scorer folder that also reads the ink probe and the adapter's images")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

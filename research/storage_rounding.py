@@ -12,7 +12,7 @@ are rounded to bfloat16 and to float16 (as a trunk written in that dtype and tra
   differ), n images from seed 5000, next to the unrounded trunk's.
 
 This is why a bfloat16 service (`dtype: bfloat16`) writes trunks in float32 and trains from them. Writes
-reports/storage_rounding.json.
+docs/research/precision/storage_rounding.json.
 """
 import argparse
 import json
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-6])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="reports/storage_rounding.json")
+    ap.add_argument("--out", default="docs/research/precision/storage_rounding.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rng = random.Random(0)

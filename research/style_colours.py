@@ -9,7 +9,7 @@ images hold a purple heart paints "a {hollow} painting of a orange heart" purple
 hue-rotated copies captioned without hue words. Prompts: "a {style} painting of a {colour} {shape}" for six
 subjects (SUBJECTS, free backgrounds); the scorer reads style, colour and shape. Each (teach seed, style,
 hue_copies) is one training in a worker process of one torch thread (a training step of this UNet is no
-faster on two); images i use seed + i. Writes reports/continual/style_colours.json and a contact sheet of
+faster on two); images i use seed + i. Writes docs/research/compositions/style_colours.json and a contact sheet of
 the first images of each prompt, and prints, per setting, the mean share of images with all three right.
 """
 import argparse
@@ -87,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--steps", type=int, help="training steps (default: the model's, 600)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side, one torch thread each")
-    ap.add_argument("--out", default="reports/continual")
+    ap.add_argument("--out", default="docs/research/compositions")
     a = ap.parse_args(argv)
     t0 = time.time()
     runs = [(s, t, h) for s in a.styles for t in a.teach_seeds for h in a.hue_copies]

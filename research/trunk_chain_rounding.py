@@ -1,7 +1,7 @@
 """Does rounding a metamodel's trunk compound over a chain of DreamBooth versions?
 
     python -m research.trunk_chain_rounding [--dtypes float32 float16 bfloat16] [--n 32] [--steps N]
-                                              [--learning-rate LR] [--out reports/storage_rounding_chain.json]
+                                              [--learning-rate LR] [--out docs/research/precision/storage_rounding_chain.json]
 
 `storage_rounding.py` measures what one rounding of one DreamBooth update loses. A metamodel taught by a
 DreamBooth strategy trains every version from the trunk stored by the version before, so a trunk stored in a
@@ -24,7 +24,7 @@ Per version:
   trains from the same float32 base in both chains), so the measure of compounding;
 - `fidelity_new`: the concept just learned, n images.
 After the fourth: every concept's fidelity and its class prompt's leak (n images, seed 7).
-Writes reports/storage_rounding_chain.json.
+Writes docs/research/precision/storage_rounding_chain.json.
 """
 import argparse
 import concurrent.futures
@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--steps", type=int, help="training steps per concept (default: the service's)")
     ap.add_argument("--learning-rate", type=float, help="default: the service's (1e-4 for the embedded model)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="reports/storage_rounding_chain.json")
+    ap.add_argument("--out", default="docs/research/precision/storage_rounding_chain.json")
     a = ap.parse_args()
     if "float32" not in a.dtypes:
         ap.error("float32 is the chain the others are measured against")

@@ -16,7 +16,7 @@ seeds), the whole pipeline in fp32 against bf16, so a speed-up that changes what
 
     python -m research.unet_speed_options [--threads 1] [--repeats 3] [--compile] [--n 64]
 
-Timings alternate the options within each repeat and report medians; writes reports/unet_speed_options.json.
+Timings alternate the options within each repeat and report medians; writes docs/research/unet_speed_options.json.
 """
 import argparse
 import contextlib
@@ -35,7 +35,7 @@ from shapes_world.model import TEXT_MAX_LENGTH
 from shapes_world.scorer import Scorer
 
 MODEL = EMBEDDED_MODEL_DIR
-REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reports", "unet_speed_options.json")
+REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "research", "unet_speed_options.json")
 
 
 def load_unet(*, lora: bool, dtype=torch.float32, channels_last=False):

@@ -25,6 +25,8 @@ its own and guided with its weight times the guidance scale (`composable_parts`;
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from typing import Sequence
 
@@ -117,6 +119,36 @@ def lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
     """
     tags = {m.group(1): float(m.group(2)) if m.group(2) else 1.0 for m in _LORA_TAG.finditer(prompt)}
     return " ".join(_LORA_TAG.sub(" ", prompt).split()), tags
+
+
+_WORD = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt's syntax, read once: its `AND` parts with their weights, its `<lora:>` tags, and its words (as
+    written; emphasis brackets and weights are not words), which pick the concepts a prompt names."""
+
+    text: str
+    parts: tuple[tuple[str, float], ...]
+    lora: tuple[tuple[str, float], ...]
+    words: frozenset[str]
+
+    @property
+    def composed(self) -> bool:
+        return len(self.parts) > 1
+
+    @property
+    def lora_weights(self) -> dict[str, float]:
+        return dict(self.lora)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_prompt(text: str) -> Prompt:
+    """The one reading of a prompt's syntax; request parsing reads each prompt first, and every later use of
+    the same text gets that reading back."""
+    return Prompt(text, tuple(composable_parts(text)), tuple(lora_tags(text)[1].items()),
+                  frozenset(_WORD.findall(text)))
 
 
 def weighted_tokens(tokenizer, prompt: str, expand: dict[int, int] | None = None) -> tuple[list[int], list[float]]:

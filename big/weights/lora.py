@@ -68,7 +68,7 @@ class LoraRuntime:
         """A copy of the base UNet with exactly these adapters merged into its weights, or None when they
         cannot be merged exactly (a text-encoder LoRA, DoRA, an adapted embedding). Merged, a route's images
         cost no more than the base's: peft's unmerged layers add two small matmuls per adapted module
-        (1.49x the base's time on the embedded model, 1.00x merged; `benchmarks/adapter_speed.py`)."""
+        (measured by `benchmarks.adapter_speed`, docs/benchmarks.md)."""
         from peft.tuners.lora import LoraLayer
 
         with self._lock:

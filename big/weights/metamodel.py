@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 _WORD = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -89,18 +89,19 @@ def after_trunk(previous: Stack, version: int) -> Stack:
     return Stack(version, previous.adapters)
 
 
-def words_of(prompt: str) -> set[str]:
-    """The prompt's words as the tokenizer sees them (lowercased; emphasis brackets and weights are not words)."""
-    return {w.lower() for w in _WORD.findall(prompt)}
+def words_of(prompt: str | Iterable[str]) -> set[str]:
+    """The prompt's words as the tokenizer sees them (lowercased; emphasis brackets and weights are not words);
+    a prompt already read into its words (`generation.prompting.Prompt.words`) is taken as it is."""
+    return {w.lower() for w in (_WORD.findall(prompt) if isinstance(prompt, str) else prompt)}
 
 
-def route(prompt: str, adapters: Sequence[Adapter]) -> tuple[Adapter, ...]:
+def route(prompt: str | Iterable[str], adapters: Sequence[Adapter]) -> tuple[Adapter, ...]:
     """The adapters a prompt uses: those whose identifier is one of its words, in the order they were taught."""
     words = words_of(prompt)
     return tuple(a for a in adapters if a.identifier in words)
 
 
-def group_by_route(prompts: Sequence[str], adapters: Sequence[Adapter]) -> dict[tuple[Adapter, ...], list[int]]:
+def group_by_route(prompts: Sequence[str | Iterable[str]], adapters: Sequence[Adapter]) -> dict[tuple[Adapter, ...], list[int]]:
     """Indices of the prompts that share one set of adapters (the empty set: the trunk alone), so each
     set is activated once per request."""
     groups: dict[tuple[Adapter, ...], list[int]] = {}
