@@ -26,8 +26,12 @@ from big.errors import AuthError
 
 log = logging.getLogger(__name__)
 
-_USER_ID = re.compile(r"^[A-Za-z0-9_.@:\-]{1,128}$")
+# User ids: 1-128 letters, digits, '_', '.', '@', ':' or '-', starting with a letter or digit (never '.' or '..'),
+# so an id reads the same in logs and paths; the workspace names folders by hashes of them anyway.
+_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:\-]{0,127}$")
 DEV_USER = "dev-user"
+# A token with this claim set to true may list, retire and restore the public metamodel's concepts.
+ADMIN_CLAIM = "big_admin"
 
 
 @dataclasses.dataclass
@@ -71,8 +75,20 @@ class Authenticator:
 
     def user_from_parameters(self, parameters: dict) -> str:
         """The caller's user id, from `parameters['jwt']['token']` (the seed's client shape)."""
+        return self.caller_from_parameters(parameters)[0]
+
+    def admin_from_parameters(self, parameters: dict) -> str:
+        """The caller's user id when the token carries the admin claim (`ADMIN_CLAIM: true`), else AuthError."""
+        user, admin = self.caller_from_parameters(parameters)
+        if not admin:
+            raise AuthError(f"this needs an admin token (claim {ADMIN_CLAIM!r}: true; `python -m big.auth mint "
+                            "<user> --admin`)")
+        return user
+
+    def caller_from_parameters(self, parameters: dict) -> tuple[str, bool]:
+        """(user id, whether the token makes the caller an admin)."""
         if self.config.mode == "disabled":
-            return DEV_USER
+            return DEV_USER, False
         token = None
         jwt_param = (parameters or {}).get("jwt")
         if isinstance(jwt_param, dict):
@@ -81,11 +97,17 @@ class Authenticator:
             token = jwt_param
         if not token or not isinstance(token, str):
             raise AuthError("missing token: pass parameters={'jwt': {'token': '<JWT>'}}")
-        return self.verify(token)
+        if self.config.mode == "hubble":  # Jina Cloud tokens carry no claim of BIG's: never admins
+            return self._verify_hubble(token), False
+        claims = self._claims(token)
+        return _checked_user_id(claims.get("sub")), claims.get(ADMIN_CLAIM) is True
 
     def verify(self, token: str) -> str:
         if self.config.mode == "hubble":
             return self._verify_hubble(token)
+        return _checked_user_id(self._claims(token).get("sub"))
+
+    def _claims(self, token: str) -> dict:
         algorithm = "HS256" if self.config.mode == "hs256" else "RS256"
         key = self.config.secret if algorithm == "HS256" else self.config.public_key
         try:
@@ -98,7 +120,7 @@ class Authenticator:
             raise AuthError("token expired") from None
         except jwt.InvalidTokenError as e:
             raise AuthError(f"invalid token ({type(e).__name__})") from None
-        return _checked_user_id(claims.get("sub"))
+        return claims
 
     def _verify_hubble(self, token: str) -> str:
         """A Jina Cloud token: hubble checks its signature against Jina's JWKS (cached in hubble's
@@ -124,9 +146,12 @@ def _checked_user_id(sub) -> str:
 
 
 def mint_token(user_id: str, secret: str, *, days: float = 30.0, algorithm: str = "HS256",
-               audience: str | None = None, issuer: str | None = None, now: float | None = None) -> str:
+               audience: str | None = None, issuer: str | None = None, now: float | None = None,
+               admin: bool = False) -> str:
     now = time.time() if now is None else now
     claims = {"sub": _checked_user_id(user_id), "iat": int(now), "exp": int(now + days * 86400)}
+    if admin:
+        claims[ADMIN_CLAIM] = True
     if audience:
         claims["aud"] = audience
     if issuer:
@@ -145,12 +170,13 @@ def main():
     m.add_argument("--days", type=float, default=30.0)
     m.add_argument("--audience")
     m.add_argument("--issuer")
+    m.add_argument("--admin", action="store_true", help=f"an admin token ({ADMIN_CLAIM!r} claim: keeps the metamodel)")
     a = ap.parse_args()
     if not a.secret:
         ap.error("no secret: pass --secret or set BIG_JWT_SECRET")
     key = open(a.secret).read() if a.rs256 else a.secret
     print(mint_token(a.user_id, key, days=a.days, algorithm="RS256" if a.rs256 else "HS256",
-                     audience=a.audience, issuer=a.issuer))
+                     audience=a.audience, issuer=a.issuer, admin=a.admin))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from big import parsing
 from big.errors import BadRequest, Conflict, NotFound
 from big.models import ModelStore, model_key
 from big.storage.registry import Registry
-from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, read_lora_bytes, write_version
+from big.storage.versions import (EmbeddingWeights, LoraWeights, VersionMeta, check_magnitude, read_lora_bytes,
+                                  write_version)
 from big.storage.workspace import Workspace
 from big.training.identifiers import choose_identifier
 from big.weights import embeddings
@@ -82,7 +83,7 @@ class Concepts:
             if len(data) > self.limits.max_import_bytes:
                 raise BadRequest(f"{name}: {len(data) / 2**20:.1f} MiB; the import limit is "
                                  f"{self.limits.max_import_bytes / 2**20:.0f} MiB")
-            state = read_lora_bytes(data)
+            state = read_lora_bytes(data, self.limits.max_weight_magnitude)
             if state is not None:
                 if lora_state is not None:
                     raise BadRequest("one LoRA file per concept")
@@ -92,6 +93,7 @@ class Concepts:
                     raise BadRequest("one embedding file per concept")
                 dim = self.store.base_pipe.text_encoder.get_input_embeddings().weight.shape[1]
                 embedding = embeddings.read_embedding_file(data, name or "", dim)[1]
+                check_magnitude([embedding], self.limits.max_weight_magnitude, f"{name or 'the embedding'}")
         return lora_state, lora_bytes, embedding
 
     def import_(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:

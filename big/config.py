@@ -58,10 +58,21 @@ class Limits:
     max_import_bytes: int = 64 * 1024 * 1024  # /import: one concept file
     max_export_bytes: int = 512 * 1024 * 1024  # /export: a DreamBooth concept is a whole UNet
     max_lora_rank: int = 128
+    max_image_bytes: int = 8 * 1024 * 1024  # one instance image as sent
+    max_image_pixels: int = 4096 * 4096  # one instance image decoded, checked from its header before decoding
+    # |value| of an imported LoRA's or embedding's weights: trained ones stay far below it, and larger ones
+    # overflow the served dtype's products (an all-1e30 LoRA renders black even in float32)
+    max_weight_magnitude: float = 1e4
     # Images a training job may have after tiling and flipping, and images one /generate or render call may
     # make, as multiples of max_images and max_num_images (a prompt list times num_images).
     max_prepared_factor: int = 4
     max_request_images_factor: int = 4
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC message a request within these limits needs: every instance image at its largest,
+        with room for the parameters and prompts (flow.yml's `grpc.max_receive_message_length`)."""
+        return self.max_images * self.max_image_bytes + 16 * 1024 * 1024
 
     @property
     def max_prepared_images(self) -> int:

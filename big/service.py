@@ -12,6 +12,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from big.admin import MetamodelKeeper
 from big.auth import AuthConfig, Authenticator
 from big.concepts import EXPORT_FORMATS, Concepts
 from big.config import ServiceConfig, service_defaults
@@ -58,6 +59,7 @@ class BIGService:
         self.generator = Generator(self.models, config, self.generate_defaults)
         self.concept_store = Concepts(self.models, self.registry, self.ws, identifier_pool=pool,
                                       base_key=self.base_key)
+        self.keeper = MetamodelKeeper(self.models, self.registry, self.ws, base_key=self.base_key)
 
     def close(self) -> None:
         self.jobs.close()
@@ -121,6 +123,16 @@ class BIGService:
 
     def import_concept(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
         return self.concept_store.import_(user, files, params)
+
+    # ------------------------------------------------------------------ /admin (the caller's token was checked)
+    def metamodel_concepts(self) -> list[dict]:
+        return self.keeper.concepts()
+
+    def retire(self, identifier: str) -> dict:
+        return self.keeper.retire(identifier)
+
+    def restore(self, identifier: str) -> dict:
+        return self.keeper.restore(identifier)
 
     # ------------------------------------------------------------------ /jobs
     def job_view(self, job: dict) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,6 @@ from PIL import Image, UnidentifiedImageError
 from big.config import Limits
 from big.errors import BadRequest
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def decode_image(doc: Any, index: int, limits: Limits) -> Image.Image:
@@ -19,22 +18,18 @@ def decode_image(doc: Any, index: int, limits: Limits) -> Image.Image:
     data = getattr(doc, "bytes_", None) or getattr(doc, "blob", None)
     tensor = getattr(doc, "tensor", None)
     if data:
-        if len(data) > MAX_IMAGE_BYTES:
-            raise BadRequest(f"image {index}: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise BadRequest(f"image {index}: more than {MAX_IMAGE_PIXELS} pixels")
-                im.load()
-                img = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise BadRequest(f"image {index}: not a readable image ({type(e).__name__})") from None
+        if len(data) > limits.max_image_bytes:
+            raise BadRequest(f"image {index}: {len(data) / 2**20:.1f} MiB; at most {limits.max_image_bytes / 2**20:g} MiB")
+        img = _decode_bytes(data, index, limits)
     elif tensor is not None:
         arr = np.asarray(tensor)
         if arr.ndim != 3:
             raise BadRequest(f"image {index}: tensor must be HxWxC or CxHxW")
         if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
             arr = np.transpose(arr, (1, 2, 0))
+        _check_pixels(arr.shape[1], arr.shape[0], index, limits)
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            raise BadRequest(f"image {index}: the tensor must hold finite numbers")
         if arr.dtype != np.uint8:
             arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         if arr.shape[-1] == 1:
@@ -48,6 +43,32 @@ def decode_image(doc: Any, index: int, limits: Limits) -> Image.Image:
         raise BadRequest(f"image {index}: {img.width}x{img.height} is below the minimum side of "
                          f"{limits.min_image_side} px")
     return img
+
+
+def _decode_bytes(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Decoded only after its header's size passed the pixel limit: a small file can declare a huge image (a
+    'decompression bomb'), which PIL itself refuses only far above ours and with its own error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit follows
+            with Image.open(io.BytesIO(data)) as im:
+                _check_pixels(im.width, im.height, index, limits)
+                im.load()
+                return im.convert("RGB")
+    except BadRequest:
+        raise
+    except Image.DecompressionBombError:
+        # PIL read the header, found it far beyond its own limit, and stopped before we saw the size.
+        raise BadRequest(f"image {index}: its header declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels (a "
+                         f"decompression bomb); at most {limits.max_image_pixels}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadRequest(f"image {index}: not a readable image ({type(e).__name__})") from None
+
+
+def _check_pixels(width: int, height: int, index: int, limits: Limits) -> None:
+    if width * height > limits.max_image_pixels:
+        raise BadRequest(f"image {index}: {width}x{height} is {width * height} pixels; at most "
+                         f"{limits.max_image_pixels}")
 
 
 def decode_instance_images(docs, limits: Limits) -> list[Image.Image]:

@@ -20,6 +20,8 @@ class ConceptDoc(TextDoc):
     status: Optional[str] = None
     mine: Optional[bool] = None
     method: Optional[str] = None  # dreambooth, lora, textual_inversion
+    author: Optional[str] = None  # /admin: who taught a metamodel concept
+    routed: Optional[bool] = None  # /admin: whether the current metamodel version routes prompts to it
 
 
 class GeneratedImageDoc(ImageDoc):

@@ -135,6 +135,20 @@ class BIGExecutor(Executor):
         await asyncio.to_thread(self.service.delete, user, ident)
         return DocList[ConceptDoc]([ConceptDoc(text=ident, status="deleted", target_model="private")])
 
+    @requests(on="/admin")
+    async def admin(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
+        """The public metamodel's keeper (an admin token): `action` list (default), retire or restore."""
+        self.service.auth.admin_from_parameters(parameters)
+        action = parsing.given(parameters, "action", "list")
+        if action == "list":
+            rows = await asyncio.to_thread(self.service.metamodel_concepts)
+        elif action in ("retire", "restore"):
+            rows = [await asyncio.to_thread(getattr(self.service, action), _identifier_of(parameters))]
+        else:
+            raise BadRequest("action must be one of list, retire, restore")
+        return DocList[ConceptDoc]([ConceptDoc(text=r["identifier"], target_model="meta", **{
+            k: v for k, v in r.items() if k not in ("identifier", "kind")}) for r in rows])
+
     @requests(on="/jobs")
     async def jobs(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[JobDoc]:
         user = self._user(parameters)

@@ -81,8 +81,9 @@ class Registry:
         return {r["path"] for r in self._q("SELECT path FROM model_versions")}
 
     def commit_version(self, model_key: str, version: int, path: str, job_id: str | None,
-                       concept: dict | None) -> None:
-        """Record a finished version and its concept, and make it current: one transaction."""
+                       concept: dict | None, concept_status: tuple[str, str] | None = None) -> None:
+        """Record a finished version and its concept (or, `concept_status` = (concept id, status), an earlier
+        concept's new status), and make it current: one transaction."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -98,6 +99,8 @@ class Registry:
                         " n_images, status, created, params) VALUES (?,?,?,?,?,?,?,?, 'active', ?, ?)",
                         (concept["concept_id"], model_key, concept["owner"], concept["target"], concept["identifier"],
                          concept["category"], version, concept["n_images"], now, json.dumps(concept.get("params", {}))))
+                if concept_status:
+                    cur.execute("UPDATE concepts SET status=? WHERE concept_id=?", concept_status[::-1])
                 cur.execute("UPDATE models SET current_version=? WHERE model_key=?", (version, model_key))
                 cur.execute("COMMIT")
             except Exception:
@@ -128,6 +131,9 @@ class Registry:
     def list_concepts(self, *, owner: str) -> list[dict]:
         return [dict(r) for r in self._q(
             "SELECT * FROM concepts WHERE status='active' AND (target='meta' OR owner=?) ORDER BY created", (owner,))]
+
+    def concepts_of_model_any_status(self, model_key: str) -> list[dict]:
+        return [dict(r) for r in self._q("SELECT * FROM concepts WHERE model_key=? ORDER BY created", (model_key,))]
 
     def mark_concept_deleted(self, concept_id: str) -> None:
         self._q("UPDATE concepts SET status='deleted' WHERE concept_id=?", (concept_id,))

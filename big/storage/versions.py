@@ -164,9 +164,10 @@ def read_version(path: str) -> Version:
         return Version(path, VersionMeta.from_dict(json.load(f)))
 
 
-def read_lora_bytes(data: bytes) -> dict[str, Any] | None:
+def read_lora_bytes(data: bytes, max_magnitude: float = float("inf")) -> dict[str, Any] | None:
     """A LoRA state dict from an uploaded file's bytes (every key names a LoRA weight), else None; safetensors
-    only, so nothing in the file can run code."""
+    only, so nothing in the file can run code. Weights beyond `max_magnitude` are refused as non-finite ones
+    are: they overflow the products of any served dtype."""
     from safetensors.torch import load as load_bytes
 
     try:
@@ -177,4 +178,12 @@ def read_lora_bytes(data: bytes) -> dict[str, Any] | None:
         return None
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
         raise BadRequest("the LoRA has non-finite weights")
+    check_magnitude(state.values(), max_magnitude, "the LoRA")
     return state
+
+
+def check_magnitude(tensors, max_magnitude: float, what: str) -> None:
+    largest = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+    if largest > max_magnitude:
+        raise BadRequest(f"{what} has weights up to {largest:.3g}; at most {max_magnitude:g} (larger values "
+                         "overflow the model's products and render blank images)")

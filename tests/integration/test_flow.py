@@ -199,3 +199,17 @@ def test_cli_textual_inversion_export_and_import_over_grpc(flow, tmp_path, capsy
     with pytest.raises(BadServer) as e:  # hana's concept is not jon's to export
         flow.post("/export", inputs=DocList[TextDoc](), parameters={**jwt("jon"), "identifier": ident})
     assert "NotFound" in server_error(e)
+
+
+def test_a_message_beyond_the_limits_is_refused_by_grpc_before_it_is_read(flow):
+    """flow.yml's `grpc.max_receive_message_length` (Limits().max_message_bytes): gRPC refuses the message from its
+    length, and the next request is served."""
+    from big.config import Limits
+
+    huge = prompts("a" * (Limits().max_message_bytes + 1))
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+        flow.post("/generate", inputs=huge, parameters=jwt("alice"), return_type=DocList[GeneratedImageDoc])
+    del huge
+    out = flow.post("/generate", inputs=prompts("a red star"), parameters={**jwt("alice"), "num_inference_steps": 2},
+                    return_type=DocList[GeneratedImageDoc])
+    assert len(out) == 1

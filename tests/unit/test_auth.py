@@ -120,3 +120,15 @@ def test_hubble_backend_offline_with_a_cached_jwk():
     other, _ = _rsa_pair()
     with pytest.raises(AuthError):
         a.verify(token({"_id": "u-123", "status": "active"}, signer=other))
+
+
+def test_only_a_token_with_the_admin_claim_is_an_admin():
+    from big.auth import AuthConfig, Authenticator, mint_token
+    from big.errors import AuthError
+
+    secret = "admin-secret-0123456789-abcdefghij"
+    auth = Authenticator(AuthConfig(mode="hs256", secret=secret))
+    assert auth.admin_from_parameters({"jwt": {"token": mint_token("keeper", secret, admin=True)}}) == "keeper"
+    assert auth.caller_from_parameters({"jwt": {"token": mint_token("alice", secret)}}) == ("alice", False)
+    with pytest.raises(AuthError, match="admin token"):
+        auth.admin_from_parameters({"jwt": {"token": mint_token("alice", secret)}})

@@ -1,0 +1,85 @@
+"""Every refusal is ours: image bombs, oversized images, non-finite tensors, absurd imported weights and odd
+user ids get a BadRequest (or AuthError) that names the input and says why."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from docarray.documents import ImageDoc
+from safetensors.torch import save
+
+from big.auth import mint_token
+from big.config import Limits
+from big.errors import BadRequest
+from big.storage.versions import check_magnitude, read_lora_bytes
+from executor.decode import decode_instance_images
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file that declares a `width` x `height` 1-bit image (what an image bomb looks like)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def real_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_image_bomb_is_a_bad_request_naming_the_image():
+    with pytest.raises(BadRequest, match=r"image 1: its header declares more than \d+ pixels \(a decompression bomb\)"):
+        decode_instance_images([ImageDoc(bytes_=real_png()), ImageDoc(bytes_=png_header_only(30000, 30000))], Limits())
+
+
+def test_an_oversized_image_keeps_the_services_own_message():
+    with pytest.raises(BadRequest, match=r"image 0: 12000x12000 is 144000000 pixels; at most 16777216"):
+        decode_instance_images([ImageDoc(bytes_=png_header_only(12000, 12000))], Limits())
+
+
+def test_image_bytes_and_tensors_are_checked_against_the_limits():
+    with pytest.raises(BadRequest, match=r"image 0: 0\.0 MiB; at most"):
+        decode_instance_images([ImageDoc(bytes_=png_header_only(64, 64))], Limits(max_image_bytes=10))
+    with pytest.raises(BadRequest, match="image 0: the tensor must hold finite numbers"):
+        decode_instance_images([ImageDoc(tensor=np.full((64, 64, 3), np.nan, dtype=np.float32))], Limits())
+    with pytest.raises(BadRequest, match="image 0: 5000x4000 is"):
+        decode_instance_images([ImageDoc(tensor=np.zeros((4000, 5000, 3), dtype=np.uint8))], Limits())
+
+
+def test_imported_weights_that_would_overflow_are_refused():
+    huge = {"unet.a.lora_A.weight": torch.full((4, 8), 1e30), "unet.a.lora_B.weight": torch.ones(8, 4)}
+    with pytest.raises(BadRequest, match=r"the LoRA has weights up to 1e\+30; at most 10000"):
+        read_lora_bytes(save(huge), Limits().max_weight_magnitude)
+    assert read_lora_bytes(save({k: v.clamp(max=1.0) for k, v in huge.items()}), 1e4) is not None
+    with pytest.raises(BadRequest, match="e.pt has weights up to"):
+        check_magnitude([torch.full((1, 8), -5e4)], 1e4, "e.pt")
+
+
+@pytest.mark.parametrize("user", ["..", ".", ".hidden", "-x", "a/b", "", "x" * 129])
+def test_user_ids_follow_one_pattern(user):
+    with pytest.raises(Exception, match="sub"):
+        mint_token(user, "secret-0123456789-abcdefghijklmnop")
+
+
+@pytest.mark.parametrize("user", ["alice", "a..b", "user@example.com", "auth0:123", "x" * 128])
+def test_ordinary_user_ids_pass(user):
+    assert mint_token(user, "secret-0123456789-abcdefghijklmnop")
+
+
+def test_the_flows_message_limit_is_the_limits_own():
+    """flow.yml refuses messages larger than any request within the default limits, before reading them."""
+    import os
+
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "flow.yml")) as f:
+        flow = yaml.safe_load(f)
+    assert flow["with"]["grpc_server_options"]["grpc.max_receive_message_length"] == Limits().max_message_bytes
+    assert 2 * Limits().max_import_bytes < Limits().max_message_bytes < 300 * 10**6
