@@ -63,6 +63,12 @@ class Limits:
     # |value| of an imported LoRA's or embedding's weights: trained ones stay far below it, and larger ones
     # overflow the served dtype's products (an all-1e30 LoRA renders black even in float32)
     max_weight_magnitude: float = 1e4
+    # What one user may hold (QuotaExceeded past each): generation requests waiting for the serving thread,
+    # training jobs queued or running, private concepts, and the bytes of their files.
+    max_queued_generations: int = 16
+    max_jobs_per_user: int = 4
+    max_private_concepts_per_user: int = 200
+    max_stored_bytes_per_user: int = 4 * 1024**3
     # Images a training job may have after tiling and flipping, and images one /generate or render call may
     # make, as multiples of max_images and max_num_images (a prompt list times num_images).
     max_prepared_factor: int = 4

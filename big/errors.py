@@ -30,6 +30,12 @@ class JobCancelled(BIGError):
     code = "cancelled"
 
 
+class QuotaExceeded(BIGError):
+    """A per-user limit (queued generations, jobs, private concepts, stored bytes) would be passed."""
+
+    code = "quota_exceeded"
+
+
 class OutOfMemory(BIGError, MemoryError):
     """Even one image does not fit in the accelerator's memory (larger batches are split, not refused)."""
 
@@ -40,5 +46,5 @@ def error_for(code: str | None, message: str) -> BIGError:
     """The error of a stored `code` (a job's `error_code`), so a job's failure reaches its client as it was
     raised; a code this version does not know is a plain BIGError."""
     classes = {cls.code: cls for cls in (BIGError, BadRequest, AuthError, NotFound, Conflict, JobCancelled,
-                                          OutOfMemory)}
+                                          OutOfMemory, QuotaExceeded)}
     return classes.get(code, BIGError)(message)

@@ -15,7 +15,7 @@ from typing import Sequence
 from PIL import Image
 
 from big import parsing
-from big.errors import BadRequest, Conflict
+from big.errors import BadRequest, Conflict, QuotaExceeded
 from big.jobs import JobContext, JobManager, job_error, job_view
 from big.models import ModelStore, model_key
 from big.storage.registry import Registry
@@ -68,6 +68,12 @@ class Finetuner:
             raise BadRequest("no instance images")
         if req.captions is not None and len(req.captions) != len(images):
             raise BadRequest(f"captions: {len(req.captions)} for {len(images)} images; give one per image")
+        active = self.registry.count_jobs(user)
+        if active >= self.config.limits.max_jobs_per_user:
+            raise QuotaExceeded(f"you have {active} training jobs queued or running; at most "
+                                f"{self.config.limits.max_jobs_per_user}")
+        if req.target == "private":
+            self.store.check_quota(user, new_concept=True)
         job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
         self.jobs.submit(job_id, lambda ctx: self.run(ctx, user, list(images), req))
         return job_id, req.wait

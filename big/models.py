@@ -16,7 +16,7 @@ import threading
 import torch
 
 from big.config import ServiceConfig
-from big.errors import BadRequest, NotFound
+from big.errors import BadRequest, NotFound, QuotaExceeded
 from big.generation.sampling import PipelineCache
 from big.storage.registry import Registry
 from big.storage.versions import Version, read_version
@@ -199,6 +199,18 @@ class ModelStore:
     def private_words(self, user: str) -> set[str]:
         """The words of the user's private concepts (identifiers and overwritten words), unique per user."""
         return {c["identifier"] for c in self.private_concepts(user)}
+
+    def check_quota(self, user: str, new_concept: bool, new_bytes: int = 0) -> None:
+        """QuotaExceeded when one more private concept (of `new_bytes`) would pass the user's limits."""
+        limits = self.config.limits
+        mine = self.private_concepts(user)
+        if new_concept and len(mine) >= limits.max_private_concepts_per_user:
+            raise QuotaExceeded(f"you have {len(mine)} private concepts; at most "
+                                f"{limits.max_private_concepts_per_user}: delete one first")
+        held = sum(self.concept(c).version.bytes() for c in mine)
+        if held + new_bytes > limits.max_stored_bytes_per_user:
+            raise QuotaExceeded(f"your private concepts hold {held / 2**20:.0f} MiB; at most "
+                                f"{limits.max_stored_bytes_per_user / 2**20:.0f} MiB: delete one first")
 
     def forget(self, concept: dict) -> None:
         """Drop everything loaded for a deleted concept: its version, every merged route with its adapter."""

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from docarray import DocList
@@ -19,6 +18,7 @@ from big import parsing
 from big.config import Limits, ServiceConfig
 from big.errors import BadRequest
 from big.generation.sampling import DEFAULT_GENERATION_BATCH
+from big.scheduling import FairScheduler
 from big.service import BIGService
 from big.storage.workspace import png_bytes
 from executor.decode import decode_instance_images
@@ -38,18 +38,19 @@ class BIGExecutor(Executor):
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
         dtype = os.environ.get("BIG_DTYPE") or dtype
-        # All of /generate's torch work, and loading, runs on this one thread. On a CPU, torch's OpenMP team
-        # belongs to the thread that calls it: a second team (main thread's, from loading) left idle beside
-        # the serving thread's cost 10-25% of generation speed here (benchmarks/service_bench.py).
-        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="big-generate")
-        self.service = self._generate_thread.submit(BIGService, ServiceConfig(
+        # All of /generate's torch work, and loading, runs on this one thread, the least recently served user's
+        # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
+        # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
+        limits = Limits(**(limits or {}))
+        self._generate_thread = FairScheduler(limits.max_queued_generations)
+        self.service = self._generate_thread.submit("", BIGService, ServiceConfig(
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device, dtype=dtype,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             generation_batch=int(generation_batch),
-            limits=Limits(**(limits or {})))).result()
+            limits=limits)).result()
         log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
                  self.service.base_pipe.unet.dtype, self.service.ws.root)
 
@@ -88,7 +89,7 @@ class BIGExecutor(Executor):
         `category` (and `identifier`, if you want a particular word)."""
         user = self._user(parameters)
         files = [(d.text or "", d.bytes_ or b"") for d in docs]
-        r = await self._on_generate_thread(self.service.import_concept, user, files, parameters)
+        r = await self._on_generate_thread(user, self.service.import_concept, user, files, parameters)
         return DocList[ConceptDoc]([ConceptDoc(
             text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],
             target_model="private", model_version=1, status="imported", mine=True, method=r["method"])])
@@ -97,7 +98,7 @@ class BIGExecutor(Executor):
     async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
         user = self._user(parameters)
         prompts = [d.text for d in docs]
-        images = await self._on_generate_thread(self.service.generate, user, prompts, parameters)
+        images = await self._on_generate_thread(user, self.service.generate, user, prompts, parameters)
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in images])
 
     @requests(on="/sweep")
@@ -105,7 +106,8 @@ class BIGExecutor(Executor):
         """Frames of one prompt and seed with `sweep` (guidance_scale, num_inference_steps) moved over
         `values` or `start`/`stop`/`num`; the last document is the animated GIF."""
         user = self._user(parameters)
-        frames, gif = await self._on_generate_thread(self.service.sweep, user, [d.text for d in docs], parameters)
+        frames, gif = await self._on_generate_thread(user, self.service.sweep, user, [d.text for d in docs],
+                                                     parameters)
         parameter = parsing.given(parameters, "sweep", "guidance_scale")
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in frames] + [GeneratedImageDoc(
             bytes_=gif, kind="animation", text=f"{parameter} sweep: {frames[0].prompt}", seed=frames[0].seed)])
@@ -115,12 +117,13 @@ class BIGExecutor(Executor):
         """Prompts x `guidance_scales` x `steps` x `seeds`/`num_seeds` (or `random_samples`); the last
         document is the captioned contact sheet."""
         user = self._user(parameters)
-        images, sheet = await self._on_generate_thread(self.service.grid, user, [d.text for d in docs], parameters)
+        images, sheet = await self._on_generate_thread(user, self.service.grid, user, [d.text for d in docs],
+                                                       parameters)
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in images] + [GeneratedImageDoc(
             bytes_=sheet, kind="contact_sheet", text=f"grid of {len(images)} images")])
 
-    async def _on_generate_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._generate_thread, fn, *args)
+    async def _on_generate_thread(self, user: str, fn, *args):
+        return await asyncio.wrap_future(self._generate_thread.submit(user, fn, *args))
 
     @requests(on="/concepts")
     async def concepts(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:
@@ -165,7 +168,7 @@ class BIGExecutor(Executor):
 
     def close(self) -> None:
         self.service.close()
-        self._generate_thread.shutdown(wait=False, cancel_futures=True)
+        self._generate_thread.close()
         super().close()
 
 

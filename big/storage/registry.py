@@ -156,6 +156,10 @@ class Registry:
         rows = self._q("SELECT * FROM jobs WHERE job_id=?", (job_id,))
         return dict(rows[0]) if rows else None
 
+    def count_jobs(self, owner: str, statuses: tuple[str, ...] = ("queued", "running")) -> int:
+        marks = ",".join("?" * len(statuses))
+        return self._q(f"SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN ({marks})", (owner, *statuses))[0][0]
+
     def list_jobs(self, owner: str, limit: int = 50) -> list[dict]:
         return [dict(r) for r in self._q("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC LIMIT ?",
                                          (owner, limit))]

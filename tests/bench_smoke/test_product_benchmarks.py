@@ -33,3 +33,10 @@ def test_adapter_speed_smoke(tmp_path):
 def test_train_threads_smoke():
     times = train_threads.main(["--preset", "smoke"])
     assert set(times) == {"adapters/1", "naive/1"} and all(t > 0 for t in times.values())
+
+
+def test_fairness_smoke(tmp_path):
+    from benchmarks import fairness
+
+    r = fairness.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r["fair"]["polite_served"] == r["first_come_first_served"]["polite_served"] == 2

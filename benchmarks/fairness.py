@@ -1,0 +1,98 @@
+"""Fair shares of generation: a flooding user (8 threads, each sending /generate after /generate) and a polite one
+(one request at a time), through the serving thread's scheduler, fair (big/scheduling.py) against first come first
+served (a one-thread pool, BIG's scheduler before it), in one run; the service in-process, as the Executor
+calls it.
+
+    python -m benchmarks.fairness [--flood-threads 8] [--polite 10] [--steps 10] [--images 2] [--threads 2]
+
+Prints and writes the polite user's p50/p95 latency over the time of one request alone (the goal: p95 within 2x).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+
+from benchmarks import harness
+from big.scheduling import FairScheduler
+
+
+class FirstComeFirstServed:
+    """The reference: the same thread, calls in arrival order whoever sent them (every call as one user's)."""
+
+    def __init__(self, scheduler: FairScheduler):
+        self.scheduler = scheduler
+
+    def submit(self, user, fn, *args):
+        return self.scheduler.submit("everyone", fn, *args)
+
+
+def run(svc, scheduler, a) -> dict:
+    params = {"num_images": a.images, "num_inference_steps": a.steps, "seed": 0}
+    call = lambda user, p: scheduler.submit(user, svc.generate, user, [p], params).result()  # noqa: E731
+    stop = threading.Event()
+    served = {"flood": 0}
+
+    def flood(i):
+        while not stop.is_set():
+            call("flood", f"a red star {i}")
+            served["flood"] += 1
+
+    threads = [threading.Thread(target=flood, args=(i,)) for i in range(a.flood_threads)]
+    for t in threads:
+        t.start()
+    t_start = time.perf_counter()
+    time.sleep(0.5)  # the flood's queue fills first
+    latencies = []
+    for i in range(a.polite):
+        t0 = time.perf_counter()
+        call("polite", f"a blue circle {i}")
+        latencies.append(time.perf_counter() - t0)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
+    latencies.sort()
+    return {"mean_call_s": round(wall / (served["flood"] + len(latencies)), 3),"polite_p50_s": round(statistics.median(latencies), 3),
+            "polite_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "flood_served": served["flood"], "polite_served": len(latencies)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flood-threads", type=int, default=8)
+    ap.add_argument("--polite", type=int, default=10, help="the polite user's requests, one at a time")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="reports/fairness")
+    a = harness.parse_args(ap, argv, smoke=dict(flood_threads=2, polite=2, steps=2, images=1))
+    report = {"flood_threads": a.flood_threads, "polite": a.polite, "steps": a.steps, "images": a.images,
+              "threads": a.threads, "preset": a.preset}
+    # One serving thread loads the model and makes every image, as in the Executor (torch's CPU threads belong to
+    # the thread that calls it); both policies run on it.
+    sched = FairScheduler(max_queued=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        svc = sched.submit("", harness.service, tmp).result()
+        params = {"num_images": a.images, "num_inference_steps": a.steps, "seed": 0}
+        sched.submit("warm-up", svc.generate, "warm-up", ["a red star"], params).result()
+        alone = harness.median_seconds(
+            lambda: sched.submit("polite", svc.generate, "polite", ["a blue circle"], params).result(), 5)
+        report["one_request_alone_s"] = round(alone, 3)
+        for name, scheduler in (("first_come_first_served", FirstComeFirstServed(sched)), ("fair", sched)):
+            r = run(svc, scheduler, a)
+            r["polite_p95_over_alone"] = round(r["polite_p95_s"] / alone, 2)
+            report[name] = r
+            print(name, r, flush=True)
+        svc.close()
+    sched.close()
+    harness.write_report(a.out, "fairness", report)
+    print(f"one request alone {alone:.2f} s; polite p95: first come first served "
+          f"{report['first_come_first_served']['polite_p95_over_alone']}x, fair {report['fair']['polite_p95_over_alone']}x")
+    return report
+
+
+if __name__ == "__main__":
+    main()
