@@ -11,6 +11,10 @@ RUN useradd -m big && mkdir -p /app/workspace && chown -R big /app/workspace
 USER big
 EXPOSE 51000
 VOLUME /app/workspace
-# jina flow stops its executor processes on SIGINT; on SIGTERM (docker stop's default) it orphans them.
+# The supervisor runs `jina flow --uses flow.yml`, probes it, and restarts it when its executor dies; it stops the
+# flow (SIGINT, then its process group) on SIGINT or SIGTERM. The health check is Jina's own readiness probe of the
+# gateway and the executor behind it, for an orchestrator that replaces unhealthy containers.
 STOPSIGNAL SIGINT
-CMD ["jina", "flow", "--uses", "flow.yml"]
+HEALTHCHECK --interval=30s --timeout=15s --start-period=600s --retries=3 \
+    CMD jina ping flow grpc://127.0.0.1:51000 --timeout 10000 || exit 1
+CMD ["python", "-m", "executor.supervise", "--port", "51000"]

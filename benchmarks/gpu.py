@@ -376,6 +376,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--families", default="sd15,sdxl")
     ap.add_argument("--parts", default="training,generation,lora_switch")
     ap.add_argument("--repeats", type=int, default=1, help="generation calls timed per case (the median)")
+    ap.add_argument("--save-pipeline", metavar="DIR",
+                    help="only write the first family's random-weight pipeline to DIR (a base_model for the service)")
     args = ap.parse_args(argv)
     clock = Clock(args.budget_s)
     device = pipelines.pick_device("auto")
@@ -386,6 +388,10 @@ def main(argv=None) -> dict:
     steps = args.steps or (2 if args.tiny else 6)
     warmup = 1 if args.tiny else 2
     gen_steps, gen_batches = ((2, 3), (1, 4)) if args.tiny else ((20, 30), (1, 4, 16))
+    if args.save_pipeline:
+        name = args.families.split(",")[0] + ("-tiny" if args.tiny else "")
+        build(name, device, dtype)[0].save_pretrained(args.save_pipeline, safe_serialization=True)
+        return {"saved": args.save_pipeline}
     report = {"environment": environment(device), "tiny": args.tiny, "training": [], "generation": [],
               "parameters_millions": {}}
     os.makedirs(args.out, exist_ok=True)

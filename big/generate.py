@@ -11,7 +11,7 @@ from typing import Sequence
 
 from big import parsing
 from big.config import ServiceConfig
-from big.errors import BadRequest, NotFound
+from big.errors import BadRequest, BIGError, NotFound
 from big.generation import infotext, prompting, sampling, schedulers, studio
 from big.generation.sampling import GeneratedImage, ImageSpec
 from big.models import AdapterUse, ModelStore
@@ -44,6 +44,10 @@ class Generator:
     def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[GeneratedImage]:
         """Images for the prompts; `parameters` (a generated PNG's text) reproduces that image, and any
         parameter passed beside it overrides the text's value."""
+        req, specs = self._generate_specs(prompts, params)
+        return self.render_specs(user, req, specs)
+
+    def _generate_specs(self, prompts: Sequence[str], params: dict):
         if params.get("parameters"):
             text_prompt, from_text = infotext.request_from_infotext(params["parameters"])
             params = {**from_text, **{k: v for k, v in params.items() if k != "parameters"}}
@@ -53,9 +57,40 @@ class Generator:
             raise BadRequest("send at least one prompt document")
         if len(prompts) * req.num_images > self.config.limits.max_request_images:
             raise BadRequest("too many images in one request")
-        return self.render_specs(user, req, sampling.prompt_specs(
-            prompts, num_images=req.num_images, seed=req.seed, guidance_scale=req.guidance_scale,
-            num_inference_steps=req.num_inference_steps))
+        return req, sampling.prompt_specs(prompts, num_images=req.num_images, seed=req.seed,
+                                          guidance_scale=req.guidance_scale, num_inference_steps=req.num_inference_steps)
+
+    def batch_key(self, user: str, prompts: Sequence[str], params: dict) -> tuple | None:
+        """Requests of one key may share pipeline calls: the same model route (key and version), size, sampler,
+        negative prompt and emphasis. None for a request served alone: private concepts (each user's own), a
+        reproduction from a PNG text, or one that does not parse (it gets its error alone)."""
+        if params.get("parameters"):
+            return None
+        try:
+            req, prompts = self.request(params, prompts)
+            if req.target == "private" or not prompts:
+                return None
+            key, version = self.store.resolve(user, req.target, req.identifier, req.model_version)
+        except BIGError:
+            return None
+        return key, version, req.height, req.width, req.scheduler, req.negative_prompt, req.emphasis
+
+    def generate_many(self, calls: Sequence[tuple[str, Sequence[str], dict]]) -> list:
+        """Several /generate requests of one batch key through shared pipeline calls: each gets exactly the images
+        it gets alone (an image depends on its own spec, never on its batch-mates), or its own error."""
+        out: list = [None] * len(calls)
+        batched = []
+        for i, (user, prompts, params) in enumerate(calls):
+            try:
+                batched.append((i, user, *self._generate_specs(prompts, params)))
+            except BIGError as e:
+                out[i] = e
+        if batched:
+            _, user, req, _ = batched[0]
+            images = self.render_specs(user, req, [s for *_, specs in batched for s in specs])
+            for i, _, _, specs in batched:
+                out[i], images = images[:len(specs)], images[len(specs):]
+        return out
 
     def render(self, user: str, specs: Sequence[ImageSpec], params: dict) -> list[GeneratedImage]:
         """One image per spec with the model and options of `params`, exactly as /generate makes it."""

@@ -98,6 +98,10 @@ class BIGService:
     def generate(self, user: str, prompts: Sequence[str], params: dict) -> list[GeneratedImage]:
         return self.generator.generate(user, prompts, params)
 
+    def generate_many(self, calls: Sequence[tuple[str, Sequence[str], dict]]) -> list:
+        """Concurrent /generate requests of one `generator.batch_key` in shared pipeline calls."""
+        return self.generator.generate_many(calls)
+
     def render(self, user: str, specs: Sequence[ImageSpec], params: dict) -> list[GeneratedImage]:
         """One image per spec exactly as /generate makes it: how benchmarks score what the service serves."""
         return self.generator.render(user, specs, params)

@@ -33,7 +33,7 @@ class BIGExecutor(Executor):
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
                  fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
-                 limits: Optional[dict] = None, **kwargs):
+                 limits: Optional[dict] = None, batch_window_s: float = 0.005, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
@@ -42,7 +42,7 @@ class BIGExecutor(Executor):
         # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
         # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
         limits = Limits(**(limits or {}))
-        self._generate_thread = FairScheduler(limits.max_queued_generations)
+        self._generate_thread = FairScheduler(limits.max_queued_generations, window=float(batch_window_s))
         self.service = self._generate_thread.submit("", BIGService, ServiceConfig(
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device, dtype=dtype,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
@@ -98,7 +98,10 @@ class BIGExecutor(Executor):
     async def generate(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[GeneratedImageDoc]:
         user = self._user(parameters)
         prompts = [d.text for d in docs]
-        images = await self._on_generate_thread(user, self.service.generate, user, prompts, parameters)
+        key = await asyncio.to_thread(self.service.generator.batch_key, user, prompts, parameters)
+        images = await asyncio.wrap_future(self._generate_thread.submit(
+            user, self.service.generate, user, prompts, parameters,
+            batch=(key, self.service.generate_many) if key else None))
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in images])
 
     @requests(on="/sweep")

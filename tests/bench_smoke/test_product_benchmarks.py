@@ -40,3 +40,10 @@ def test_fairness_smoke(tmp_path):
 
     r = fairness.main(["--preset", "smoke", "--out", str(tmp_path)])
     assert r["fair"]["polite_served"] == r["first_come_first_served"]["polite_served"] == 2
+
+
+def test_batching_smoke(tmp_path):
+    from benchmarks import batching
+
+    r = batching.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r["throughput_ratio"] > 0 and (tmp_path / "batching.json").exists()

@@ -44,3 +44,36 @@ def test_a_users_queue_is_bounded_and_errors_reach_the_caller():
     with pytest.raises(ZeroDivisionError):
         sched.submit("c", lambda: 1 / 0).result(timeout=5)
     sched.close()
+
+
+def test_calls_of_one_batch_key_run_together_and_each_gets_its_own_result():
+    gate, groups = threading.Event(), []
+
+    def together(calls):
+        groups.append([c[0] for c in calls])
+        return [ValueError("bad") if c[0] == "bad" else c[0].upper() for c in calls]
+
+    sched = FairScheduler(max_queued=16, window=0)
+    sched.submit("x", gate.wait)
+    same = [sched.submit(u, lambda name: name.upper(), u, batch=("k", together)) for u in ("a", "b", "bad")]
+    other = sched.submit("c", lambda name: name.upper(), "c", batch=("other", together))
+    later = sched.submit("a", lambda name: name.upper(), "a2", batch=("k", together))  # a's next call: after a's first
+    gate.set()
+    assert [f.result(timeout=5) for f in same[:2]] == ["A", "B"]
+    with pytest.raises(ValueError):
+        same[2].result(timeout=5)
+    assert other.result(timeout=5) == "C" and later.result(timeout=5) == "A2"
+    sched.close()
+    assert groups[0] == ["a", "b", "bad"]  # one call of the batch function for the three heads of key k
+    assert ["c"] not in groups and ["a2"] not in groups  # alone, they ran as plain calls
+
+
+def test_a_lone_batchable_call_waits_the_window_for_company():
+    groups = []
+    sched = FairScheduler(max_queued=16, window=0.3)
+    first = sched.submit("a", lambda n: n, "a", batch=("k", lambda calls: groups.append(calls) or [c[0] for c in calls]))
+    time.sleep(0.05)
+    second = sched.submit("b", lambda n: n, "b", batch=("k", lambda calls: groups.append(calls) or [c[0] for c in calls]))
+    assert (first.result(timeout=5), second.result(timeout=5)) == ("a", "b")
+    sched.close()
+    assert len(groups) == 1 and len(groups[0]) == 2

@@ -1,0 +1,75 @@
+"""Keep a flow serving without a person: run `jina flow --uses flow.yml`, probe it every `--interval` seconds with
+Jina's own readiness check (the gateway and the executor behind it), and when `--failures` probes in a row fail
+(an executor killed or hung, the flow gone) stop what is left of it and start it again.
+
+    python -m executor.supervise [--port 51000] [--interval 5] [--failures 3]
+
+The Dockerfiles run this. A restart recovers state as any start does: versions stay as committed, and jobs that
+were running are failed with "server restarted during the job". SIGINT or SIGTERM stops the flow and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+
+from executor.flow_process import FlowProcess
+
+log = logging.getLogger("big.supervise")
+
+
+def supervise(port: int, interval: float, failures: int, stop_grace: float, ready_timeout: float,
+              stop: threading.Event) -> None:
+    workdir = tempfile.mkdtemp(prefix="big-supervise-")
+    restarts = 0
+    while not stop.is_set():
+        started = time.time()
+        flow = FlowProcess(workdir, port=port, log_to_file=False)
+        try:
+            client = flow.wait_ready(timeout=ready_timeout)
+        except (RuntimeError, TimeoutError) as e:
+            log.error("the flow did not start (%s); trying again", str(e)[:300])
+            flow.stop(grace=stop_grace)
+            stop.wait(interval)
+            continue
+        log.warning("serving on port %d (start %d, ready in %.1f s)", port, restarts, time.time() - started)
+        missed = 0
+        while not stop.wait(interval):
+            healthy = flow.proc.poll() is None and _ready(client)
+            missed = 0 if healthy else missed + 1
+            if missed >= failures:
+                log.error("the flow failed %d probes in a row: restarting it", missed)
+                break
+        # A flow whose executor died ignores SIGINT for a minute: a short grace, then its process group is killed.
+        flow.stop(grace=stop_grace)
+        restarts += 1
+
+
+def _ready(client) -> bool:
+    try:
+        return bool(client.is_flow_ready(timeout=2.0))
+    except Exception:  # noqa: BLE001 - any failure to answer is a failed probe
+        return False
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=int(os.environ.get("BIG_PORT", 51000)))
+    ap.add_argument("--interval", type=float, default=5.0, help="seconds between probes")
+    ap.add_argument("--failures", type=int, default=3, help="failed probes in a row that restart the flow")
+    ap.add_argument("--stop-grace", type=float, default=5.0, help="seconds a stopping flow gets before SIGKILL")
+    ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a (re)starting flow may take")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    supervise(a.port, a.interval, a.failures, a.stop_grace, a.ready_timeout, stop)
+
+
+if __name__ == "__main__":
+    main()
