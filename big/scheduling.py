@@ -52,14 +52,15 @@ class FairScheduler:
             self._cv.notify()
         return future
 
-    def waiting(self) -> dict[str, int]:
-        with self._cv:
-            return {u: len(q) for u, q in self._queues.items() if q}
-
     def close(self) -> None:
+        """Stop after the call running now; calls still waiting are cancelled, so no caller waits forever."""
         with self._cv:
             self._closed = True
+            waiting = [item for queue in self._queues.values() for item in queue]
+            self._queues.clear()
             self._cv.notify()
+        for item in waiting:
+            item[2].cancel()
 
     def _next(self):
         """The head call of the user served longest ago (never: first), ties broken by arrival."""

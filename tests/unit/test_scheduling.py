@@ -77,3 +77,14 @@ def test_a_lone_batchable_call_waits_the_window_for_company():
     assert (first.result(timeout=5), second.result(timeout=5)) == ("a", "b")
     sched.close()
     assert len(groups) == 1 and len(groups[0]) == 2
+
+
+def test_closing_cancels_what_still_waits():
+    gate = threading.Event()
+    sched = FairScheduler(max_queued=4)
+    running = sched.submit("a", gate.wait)
+    time.sleep(0.05)
+    waiting = sched.submit("b", lambda: 1)
+    sched.close()
+    gate.set()
+    assert running.result(timeout=5) is True and waiting.cancelled()
