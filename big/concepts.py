@@ -100,7 +100,7 @@ class Concepts:
         """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept."""
         category = parsing.category_of(params)
         lora_state, lora_bytes, embedding = self._read_files(files)
-        self.store.check_quota(user, new_concept=True, new_bytes=sum(len(data) for _, data in files))
+        self.store.check_quota(user, new_bytes=sum(len(data) for _, data in files))
         concept_id = uuid.uuid4().hex
         key = model_key("private", user, concept_id)
         tokenizer = self.store.base_pipe.tokenizer

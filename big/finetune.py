@@ -72,8 +72,8 @@ class Finetuner:
         if active >= self.config.limits.max_jobs_per_user:
             raise QuotaExceeded(f"you have {active} training jobs queued or running; at most "
                                 f"{self.config.limits.max_jobs_per_user}")
-        if req.target == "private":
-            self.store.check_quota(user, new_concept=True)
+        if req.target == "private":  # the jobs already queued for it will add theirs too
+            self.store.check_quota(user, new_concepts=1 + self.registry.count_jobs(user, target="private"))
         job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
         self.jobs.submit(job_id, lambda ctx: self.run(ctx, user, list(images), req))
         return job_id, req.wait

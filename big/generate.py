@@ -85,11 +85,22 @@ class Generator:
                 batched.append((i, user, *self._generate_specs(prompts, params)))
             except BIGError as e:
                 out[i] = e
-        if batched:
-            _, user, req, _ = batched[0]
+        if not batched:
+            return out
+        _, user, req, _ = batched[0]
+        try:
             images = self.render_specs(user, req, [s for *_, specs in batched for s in specs])
-            for i, _, _, specs in batched:
-                out[i], images = images[:len(specs)], images[len(specs):]
+        except BIGError:
+            # One request's prompt was refused (a <lora:> tag, an AND part that cannot merge...): each alone, so
+            # only that request hears of it.
+            for i, user, req, specs in batched:
+                try:
+                    out[i] = self.render_specs(user, req, specs)
+                except BIGError as e:
+                    out[i] = e
+            return out
+        for i, _, _, specs in batched:
+            out[i], images = images[:len(specs)], images[len(specs):]
         return out
 
     def render(self, user: str, specs: Sequence[ImageSpec], params: dict) -> list[GeneratedImage]:

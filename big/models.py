@@ -200,12 +200,13 @@ class ModelStore:
         """The words of the user's private concepts (identifiers and overwritten words), unique per user."""
         return {c["identifier"] for c in self.private_concepts(user)}
 
-    def check_quota(self, user: str, new_concept: bool, new_bytes: int = 0) -> None:
-        """QuotaExceeded when one more private concept (of `new_bytes`) would pass the user's limits."""
+    def check_quota(self, user: str, new_concepts: int = 1, new_bytes: int = 0) -> None:
+        """QuotaExceeded when `new_concepts` more private concepts (of `new_bytes`) would pass the user's limits."""
         limits = self.config.limits
         mine = self.private_concepts(user)
-        if new_concept and len(mine) >= limits.max_private_concepts_per_user:
-            raise QuotaExceeded(f"you have {len(mine)} private concepts; at most "
+        if len(mine) + new_concepts > limits.max_private_concepts_per_user:
+            coming = f" and {new_concepts - 1} more in training" if new_concepts > 1 else ""
+            raise QuotaExceeded(f"you have {len(mine)} private concepts{coming}; at most "
                                 f"{limits.max_private_concepts_per_user}: delete one first")
         held = sum(self.concept(c).version.bytes() for c in mine)
         if held + new_bytes > limits.max_stored_bytes_per_user:

@@ -156,9 +156,13 @@ class Registry:
         rows = self._q("SELECT * FROM jobs WHERE job_id=?", (job_id,))
         return dict(rows[0]) if rows else None
 
-    def count_jobs(self, owner: str, statuses: tuple[str, ...] = ("queued", "running")) -> int:
+    def count_jobs(self, owner: str, statuses: tuple[str, ...] = ("queued", "running"), target: str | None = None) -> int:
         marks = ",".join("?" * len(statuses))
-        return self._q(f"SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN ({marks})", (owner, *statuses))[0][0]
+        sql = f"SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN ({marks})"
+        args = (owner, *statuses)
+        if target is not None:
+            sql, args = sql + " AND target=?", args + (target,)
+        return self._q(sql, args)[0][0]
 
     def list_jobs(self, owner: str, limit: int = 50) -> list[dict]:
         return [dict(r) for r in self._q("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC LIMIT ?",

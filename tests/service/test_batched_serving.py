@@ -19,6 +19,15 @@ def test_requests_served_together_get_the_images_they_get_alone(service):
     assert len(together[3]) == 1
 
 
+def test_a_refused_prompt_in_a_batch_fails_its_own_request_only(service):
+    calls = [("alice", ["a red star"], {"seed": 1, "num_inference_steps": 4}),
+             ("bob", ["a <lora:qzq:0.5> star"], {"seed": 2, "num_inference_steps": 4})]  # tags need 'private'
+    assert len({service.generator.batch_key(u, p, params) for u, p, params in calls}) == 1
+    good, bad = service.generate_many(calls)
+    assert isinstance(bad, BadRequest) and "<lora:...>" in str(bad)
+    assert_same_but_rounding(good, service.generate(*calls[0]), service.device)
+
+
 def test_what_cannot_share_a_call_is_served_alone(service):
     g = service.generator
     assert g.batch_key("a", ["x"], {"height": 32}) != g.batch_key("a", ["x"], {"height": 64})
