@@ -10,7 +10,7 @@ from __future__ import annotations
 from big.errors import BadRequest, Conflict, NotFound
 from big.models import ModelStore
 from big.storage.registry import Registry
-from big.storage.versions import VersionMeta, write_version
+from big.storage.versions import VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.weights import metamodel
 
@@ -60,16 +60,8 @@ class MetamodelKeeper:
                                identifier=identifier, category=concept["category"],
                                method="retire" if retire else "restore", trunk_version=stack.trunk_version,
                                adapters=metamodel.Stack(stack.trunk_version, adapters).to_meta()["adapters"])
-            staging = self.ws.new_staging_dir()
-            try:
-                write_version(staging, meta)
-                path = self.ws.publish_version(staging, META, version + 1)
-                staging = None
-                self.registry.commit_version(META, version + 1, path, None, None,
-                                             concept_status=(concept["concept_id"], "retired" if retire else "active"))
-            except Exception:
-                self.ws.discard(staging)
-                if self.registry.version_path(META, version + 1) is None:  # published, never made current
-                    self.ws.discard(self.ws.version_dir(META, version + 1))
-                raise
+            status = (concept["concept_id"], "retired" if retire else "active")
+            publish(self.ws, META, version + 1, lambda folder: write_version(folder, meta),
+                    lambda path: self.registry.commit_version(META, version + 1, path, None, None,
+                                                              concept_status=status))
         return {"identifier": identifier, "status": "retired" if retire else "active", "model_version": version + 1}

@@ -9,8 +9,8 @@ from big import parsing
 from big.errors import BadRequest, Conflict, NotFound
 from big.models import ModelStore, model_key
 from big.storage.registry import Registry
-from big.storage.versions import (EmbeddingWeights, LoraWeights, VersionMeta, check_magnitude, read_lora_bytes,
-                                  write_version)
+from big.storage.versions import (EmbeddingWeights, LoraWeights, VersionMeta, check_magnitude, publish,
+                                  read_lora_bytes, write_version)
 from big.storage.workspace import Workspace
 from big.training.identifiers import choose_identifier
 from big.weights import embeddings
@@ -121,22 +121,18 @@ class Concepts:
         meta = VersionMeta(model_key_kind="private", base=self.base_key, version=1, identifier=identifier,
                            category=category, method=method, imported=names,
                            num_vectors=int(embedding.shape[0]) if embedding is not None else 0)
-        staging = self.ws.new_staging_dir()
+        lora = LoraWeights(file_bytes=lora_bytes) if lora_state is not None else None
+        vectors = EmbeddingWeights(identifier, embedding, embeddings.word_token(tokenizer, identifier), 0,
+                                   a1111=lora_state is None) if embedding is not None else None
         try:
-            write_version(staging, meta, lora=LoraWeights(file_bytes=lora_bytes) if lora_state is not None else None,
-                          embedding=EmbeddingWeights(identifier, embedding, embeddings.word_token(tokenizer, identifier),
-                                                     0, a1111=lora_state is None) if embedding is not None else None)
             with self.store.lock(key):
                 self.registry.ensure_model(key, "private", user, self.base_key)
-                path = self.ws.publish_version(staging, key, 1)
-                staging = None
-                self.registry.commit_version(key, 1, path, None, {
-                    "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
-                    "category": category, "n_images": 0, "params": {"imported": names}})
-        except Exception:
-            self.ws.discard(staging)
-            if self.registry.get_concept(concept_id) is None:
-                self.ws.discard(self.ws.model_dir(key))
+                publish(self.ws, key, 1, lambda folder: write_version(folder, meta, lora=lora, embedding=vectors),
+                        lambda path: self.registry.commit_version(key, 1, path, None, {
+                            "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
+                            "category": category, "n_images": 0, "params": {"imported": names}}))
+        except BaseException:
+            self.ws.discard(self.ws.model_dir(key))  # this concept's own model: nothing of it stays
             raise
         return {"identifier": identifier, "category": category, "target": "private", "model_version": 1,
                 "method": method}

@@ -19,7 +19,7 @@ from big.errors import BadRequest, Conflict, QuotaExceeded
 from big.jobs import JobContext, JobManager, job_error, job_view
 from big.models import ModelStore, model_key
 from big.storage.registry import Registry
-from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, write_version
+from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.training import class_images, loop, planner, preprocess
 from big.training.identifiers import choose_identifier
@@ -192,22 +192,20 @@ class Finetuner:
         return result, plan, written
 
     def _commit(self, ctx, user, key, kind, version, concept_id, meta, written, prepared, n_images, req) -> None:
-        """Stage the version's files, publish them, and make the version current in one transaction."""
-        staging = self.ws.new_staging_dir()
-        try:
-            write_version(staging, meta, **written)
+        """Publish the version's files and make it current in one transaction; the concept's instance images are
+        kept for later replay only if it is."""
+        def write(folder):
+            write_version(folder, meta, **written)
             self.ws.save_instances(concept_id, prepared.images,
                                    list(prepared.captions) if any(prepared.captions) else None)
-            path = self.ws.publish_version(staging, key, version)
-            staging = None
-            self.registry.commit_version(key, version, path, ctx.job_id, {
-                "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
-                "category": req.category, "n_images": n_images, "params": req.as_params()})
-        except Exception:
-            self.ws.discard(staging)
-            if self.registry.get_concept(concept_id) is None:
-                self.ws.delete_instances(concept_id)
-                self.ws.discard(self.ws.version_dir(key, version))
+
+        try:
+            publish(self.ws, key, version, write, lambda path: self.registry.commit_version(
+                key, version, path, ctx.job_id, {
+                    "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
+                    "category": req.category, "n_images": n_images, "params": req.as_params()}))
+        except BaseException:
+            self.ws.delete_instances(concept_id)
             raise
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:

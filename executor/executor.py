@@ -99,9 +99,8 @@ class BIGExecutor(Executor):
         user = self._user(parameters)
         prompts = [d.text for d in docs]
         key = await asyncio.to_thread(self.service.generator.batch_key, user, prompts, parameters)
-        images = await asyncio.wrap_future(self._generate_thread.submit(
-            user, self.service.generate, user, prompts, parameters,
-            batch=(key, self.service.generate_many) if key else None))
+        images = await self._on_generate_thread(user, self.service.generate, user, prompts, parameters,
+                                                batch=(key, self.service.generate_many) if key else None)
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in images])
 
     @requests(on="/sweep")
@@ -125,8 +124,8 @@ class BIGExecutor(Executor):
         return DocList[GeneratedImageDoc]([_image_doc(g) for g in images] + [GeneratedImageDoc(
             bytes_=sheet, kind="contact_sheet", text=f"grid of {len(images)} images")])
 
-    async def _on_generate_thread(self, user: str, fn, *args):
-        return await asyncio.wrap_future(self._generate_thread.submit(user, fn, *args))
+    async def _on_generate_thread(self, user: str, fn, *args, batch=None):
+        return await asyncio.wrap_future(self._generate_thread.submit(user, fn, *args, batch=batch))
 
     @requests(on="/concepts")
     async def concepts(self, docs: DocList[TextDoc], parameters: dict, **kwargs) -> DocList[ConceptDoc]:

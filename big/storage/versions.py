@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
 
 from big.errors import BadRequest
-from big.storage.workspace import atomic_write_bytes, atomic_write_json
+from big.storage.workspace import Workspace, atomic_write_bytes, atomic_write_json
 from big.weights import embeddings
 
 FORMAT_VERSION = 1  # bump with a reader for the older format beside the new one
@@ -112,6 +112,22 @@ def write_version(folder: str, meta: VersionMeta, *, unet=None, text_encoder=Non
             atomic_write_bytes(os.path.join(folder, f"{embedding.word}.pt"), embeddings.to_a1111_bytes(
                 embedding.word, embedding.vectors, embedding.token_id, embedding.steps, meta.base))
     atomic_write_json(os.path.join(folder, META_FILE), meta.to_dict())
+
+
+def publish(ws: Workspace, model_key: str, version: int, write: Callable[[str], None],
+            commit: Callable[[str], None]) -> str:
+    """A new version, all or nothing: `write(folder)` fills a staging folder, which is moved to the version's path,
+    and `commit(path)` makes it current (one registry transaction). When any step fails, what this call put on
+    disk is removed (never a folder another writer published) and the previous version keeps serving."""
+    staging, path = ws.new_staging_dir(), None
+    try:
+        write(staging)
+        path = ws.publish_version(staging, model_key, version)
+        commit(path)
+    except BaseException:
+        ws.discard(staging if path is None else path)
+        raise
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
