@@ -34,6 +34,7 @@ DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_image
                         per_method={"lora": dict(learning_rate=1e-4, lora_rank=4, lora_targets="attention"),
                                     "textual_inversion": dict(num_class_images=0, embedding_learning_rate=5e-3)})
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
+ROLES = ("all", "serve", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +112,28 @@ class ServiceConfig:
     # (in cache_max_bytes) instead of applied unmerged per call: same images within rounding, the base's speed.
     fuse_adapters: bool = True
     limits: Limits = dataclasses.field(default_factory=Limits)
+    # Where the registry and the job queue live: None is a SQLite file in the workspace; a SQLAlchemy URL
+    # (postgresql+psycopg://user@host/db) is one database for every replica and worker.
+    database_url: str | None = None
+    # What this process does: "all" serves and trains (one process, the embedded default), "serve" serves and
+    # queues jobs for workers, "train" runs queued jobs only (`python -m big.worker`).
+    role: str = "all"
+    # A worker renews its job's lease every quarter of this; a job whose lease passed is run again elsewhere.
+    job_lease_s: float = 20.0
+    job_poll_s: float = 0.5  # how often an idle worker looks for a queued job
+    max_job_attempts: int = 3  # a job whose worker dies this many times fails instead of being run again
 
     def __post_init__(self):
         if self.generation_batch < 1:
             raise ValueError(f"generation_batch must be at least 1, not {self.generation_batch}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if self.job_lease_s <= 0 or self.job_poll_s <= 0 or self.max_job_attempts < 1:
+            raise ValueError("job_lease_s and job_poll_s must be positive and max_job_attempts at least 1")
+
+    @property
+    def trains(self) -> bool:
+        return self.role in ("all", "train")
 
 
 def merge_finetune_layers(layers: Sequence[dict]) -> dict:

@@ -16,9 +16,9 @@ from PIL import Image
 
 from big import parsing
 from big.errors import BadRequest, Conflict, QuotaExceeded
-from big.jobs import JobContext, JobManager, job_error, job_view
+from big.jobs import JobContext, JobQueue, job_error, job_view
 from big.models import ModelStore, model_key
-from big.storage.registry import Registry
+from big.storage.registry import LeaseLost, Registry
 from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.training import class_images, loop, planner, preprocess
@@ -46,7 +46,7 @@ def concept_examples(images, identifier: str, category: str, captions, templates
 
 
 class Finetuner:
-    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, jobs: JobManager, *, defaults: dict,
+    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, jobs: JobQueue, *, defaults: dict,
                  identifier_pool, base_key: str, size: int, class_image_steps: int, guidance_scale: float):
         self.store, self.registry, self.ws, self.jobs = store, registry, ws, jobs
         self.config = store.config
@@ -62,7 +62,8 @@ class Finetuner:
         return self.store.base_pipe
 
     def submit(self, user: str, images: Sequence[Image.Image], params: dict) -> tuple[str, bool]:
-        """Validate and queue a finetune; returns (job id, whether the caller asked to wait)."""
+        """Validate, store the images and queue a finetune (a row of the registry that any worker may run);
+        returns (job id, whether the caller asked to wait)."""
         req = parsing.parse_finetune(params, self.defaults, self.config.limits)
         if not images:
             raise BadRequest("no instance images")
@@ -74,9 +75,30 @@ class Finetuner:
                                 f"{self.config.limits.max_jobs_per_user}")
         if req.target == "private":  # the jobs already queued for it will add theirs too
             self.store.check_quota(user, new_concepts=1 + self.registry.count_jobs(user, target="private"))
-        job_id = self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params())
-        self.jobs.submit(job_id, lambda ctx: self.run(ctx, user, list(images), req))
+        job_id, concept_id = uuid.uuid4().hex, uuid.uuid4().hex
+        self.ws.save_job_inputs(job_id, list(images))
+        try:
+            self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params(),
+                                     job_id=job_id, model_key=model_key(req.target, user, concept_id),
+                                     concept_id=concept_id)
+        except BaseException:
+            self.ws.delete_job_inputs(job_id)
+            raise
         return job_id, req.wait
+
+    def run_job(self, ctx: JobContext, job: dict) -> dict:
+        """Run a claimed job (on whichever worker claimed it) from what the registry and the store hold."""
+        req = parsing.FinetuneRequest.from_params(json.loads(job["params"]))
+        return self.run(ctx, job["owner"], self.ws.load_job_inputs(job["job_id"]), req, job["concept_id"])
+
+    def discard_inputs(self, job: dict) -> None:
+        self.ws.delete_job_inputs(job["job_id"])
+
+    def before_rerun(self, job: dict) -> None:
+        """A job taken over from a worker that died: remove what that run left half-written."""
+        left = self.ws.discard_unfinished(job["job_id"], self.registry.live_version_paths())
+        if left:
+            log.warning("job %s: removed %d folders an earlier run of it left unfinished", job["job_id"], len(left))
 
     def result(self, job_id: str) -> dict:
         """The finished job's view, or the error it failed with."""
@@ -97,10 +119,12 @@ class Finetuner:
             raise Conflict(f"you already have a concept for {req.overwrite!r}; delete it first")
         return req.overwrite
 
-    def run(self, ctx: JobContext, user: str, images: list[Image.Image], req: parsing.FinetuneRequest) -> dict:
-        concept_id = uuid.uuid4().hex
+    def run(self, ctx: JobContext, user: str, images: list[Image.Image], req: parsing.FinetuneRequest,
+            concept_id: str) -> dict:
         kind = req.target
         key = model_key(kind, user, concept_id)
+        # Across workers the registry lets one job of a key run at a time; this lock keeps an /import or an
+        # admin action of this process from committing between (they run where the key's version is read).
         with self.store.lock(key):
             version = self.registry.ensure_model(key, kind, None if kind == "meta" else user,
                                                  self.base_key)["current_version"]
@@ -197,13 +221,16 @@ class Finetuner:
         def write(folder):
             write_version(folder, meta, **written)
             self.ws.save_instances(concept_id, prepared.images,
-                                   list(prepared.captions) if any(prepared.captions) else None)
+                                   list(prepared.captions) if any(prepared.captions) else None, tag=ctx.job_id)
 
         try:
             publish(self.ws, key, version, write, lambda path: self.registry.commit_version(
                 key, version, path, ctx.job_id, {
                     "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
-                    "category": req.category, "n_images": n_images, "params": req.as_params()}))
+                    "category": req.category, "n_images": n_images, "params": req.as_params()},
+                worker=ctx.worker), tag=ctx.job_id)
+        except LeaseLost:
+            raise  # the worker that holds the job now writes the same concept's images: leave them
         except BaseException:
             self.ws.delete_instances(concept_id)
             raise

@@ -1,19 +1,24 @@
-"""Fine-tuning jobs: a queue, worker threads, progress, ETA and cancellation.
+"""Training jobs, durable in the registry: any replica queues, waits on and cancels a job; training workers
+(`JobWorker`, in the serving process by default or in `python -m big.worker` processes) claim them.
 
-Training runs in worker threads so that the server's event loop (and every /generate call) keeps
-going while a model trains. Progress lives in the registry, so /jobs can report it at any time.
+A worker claims a queued job under a lease it renews every `lease_s / 4`; a worker that dies stops renewing, and
+once the lease has passed any live worker queues the job again and the next free worker runs it from the start
+(`docs/scaling.md` says why from the start, not from a checkpoint). Per model key at most one job runs at a time
+(the registry's partial unique index), so a metamodel has one writer across every worker.
 """
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import socket
 import threading
 import time
 import traceback
+import uuid
 from typing import Callable
 
 from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, error_for
-from big.storage.registry import Registry
+from big.storage.registry import JOB_DONE, LeaseLost, Registry
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +26,11 @@ log = logging.getLogger(__name__)
 class JobContext:
     """What a running job may do: report progress and ask whether it should stop."""
 
-    def __init__(self, manager: "JobManager", job_id: str, total_steps: int):
-        self._m, self.job_id, self.total_steps = manager, job_id, total_steps
+    def __init__(self, registry: Registry, job: dict, stop: Callable[[], bool], worker: str | None = None):
+        """`worker`: the id whose lease the job runs under (its commit checks that the lease is still held)."""
+        self.registry, self.job, self.job_id, self.total_steps = registry, job, job["job_id"], job["total_steps"]
+        self.worker = worker
+        self._stop = stop
         self._started = time.time()
         self._last_write = 0.0
 
@@ -32,96 +40,146 @@ class JobContext:
             return  # throttle registry writes; the last step always lands
         self._last_write = now
         per_step = (now - self._started) / max(step, 1)
-        self._m.registry.update_job(self.job_id, step=step, loss=loss,
-                                    eta_s=round(per_step * (self.total_steps - step), 2))
+        self.registry.update_job(self.job_id, step=step, loss=loss,
+                                 eta_s=round(per_step * (self.total_steps - step), 2))
 
     def should_stop(self) -> bool:
-        return self._m.is_cancel_requested(self.job_id)
+        return self._stop()
 
 
-class JobManager:
-    def __init__(self, registry: Registry, workers: int = 1, threads: int | None = None):
-        """`threads`: torch's CPU thread count on each job's thread (None: torch's own default)."""
-        self.registry = registry
-        self.threads = threads
-        self._queue: "queue.Queue[tuple[str, Callable[[JobContext], dict]] | None]" = queue.Queue()
-        self._done: dict[str, threading.Event] = {}
-        self._cancel: set[str] = set()
+class JobQueue:
+    """The client side of the queue, the same on every replica: everything is a row of the registry."""
+
+    def __init__(self, registry: Registry, poll_s: float = 0.2):
+        self.registry, self.poll_s = registry, poll_s
+
+    def is_done(self, job_id: str) -> bool:
+        job = self.registry.get_job(job_id)
+        return job is None or job["status"] in JOB_DONE
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.is_done(job_id) and (end is None or time.monotonic() < end):
+            time.sleep(self.poll_s)
+        return self.registry.get_job(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        self.registry.cancel_job(job_id)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class JobWorker:
+    """Claims jobs and runs `runner(ctx, job) -> fields of the finished job` on `slots` threads.
+
+    `threads`: torch's CPU thread count on each job's thread (None: torch's own default). `discard(job)` is
+    called once a job has ended for good, to drop what it was given (its stored inputs)."""
+
+    def __init__(self, registry: Registry, runner: Callable[[JobContext, dict], dict], *, slots: int = 1,
+                 threads: int | None = None, lease_s: float = 20.0, poll_s: float = 0.5, max_attempts: int = 3,
+                 discard: Callable[[dict], None] = lambda job: None,
+                 before_rerun: Callable[[dict], None] = lambda job: None):
+        self.registry, self.runner = registry, runner
+        self.threads, self.lease_s, self.poll_s, self.max_attempts = threads, lease_s, poll_s, max_attempts
+        self.discard, self.before_rerun = discard, before_rerun
+        self.id = worker_id()
+        self._running: dict[str, dict] = {}  # job id -> {"lost": bool, "cancel": bool}
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, name=f"big-train-{i}", daemon=True)
-                         for i in range(workers)]
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._slot, name=f"big-worker-{i}", daemon=True)
+                         for i in range(slots)]
+        self._threads.append(threading.Thread(target=self._heartbeat, name="big-heartbeat", daemon=True))
         for t in self._threads:
             t.start()
 
-    def submit(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop claiming; the jobs still running keep their leases until their threads end (or the process)."""
+        self._closed.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def running(self) -> list[str]:
         with self._lock:
-            self._done[job_id] = threading.Event()
-        self._queue.put((job_id, fn))
+            return list(self._running)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict:
-        ev = self._done.get(job_id)
-        if ev is not None:
-            ev.wait(timeout)
-        return self.registry.get_job(job_id)
-
-    def is_done(self, job_id: str) -> bool:
-        return job_id not in self._done
-
-    def cancel(self, job_id: str) -> None:
-        with self._lock:
-            self._cancel.add(job_id)
-        self.registry.update_job(job_id, cancel_requested=1)
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        return job_id in self._cancel
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
+    # ------------------------------------------------------------------ loops
+    def _slot(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._expire()
+                job = self.registry.claim_job(self.id, self.lease_s)
+            except Exception:  # noqa: BLE001 - the database went away for a moment: try again
+                log.exception("worker %s: could not claim a job", self.id)
+                job = None
+            if job is None:
+                self._closed.wait(self.poll_s)
+                continue
             # Each job runs on a thread of its own that ends with the job. On a CPU, torch's OpenMP team
             # belongs to the calling thread and lives as long as that thread does; an idle team left behind
             # by a long-lived worker slows every later /generate (docs/benchmarks.md, "Service").
-            runner = threading.Thread(target=self._run, args=item, name=f"big-job-{item[0][:8]}", daemon=True)
+            runner = threading.Thread(target=self._run, args=(job,), name=f"big-job-{job['job_id'][:8]}", daemon=True)
             runner.start()
             runner.join()
 
-    def _end(self, job_id: str, status: str, **fields) -> None:
-        """However a job ends, nothing is left to wait for: its ETA is 0, not its last estimate."""
-        self.registry.update_job(job_id, status=status, finished=time.time(), eta_s=0.0, **fields)
+    def _expire(self) -> None:
+        for job in self.registry.expire_leases(self.max_attempts):
+            log.warning("job %s: the lease of worker %s passed (attempt %d)", job["job_id"], job["worker"],
+                        job["attempts"])
+            ended = self.registry.get_job(job["job_id"])
+            if ended and ended["status"] in JOB_DONE:
+                self.discard(ended)
 
-    def _run(self, job_id: str, fn: Callable[[JobContext], dict]) -> None:
-        job = self.registry.get_job(job_id)
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(max(self.lease_s / 4, 0.2)) or self.running():
+            for job_id in self.running():
+                try:
+                    held, cancel = self.registry.renew_lease(job_id, self.id, self.lease_s)
+                except Exception:  # noqa: BLE001 - keep beating; the lease is what tells others
+                    log.exception("job %s: could not renew its lease", job_id)
+                    continue
+                with self._lock:
+                    if job_id in self._running:
+                        self._running[job_id].update(lost=not held, cancel=cancel)
+            if self._closed.is_set():
+                time.sleep(0.2)
+
+    def _run(self, job: dict) -> None:
+        job_id = job["job_id"]
+        with self._lock:
+            state = self._running[job_id] = {"lost": False, "cancel": bool(job["cancel_requested"])}
         if self.threads:
             # This thread's own OpenMP team (the serving thread keeps its own): beside an idle serving team,
             # one thread trains faster than torch's default on a small CPU (docs/benchmarks.md, "Service").
             import torch
 
             torch.set_num_threads(self.threads)
+        ended = False
         try:
-            if self.is_cancel_requested(job_id):
+            if job["attempts"] > 1:
+                self.before_rerun(job)
+            if state["cancel"]:
                 raise JobCancelled("cancelled before it started")
-            self.registry.update_job(job_id, status="running", started=time.time())
-            result = fn(JobContext(self, job_id, job["total_steps"]))
-            self._end(job_id, "succeeded", step=job["total_steps"], **result)
+            result = self.runner(JobContext(self.registry, job, lambda: state["lost"] or state["cancel"], self.id), job)
+            if state["lost"]:
+                raise LeaseLost(job_id)
+            ended = self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"], **result)
+        except LeaseLost:
+            log.warning("job %s: its lease passed to another worker; this run's work is dropped", job_id)
         except JobCancelled as e:
-            self._end(job_id, "cancelled", error=_message(e), error_code=e.code)
+            if not state["lost"]:
+                ended = self.registry.end_job(job_id, self.id, "cancelled", error=_message(e), error_code=e.code)
         except BIGError as e:
-            self._end(job_id, "failed", error=_message(e), error_code=e.code)
-        except Exception as e:  # a crash in training must not take the server down
+            ended = self.registry.end_job(job_id, self.id, "failed", error=_message(e), error_code=e.code)
+        except Exception as e:  # a crash in training must not take the worker down
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            self._end(job_id, "failed", error=f"{type(e).__name__}: {e}")
+            ended = self.registry.end_job(job_id, self.id, "failed", error=f"{type(e).__name__}: {e}")
         finally:
             with self._lock:
-                self._cancel.discard(job_id)
-                ev = self._done.pop(job_id, None)
-            if ev:
-                ev.set()
+                self._running.pop(job_id, None)
+        if ended:
+            self.discard(job)
 
 
 def _message(e: BIGError) -> str:

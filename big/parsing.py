@@ -128,6 +128,12 @@ class FinetuneRequest:
     def as_params(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_params(cls, params: dict) -> "FinetuneRequest":
+        """The request back from `as_params` (as a queued job keeps it, in JSON)."""
+        tuples = {k: tuple(params[k]) for k in ("captions", "prompt_templates") if params.get(k) is not None}
+        return cls(**{**params, **tuples})
+
 
 def parse_finetune(params: dict, defaults: dict, limits: Limits) -> FinetuneRequest:
     target = target_of(params, TRAIN_TARGETS, "private")

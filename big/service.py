@@ -2,8 +2,9 @@
 
 `executor.BIGExecutor` turns gRPC requests into calls of this class; tests, benchmarks and notebooks use it
 directly. The parts: `models.ModelStore` (which weights serve), `finetune.Finetuner` (a training job),
-`generate.Generator` (the render routes), `concepts.Concepts` (list, delete, export, import) and
-`jobs.JobManager` (the queue), over `storage` (workspace folders, version folders, the registry).
+`generate.Generator` (the render routes), `concepts.Concepts` (list, delete, export, import), `jobs.JobQueue`
+(queue, wait, cancel) and, where this process trains (`config.role`), a `jobs.JobWorker`, over `storage` (the
+store's folders and version folders, the registry and queue in one database shared by every process).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from big.errors import NotFound
 from big.finetune import Finetuner
 from big.generate import Generator
 from big.generation.sampling import GeneratedImage, ImageSpec
-from big.jobs import JobManager, job_view
+from big.jobs import JobQueue, JobWorker, job_view
 from big.models import ModelStore
-from big.storage.registry import Registry
+from big.storage.registry import Registry, sqlite_url
 from big.storage.workspace import Workspace
 from big.training.identifiers import identifier_pool
 from big.weights import pipelines
@@ -36,10 +37,7 @@ class BIGService:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.ws = Workspace(config.workspace)
-        self.registry = Registry(self.ws.registry_path)
-        removed = self.ws.clean_stale(self.registry.live_version_paths())
-        if removed:
-            log.warning("removed %d unfinished model folders left by an earlier crash", len(removed))
+        self.registry = Registry(config.database_url or sqlite_url(self.ws.registry_path), root=self.ws.root)
         self.auth = Authenticator(AuthConfig.from_env(config.auth))
         self.device = pipelines.pick_device(config.device)
         self.base_pipe = pipelines.load_base_pipeline(config.base_model, self.device,
@@ -51,7 +49,7 @@ class BIGService:
         pool = identifier_pool(self.base_pipe.tokenizer, f"{pipelines.resolve_base(config.base_model)}/tokenizer")
         self.identifier_pool = pool
         self.models = ModelStore(config, self.registry, self.base_pipe, self.device)
-        self.jobs = JobManager(self.registry, workers=config.train_workers, threads=config.train_threads)
+        self.jobs = JobQueue(self.registry)
         self.finetuner = Finetuner(self.models, self.registry, self.ws, self.jobs, defaults=self.finetune_defaults,
                                    identifier_pool=pool, base_key=self.base_key, size=self.size,
                                    class_image_steps=config.class_image_steps,
@@ -60,9 +58,23 @@ class BIGService:
         self.concept_store = Concepts(self.models, self.registry, self.ws, identifier_pool=pool,
                                       base_key=self.base_key)
         self.keeper = MetamodelKeeper(self.models, self.registry, self.ws, base_key=self.base_key)
+        self.worker = self._start_worker() if config.trains else None
+
+    def _start_worker(self) -> JobWorker:
+        running = {j["job_id"] for j in self.registry.running_jobs()}
+        # Other processes share the store: only what no running job owns and nobody wrote for a while goes.
+        removed = self.ws.clean_stale(self.registry.live_version_paths(), busy_tags=running,
+                                      min_age_s=2 * self.config.job_lease_s)
+        if removed:
+            log.warning("removed %d unfinished folders left by an earlier crash", len(removed))
+        return JobWorker(self.registry, self.finetuner.run_job, slots=self.config.train_workers,
+                         threads=self.config.train_threads, lease_s=self.config.job_lease_s,
+                         poll_s=self.config.job_poll_s, max_attempts=self.config.max_job_attempts,
+                         discard=self.finetuner.discard_inputs, before_rerun=self.finetuner.before_rerun)
 
     def close(self) -> None:
-        self.jobs.close()
+        if self.worker is not None:
+            self.worker.close()
 
     @property
     def cache(self):
@@ -149,6 +161,8 @@ class BIGService:
         if cancel and job["status"] in ("queued", "running"):
             self.jobs.cancel(job_id)
             job = self.registry.get_job(job_id)
+            if job["status"] == "cancelled":  # it never ran: its stored images are not needed
+                self.finetuner.discard_inputs(job)
         return job_view(job)
 
     def list_jobs(self, user: str) -> list[dict]:

@@ -33,11 +33,14 @@ class BIGExecutor(Executor):
                  generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
                  fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
-                 limits: Optional[dict] = None, batch_window_s: float = 0.005, **kwargs):
+                 limits: Optional[dict] = None, batch_window_s: float = 0.005, database_url: Optional[str] = None,
+                 role: str = "all", job_lease_s: float = 20.0, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
         dtype = os.environ.get("BIG_DTYPE") or dtype
+        database_url = os.environ.get("BIG_DATABASE_URL") or database_url
+        role = os.environ.get("BIG_ROLE") or role
         # All of /generate's torch work, and loading, runs on this one thread, the least recently served user's
         # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
         # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
@@ -49,10 +52,11 @@ class BIGExecutor(Executor):
             cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
-            generation_batch=int(generation_batch),
-            limits=limits)).result()
-        log.info("BIG ready: base %s on %s in %s, workspace %s", base_model, self.service.device,
-                 self.service.base_pipe.unet.dtype, self.service.ws.root)
+            generation_batch=int(generation_batch), limits=limits, database_url=database_url or None, role=role,
+            job_lease_s=float(job_lease_s))).result()
+        log.info("BIG ready (%s): base %s on %s in %s, workspace %s, registry on %s", role, base_model,
+                 self.service.device, self.service.base_pipe.unet.dtype, self.service.ws.root,
+                 self.service.registry.backend)
 
     def _user(self, parameters: dict) -> str:
         return self.service.auth.user_from_parameters(parameters or {})
@@ -65,9 +69,10 @@ class BIGExecutor(Executor):
         job_id, wait = await asyncio.to_thread(self.service.submit_finetune, user, images, parameters)
         if not wait:
             return DocList[ConceptDoc]([ConceptDoc(text="", job_id=job_id, status="queued")])
-        # Await the job without holding a thread: the default pool also serves /generate.
-        while not self.service.jobs.is_done(job_id):
-            await asyncio.sleep(0.1)
+        # Await the job's row (whichever worker runs it) without holding a thread between looks: the default pool
+        # also serves /generate.
+        while not await asyncio.to_thread(self.service.jobs.is_done, job_id):
+            await asyncio.sleep(0.2)
         r = self.service.finetune_result(job_id)
         return DocList[ConceptDoc]([ConceptDoc(
             text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],

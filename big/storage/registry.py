@@ -1,169 +1,296 @@
-"""The registry (SQLite): users, models and their versions, concepts, jobs.
+"""The registry: users' models and their versions, concepts, and the durable job queue, in one database shared by
+every serving replica and training worker. SQLite (a file in the workspace) by default, PostgreSQL in a cluster
+(`BIG_DATABASE_URL=postgresql+psycopg://...`); the schema is `storage.schema`, brought up to date by Alembic when
+the registry opens.
 
-A model version becomes current in the same transaction that records the concept it added, so the
-served state is always a version that was completely written.
+A model version becomes current in the same transaction that records the concept it added, and only while the
+job that made it still holds its lease, so the served state is always a version that was completely written by
+the one writer of its key.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
+import os
 import time
 import uuid
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
-    model_key TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT, base TEXT NOT NULL,
-    current_version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS model_versions (
-    model_key TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, job_id TEXT,
-    created REAL NOT NULL, PRIMARY KEY (model_key, version));
-CREATE TABLE IF NOT EXISTS concepts (
-    concept_id TEXT PRIMARY KEY, model_key TEXT NOT NULL, owner TEXT NOT NULL, target TEXT NOT NULL,
-    identifier TEXT NOT NULL, category TEXT NOT NULL, version INTEGER NOT NULL, n_images INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'active', created REAL NOT NULL, params TEXT,
-    UNIQUE (model_key, identifier));
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, target TEXT NOT NULL, category TEXT NOT NULL,
-    status TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL,
-    loss REAL, eta_s REAL, error TEXT, error_code TEXT, concept_id TEXT, identifier TEXT, model_version INTEGER,
-    created REAL NOT NULL, started REAL, finished REAL, params TEXT, cancel_requested INTEGER DEFAULT 0);
-"""
+import sqlalchemy as sa
+from sqlalchemy import event, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from big.storage import schema
+from big.storage.schema import concepts, jobs, model_versions, models
 
 JOB_DONE = ("succeeded", "failed", "cancelled")
+JOB_ACTIVE = ("queued", "running")
+# A key for PostgreSQL's advisory lock that serialises migrations of replicas that start at once.
+_MIGRATION_LOCK = 0x6269670001
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease passed to another worker (this one stalled past it): what it made is not committed."""
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
+def make_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        # sqlite3's own transaction handling is off: every transaction below starts with BEGIN IMMEDIATE, so two
+        # processes' writers queue on the database lock instead of failing to upgrade a read lock.
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=FULL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade(engine: sa.Engine) -> None:
+    """Bring the database to the newest schema (Alembic), one process at a time."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", os.path.join(os.path.dirname(__file__), "migrations"))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def _dicts(result) -> list[dict]:
+    return [dict(r) for r in result.mappings().all()]
 
 
 class Registry:
-    def __init__(self, path: str):
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
-        # Jobs that were running when the process died will never finish: say so (and that nothing is left to
-        # wait for: an ended job's ETA is 0, not its last estimate).
-        self._db.execute("UPDATE jobs SET status='failed', error='server restarted during the job', finished=?, "
-                         "eta_s=0 WHERE status IN ('queued','running')", (time.time(),))
+    def __init__(self, url: str, root: str | None = None):
+        """`url`: a SQLAlchemy URL (or a SQLite file's path); `root`: the store's root, that version paths are
+        kept relative to (so a shared volume may be mounted anywhere)."""
+        if "://" not in url:
+            url = sqlite_url(url)
+        self.url = url
+        self.root = os.path.abspath(root or os.path.dirname(url.split(":///", 1)[-1]))
+        self.engine = make_engine(url)
+        upgrade(self.engine)
 
-    def _migrate(self) -> None:
-        """A workspace made by an earlier version: jobs kept an error's code as a "[code] " prefix of its text."""
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if "error_code" in columns:
-            return
-        self._db.execute("ALTER TABLE jobs ADD COLUMN error_code TEXT")
-        for row in self._db.execute("SELECT job_id, error FROM jobs WHERE error LIKE '[%] %'").fetchall():
-            code, _, message = row["error"][1:].partition("] ")
-            self._db.execute("UPDATE jobs SET error_code=?, error=? WHERE job_id=?", (code, message, row["job_id"]))
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
 
-    def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _all(self, stmt) -> list[dict]:
+        with self.engine.begin() as conn:
+            return _dicts(conn.execute(stmt))
+
+    def _one(self, stmt) -> dict | None:
+        rows = self._all(stmt)
+        return rows[0] if rows else None
+
+    def _write(self, stmt) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    def _insert_ignore(self, table, values: dict):
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table).values(**values).on_conflict_do_nothing()
+
+    def _stored_path(self, path: str) -> str:
+        rel = os.path.relpath(path, self.root)
+        return path if rel.startswith("..") else rel
+
+    def _full_path(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.root, path)
 
     # ------------------------------------------------------------------ models
     def ensure_model(self, model_key: str, kind: str, owner: str | None, base: str) -> dict:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO models VALUES (?,?,?,?,0,?)",
-                             (model_key, kind, owner, base, time.time()))
-            return dict(self._q("SELECT * FROM models WHERE model_key=?", (model_key,))[0])
+        with self.engine.begin() as conn:
+            conn.execute(self._insert_ignore(models, dict(model_key=model_key, kind=kind, owner=owner, base=base,
+                                                          current_version=0, created=time.time())))
+            return _dicts(conn.execute(select(models).where(models.c.model_key == model_key)))[0]
 
     def get_model(self, model_key: str) -> dict | None:
-        rows = self._q("SELECT * FROM models WHERE model_key=?", (model_key,))
-        return dict(rows[0]) if rows else None
+        return self._one(select(models).where(models.c.model_key == model_key))
 
     def version_path(self, model_key: str, version: int) -> str | None:
-        rows = self._q("SELECT path FROM model_versions WHERE model_key=? AND version=?", (model_key, version))
-        return rows[0]["path"] if rows else None
+        row = self._one(select(model_versions.c.path).where(model_versions.c.model_key == model_key,
+                                                            model_versions.c.version == version))
+        return self._full_path(row["path"]) if row else None
 
     def live_version_paths(self) -> set[str]:
-        return {r["path"] for r in self._q("SELECT path FROM model_versions")}
+        return {self._full_path(r["path"]) for r in self._all(select(model_versions.c.path))}
 
     def commit_version(self, model_key: str, version: int, path: str, job_id: str | None,
-                       concept: dict | None, concept_status: tuple[str, str] | None = None) -> None:
+                       concept: dict | None, concept_status: tuple[str, str] | None = None,
+                       worker: str | None = None) -> None:
         """Record a finished version and its concept (or, `concept_status` = (concept id, status), an earlier
-        concept's new status), and make it current: one transaction."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                row = cur.execute("SELECT current_version FROM models WHERE model_key=?", (model_key,)).fetchone()
-                if row is None or row[0] != version - 1:
-                    raise RuntimeError(f"model {model_key} moved on while training (now v{row and row[0]})")
-                cur.execute("INSERT INTO model_versions VALUES (?,?,?,?,?)", (model_key, version, path, job_id, now))
-                if concept:
-                    cur.execute(
-                        "INSERT INTO concepts (concept_id, model_key, owner, target, identifier, category, version,"
-                        " n_images, status, created, params) VALUES (?,?,?,?,?,?,?,?, 'active', ?, ?)",
-                        (concept["concept_id"], model_key, concept["owner"], concept["target"], concept["identifier"],
-                         concept["category"], version, concept["n_images"], now, json.dumps(concept.get("params", {}))))
-                if concept_status:
-                    cur.execute("UPDATE concepts SET status=? WHERE concept_id=?", concept_status[::-1])
-                cur.execute("UPDATE models SET current_version=? WHERE model_key=?", (version, model_key))
-                cur.execute("COMMIT")
-            except Exception:
-                cur.execute("ROLLBACK")
-                raise
+        concept's new status), and make it current: one transaction. With `worker`, only while that worker
+        still holds job `job_id`'s lease (else LeaseLost)."""
+        with self.engine.begin() as conn:
+            now = time.time()
+            if worker is not None:
+                held = conn.execute(select(jobs.c.job_id).where(
+                    jobs.c.job_id == job_id, jobs.c.worker == worker, jobs.c.status == "running")
+                    .with_for_update()).first()
+                if held is None:
+                    raise LeaseLost(f"job {job_id} is no longer this worker's")
+            row = conn.execute(select(models.c.current_version).where(models.c.model_key == model_key)
+                               .with_for_update()).first()
+            if row is None or row[0] != version - 1:
+                raise RuntimeError(f"model {model_key} moved on while training (now v{row and row[0]})")
+            conn.execute(model_versions.insert().values(model_key=model_key, version=version,
+                                                        path=self._stored_path(path), job_id=job_id, created=now))
+            if concept:
+                conn.execute(concepts.insert().values(
+                    concept_id=concept["concept_id"], model_key=model_key, owner=concept["owner"],
+                    target=concept["target"], identifier=concept["identifier"], category=concept["category"],
+                    version=version, n_images=concept["n_images"], status="active", created=now,
+                    params=json.dumps(concept.get("params", {}))))
+            if concept_status:
+                conn.execute(update(concepts).where(concepts.c.concept_id == concept_status[0])
+                             .values(status=concept_status[1]))
+            conn.execute(update(models).where(models.c.model_key == model_key).values(current_version=version))
 
     # ------------------------------------------------------------------ concepts
     def concepts_of_model(self, model_key: str) -> list[dict]:
-        return [dict(r) for r in self._q(
-            "SELECT * FROM concepts WHERE model_key=? AND status='active' ORDER BY created", (model_key,))]
+        return self._all(select(concepts).where(concepts.c.model_key == model_key, concepts.c.status == "active")
+                         .order_by(concepts.c.created))
 
     def identifiers_ever_used(self, model_key: str) -> set[str]:
-        return {r["identifier"] for r in self._q("SELECT identifier FROM concepts WHERE model_key=?", (model_key,))}
+        return {r["identifier"] for r in self._all(select(concepts.c.identifier)
+                                                   .where(concepts.c.model_key == model_key))}
 
     def get_concept(self, concept_id: str) -> dict | None:
-        rows = self._q("SELECT * FROM concepts WHERE concept_id=? AND status='active'", (concept_id,))
-        return dict(rows[0]) if rows else None
+        return self._one(select(concepts).where(concepts.c.concept_id == concept_id, concepts.c.status == "active"))
 
     def find_concept(self, *, owner: str | None, target: str, identifier: str) -> dict | None:
-        if owner is None:
-            rows = self._q("SELECT * FROM concepts WHERE target=? AND identifier=? AND status='active'",
-                           (target, identifier))
-        else:
-            rows = self._q("SELECT * FROM concepts WHERE owner=? AND target=? AND identifier=? AND status='active'"
-                           " ORDER BY created DESC", (owner, target, identifier))
-        return dict(rows[0]) if rows else None
+        stmt = select(concepts).where(concepts.c.target == target, concepts.c.identifier == identifier,
+                                      concepts.c.status == "active")
+        if owner is not None:
+            stmt = stmt.where(concepts.c.owner == owner).order_by(concepts.c.created.desc())
+        return self._one(stmt)
 
     def list_concepts(self, *, owner: str) -> list[dict]:
-        return [dict(r) for r in self._q(
-            "SELECT * FROM concepts WHERE status='active' AND (target='meta' OR owner=?) ORDER BY created", (owner,))]
+        return self._all(select(concepts).where(concepts.c.status == "active",
+                                                sa.or_(concepts.c.target == "meta", concepts.c.owner == owner))
+                         .order_by(concepts.c.created))
 
     def concepts_of_model_any_status(self, model_key: str) -> list[dict]:
-        return [dict(r) for r in self._q("SELECT * FROM concepts WHERE model_key=? ORDER BY created", (model_key,))]
+        return self._all(select(concepts).where(concepts.c.model_key == model_key).order_by(concepts.c.created))
 
     def mark_concept_deleted(self, concept_id: str) -> None:
-        self._q("UPDATE concepts SET status='deleted' WHERE concept_id=?", (concept_id,))
+        self._write(update(concepts).where(concepts.c.concept_id == concept_id).values(status="deleted"))
 
-    # ------------------------------------------------------------------ jobs
-    def create_job(self, owner: str, target: str, category: str, total_steps: int, params: dict) -> str:
-        job_id = uuid.uuid4().hex
-        self._q("INSERT INTO jobs (job_id, owner, target, category, status, total_steps, created, params)"
-                " VALUES (?,?,?,?, 'queued', ?, ?, ?)",
-                (job_id, owner, target, category, total_steps, time.time(), json.dumps(params)))
+    # ------------------------------------------------------------------ jobs: what any replica does
+    def create_job(self, owner: str, target: str, category: str, total_steps: int, params: dict, *,
+                   job_id: str | None = None, model_key: str | None = None, concept_id: str | None = None) -> str:
+        job_id = job_id or uuid.uuid4().hex
+        self._write(jobs.insert().values(
+            job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
+            total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
+            concept_id=concept_id, attempts=0, cancel_requested=0))
         return job_id
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        if not fields:
-            return
-        cols = ", ".join(f"{k}=?" for k in fields)
-        self._q(f"UPDATE jobs SET {cols} WHERE job_id=?", (*fields.values(), job_id))
+        if fields:
+            self._write(update(jobs).where(jobs.c.job_id == job_id).values(**fields))
 
     def get_job(self, job_id: str) -> dict | None:
-        rows = self._q("SELECT * FROM jobs WHERE job_id=?", (job_id,))
-        return dict(rows[0]) if rows else None
+        return self._one(select(jobs).where(jobs.c.job_id == job_id))
 
-    def count_jobs(self, owner: str, statuses: tuple[str, ...] = ("queued", "running"), target: str | None = None) -> int:
-        marks = ",".join("?" * len(statuses))
-        sql = f"SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN ({marks})"
-        args = (owner, *statuses)
+    def count_jobs(self, owner: str, statuses: tuple[str, ...] = JOB_ACTIVE, target: str | None = None) -> int:
+        stmt = select(func.count()).select_from(jobs).where(jobs.c.owner == owner, jobs.c.status.in_(statuses))
         if target is not None:
-            sql, args = sql + " AND target=?", args + (target,)
-        return self._q(sql, args)[0][0]
+            stmt = stmt.where(jobs.c.target == target)
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).scalar_one()
+
+    def running_jobs(self) -> list[dict]:
+        return self._all(select(jobs).where(jobs.c.status == "running"))
 
     def list_jobs(self, owner: str, limit: int = 50) -> list[dict]:
-        return [dict(r) for r in self._q("SELECT * FROM jobs WHERE owner=? ORDER BY created DESC LIMIT ?",
-                                         (owner, limit))]
+        return self._all(select(jobs).where(jobs.c.owner == owner).order_by(jobs.c.created.desc()).limit(limit))
+
+    def cancel_job(self, job_id: str) -> None:
+        """Ask a job to stop: a queued one ends here and now, a running one at its worker's next heartbeat."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(cancel_requested=1))
+            conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.status == "queued").values(
+                status="cancelled", error="cancelled before it started", error_code="cancelled",
+                finished=time.time(), eta_s=0.0))
+
+    # ------------------------------------------------------------------ jobs: what a training worker does
+    def claim_job(self, worker: str, lease_s: float) -> dict | None:
+        """The next queued job this worker may run, now running under its lease; None when there is none. A job
+        whose model key already has a running job waits (its key's single writer); among the others, the jobs
+        of users with fewer running jobs go first, then the oldest."""
+        running = jobs.alias("running")
+        busy_keys = select(running.c.model_key).where(running.c.status == "running",
+                                                      running.c.model_key.is_not(None))
+        owner_running = select(func.count()).select_from(running).where(
+            running.c.owner == jobs.c.owner, running.c.status == "running").scalar_subquery()
+        candidates = self._all(select(jobs.c.job_id).where(jobs.c.status == "queued",
+                                                           jobs.c.model_key.not_in(busy_keys))
+                               .order_by(owner_running, jobs.c.created).limit(8))
+        for c in candidates:
+            now = time.time()
+            try:
+                with self.engine.begin() as conn:
+                    claimed = conn.execute(update(jobs).where(jobs.c.job_id == c["job_id"], jobs.c.status == "queued")
+                                           .values(status="running", worker=worker, lease_until=now + lease_s,
+                                                   started=now, attempts=jobs.c.attempts + 1)).rowcount
+            except IntegrityError:  # another worker took a job of the same key a moment ago
+                continue
+            if claimed:
+                return self.get_job(c["job_id"])
+        return None
+
+    def renew_lease(self, job_id: str, worker: str, lease_s: float) -> tuple[bool, bool]:
+        """(still this worker's, cancel requested) after extending the lease of a job it runs."""
+        with self.engine.begin() as conn:
+            held = conn.execute(update(jobs).where(jobs.c.job_id == job_id, jobs.c.worker == worker,
+                                                   jobs.c.status == "running")
+                                .values(lease_until=time.time() + lease_s)).rowcount
+            cancel = conn.execute(select(jobs.c.cancel_requested).where(jobs.c.job_id == job_id)).scalar()
+        return bool(held), bool(cancel)
+
+    def end_job(self, job_id: str, worker: str, status: str, **fields: Any) -> bool:
+        """End a job this worker holds; False (and nothing written) when its lease passed to another."""
+        return bool(self._write(update(jobs).where(jobs.c.job_id == job_id, jobs.c.worker == worker,
+                                                   jobs.c.status == "running")
+                                .values(status=status, finished=time.time(), eta_s=0.0, lease_until=None,
+                                        **fields)))
+
+    def expire_leases(self, max_attempts: int) -> list[dict]:
+        """Running jobs whose worker stopped renewing its lease (it died or hangs): queued again for another
+        worker, or failed once they have been tried `max_attempts` times. Returns them as they were."""
+        now = time.time()
+        expired = self._all(select(jobs).where(jobs.c.status == "running", jobs.c.lease_until < now))
+        for job in expired:
+            values: dict[str, Any] = dict(status="queued", worker=None, lease_until=None, eta_s=None)
+            if job["attempts"] >= max_attempts:
+                values = dict(status="failed", finished=now, eta_s=0.0, lease_until=None,
+                              error=f"its worker stopped {job['attempts']} times while running it "
+                                    "(out of memory or killed?)", error_code="worker_lost")
+            elif job["cancel_requested"]:
+                values = dict(status="cancelled", finished=now, eta_s=0.0, lease_until=None,
+                              error="cancelled", error_code="cancelled")
+            self._write(update(jobs).where(jobs.c.job_id == job["job_id"], jobs.c.status == "running",
+                                           jobs.c.lease_until == job["lease_until"]).values(**values))
+        return expired

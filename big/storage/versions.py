@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from typing import Any, Callable
 
 import torch
@@ -115,14 +116,16 @@ def write_version(folder: str, meta: VersionMeta, *, unet=None, text_encoder=Non
 
 
 def publish(ws: Workspace, model_key: str, version: int, write: Callable[[str], None],
-            commit: Callable[[str], None]) -> str:
-    """A new version, all or nothing: `write(folder)` fills a staging folder, which is moved to the version's path,
-    and `commit(path)` makes it current (one registry transaction). When any step fails, what this call put on
-    disk is removed (never a folder another writer published) and the previous version keeps serving."""
-    staging, path = ws.new_staging_dir(), None
+            commit: Callable[[str], None], *, tag: str | None = None) -> str:
+    """A new version, all or nothing: `write(folder)` fills a staging folder (named by `tag`, a job id), which is
+    moved to a version folder of its own, and `commit(path)` makes it current (one registry transaction). When any
+    step fails, what this call put on disk is removed (never a folder another writer published) and the previous
+    version keeps serving."""
+    tag = tag or uuid.uuid4().hex
+    staging, path = ws.new_staging_dir(tag), None
     try:
         write(staging)
-        path = ws.publish_version(staging, model_key, version)
+        path = ws.publish_version(staging, model_key, version, tag)
         commit(path)
     except BaseException:
         ws.discard(staging if path is None else path)

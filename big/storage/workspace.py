@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 
 from PIL import Image
@@ -43,7 +44,7 @@ def png_bytes(img: Image.Image, pnginfo=None) -> bytes:
 class Workspace:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        for sub in ("models", "instances", "class_images", "tmp"):
+        for sub in ("models", "instances", "class_images", "jobs", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
 
     @property
@@ -54,17 +55,33 @@ class Workspace:
     def model_dir(self, model_key: str) -> str:
         return os.path.join(self.root, "models", slug("model", model_key))
 
-    def version_dir(self, model_key: str, version: int) -> str:
-        return os.path.join(self.model_dir(model_key), f"v{version:04d}")
+    def version_dir(self, model_key: str, version: int, tag: str) -> str:
+        """A version's folder, named by its writer too (`tag`: a job id): two writers of one version number (a
+        worker presumed dead and the one that took its job over) never share a folder; the registry records
+        which one became the version."""
+        return os.path.join(self.model_dir(model_key), f"v{version:04d}.{tag}")
 
-    def new_staging_dir(self) -> str:
-        path = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+    def new_staging_dir(self, tag: str = "x") -> str:
+        """A fresh folder to write in before a move into place; `tag` (a job id) names whose it is, so that the
+        worker that runs the job again can remove what an earlier, killed run left."""
+        path = os.path.join(self.root, "tmp", f"{tag}.{uuid.uuid4().hex}")
         os.makedirs(path)
         return path
 
-    def publish_version(self, staging: str, model_key: str, version: int) -> str:
+    def discard_unfinished(self, tag: str, live_version_dirs: set[str]) -> list[str]:
+        """What writer `tag` left unfinished (staging folders, version folders never committed): a killed run of
+        a job, removed by the worker that runs it again."""
+        tmp, models = os.path.join(self.root, "tmp"), os.path.join(self.root, "models")
+        found = [os.path.join(tmp, n) for n in os.listdir(tmp) if n.split(".", 1)[0] == tag]
+        found += [os.path.join(models, m, v) for m in os.listdir(models) for v in os.listdir(os.path.join(models, m))
+                  if v.split(".", 1)[-1] == tag and os.path.join(models, m, v) not in live_version_dirs]
+        for path in found:
+            self.discard(path)
+        return found
+
+    def publish_version(self, staging: str, model_key: str, version: int, tag: str) -> str:
         """Move a fully written staging folder to its version path (atomic rename)."""
-        final = self.version_dir(model_key, version)
+        final = self.version_dir(model_key, version, tag)
         if os.path.exists(final):
             raise FileExistsError(final)
         os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -75,29 +92,59 @@ class Workspace:
         if path and os.path.exists(path):
             shutil.rmtree(path, ignore_errors=True)
 
-    def clean_stale(self, live_version_dirs: set[str]) -> list[str]:
-        """Remove staging leftovers and version folders the registry never committed (a crash)."""
+    def clean_stale(self, live_version_dirs: set[str], busy_tags: set[str] = frozenset(),
+                    min_age_s: float = 0.0) -> list[str]:
+        """Remove staging leftovers and version folders the registry never committed (a crash), except what a
+        running job (`busy_tags`) or a writer of the last `min_age_s` seconds may still be writing: other
+        processes share this folder."""
         removed = []
+        old = time.time() - min_age_s
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
-            self.discard(os.path.join(tmp, name))
-            removed.append(os.path.join(tmp, name))
+            path = os.path.join(tmp, name)
+            if name.split(".", 1)[0] not in busy_tags and _mtime(path) <= old:
+                self.discard(path)
+                removed.append(path)
         models = os.path.join(self.root, "models")
         for m in os.listdir(models):
             for v in os.listdir(os.path.join(models, m)):
                 path = os.path.join(models, m, v)
-                if path not in live_version_dirs:
+                if path not in live_version_dirs and _mtime(path) <= old:
                     self.discard(path)
                     removed.append(path)
         return removed
+
+    # ------------------------------------------------------------------ a queued job's inputs
+    def job_dir(self, job_id: str) -> str:
+        return os.path.join(self.root, "jobs", slug("job", job_id))
+
+    def save_job_inputs(self, job_id: str, images: list[Image.Image]) -> None:
+        """A job's instance images, written whole before the job is queued (a worker on another machine reads
+        them); PNG, so the worker trains on exactly the pixels the request carried."""
+        staging = self.new_staging_dir(job_id)
+        for i, img in enumerate(images):
+            with open(os.path.join(staging, f"{i:04d}.png"), "wb") as f:
+                f.write(png_bytes(img))
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(staging, self.job_dir(job_id))
+
+    def load_job_inputs(self, job_id: str) -> list[Image.Image]:
+        d = self.job_dir(job_id)
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"job {job_id}: its stored inputs are gone")
+        return _load_pngs(d)
+
+    def delete_job_inputs(self, job_id: str) -> None:
+        self.discard(self.job_dir(job_id))
 
     # ------------------------------------------------------------------ instance images
     def instance_dir(self, concept_id: str) -> str:
         return os.path.join(self.root, "instances", slug("concept", concept_id))
 
     def save_instances(self, concept_id: str, images: list[Image.Image],
-                       captions: list[str | None] | None = None) -> str:
-        staging = self.new_staging_dir()
+                       captions: list[str | None] | None = None, tag: str = "x") -> str:
+        staging = self.new_staging_dir(tag)
         for i, img in enumerate(images):
             with open(os.path.join(staging, f"{i:04d}.png"), "wb") as f:
                 f.write(png_bytes(img))
@@ -111,13 +158,7 @@ class Workspace:
 
     def load_instances(self, concept_id: str) -> list[Image.Image]:
         d = self.instance_dir(concept_id)
-        if not os.path.isdir(d):
-            return []
-        out = []
-        for name in sorted(n for n in os.listdir(d) if n.endswith(".png")):
-            with Image.open(os.path.join(d, name)) as im:
-                out.append(im.convert("RGB"))
-        return out
+        return _load_pngs(d) if os.path.isdir(d) else []
 
     def load_captions(self, concept_id: str) -> list[str | None]:
         """Each instance image's caption (None where it had none); [] when the concept had no captions."""
@@ -151,3 +192,18 @@ class Workspace:
         meta = os.path.join(d, "category.json")
         if not os.path.exists(meta):
             atomic_write_json(meta, {"base": base_key, "category": category, "size": size})
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except FileNotFoundError:  # another process removed or moved it a moment ago
+        return float("inf")
+
+
+def _load_pngs(folder: str) -> list[Image.Image]:
+    out = []
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".png")):
+        with Image.open(os.path.join(folder, name)) as im:
+            out.append(im.convert("RGB"))
+    return out

@@ -78,7 +78,8 @@ def test_crash_mid_training_leaves_the_served_metamodel_intact(service, monkeypa
     assert service.registry.get_model("meta")["current_version"] == 1
     assert [c["identifier"] for c in service.concepts("bob")] == [first["identifier"]]
     assert os.listdir(os.path.join(service.ws.root, "tmp")) == []
-    assert sorted(os.listdir(service.ws.model_dir("meta"))) == ["v0001"]
+    assert sorted(os.listdir(service.ws.model_dir("meta"))) == [os.path.basename(service.registry.version_path("meta", 1))]
+    assert os.listdir(os.path.join(service.ws.root, "jobs")) == []  # the failed job's stored images went with it
     after = service.generate("alice", [f"a {first['identifier']} shape"], {"target_model": "meta", "seed": 5})
     assert after[0].image.tobytes() == before[0].image.tobytes()
     jobs = service.list_jobs("bob")

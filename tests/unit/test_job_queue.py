@@ -1,0 +1,166 @@
+"""The durable job queue and the registry on both backends: claims, the one writer per model key, leases that
+pass when a worker dies, cancellation from any replica, and the worker loop itself."""
+import threading
+import time
+
+import pytest
+
+from big.errors import JobCancelled
+from big.jobs import JobQueue, JobWorker
+from big.storage.registry import LeaseLost, Registry
+
+
+@pytest.fixture
+def registry(database_url, tmp_path):
+    reg = Registry(database_url, root=str(tmp_path))
+    yield reg
+    reg.close()
+
+
+def _job(reg, owner="u", key="meta"):
+    return reg.create_job(owner, "meta" if key == "meta" else "private", "dog", 10, {}, model_key=key)
+
+
+def test_one_running_job_per_model_key_and_other_keys_in_parallel(registry):
+    a, b = _job(registry), _job(registry, owner="v")
+    c = _job(registry, key="private:c")
+    first = registry.claim_job("w1", 30)
+    assert first["job_id"] == a and first["status"] == "running" and first["attempts"] == 1
+    second = registry.claim_job("w2", 30)
+    assert second["job_id"] == c  # b waits: meta has its writer
+    assert registry.claim_job("w3", 30) is None
+    assert registry.end_job(a, "w1", "succeeded")
+    assert registry.claim_job("w3", 30)["job_id"] == b
+
+
+def test_users_with_nothing_running_go_first(registry):
+    registry.create_job("busy", "private", "dog", 10, {}, model_key="private:1")
+    registry.create_job("busy", "private", "dog", 10, {}, model_key="private:2")
+    later = registry.create_job("quiet", "private", "dog", 10, {}, model_key="private:3")
+    registry.claim_job("w1", 30)  # busy's first
+    assert registry.claim_job("w2", 30)["job_id"] == later
+
+
+def test_a_dead_workers_job_is_run_again_and_the_dead_worker_can_no_longer_write(registry):
+    job = _job(registry)
+    registry.ensure_model("meta", "meta", None, "base")
+    registry.claim_job("dead", 0.2)
+    time.sleep(0.3)
+    assert [j["job_id"] for j in registry.expire_leases(max_attempts=3)] == [job]
+    taken = registry.claim_job("alive", 30)
+    assert taken["job_id"] == job and taken["attempts"] == 2
+    assert not registry.end_job(job, "dead", "failed", error="late")  # the zombie's word counts for nothing
+    with pytest.raises(LeaseLost):
+        registry.commit_version("meta", 1, "models/x", job, None, worker="dead")
+    registry.commit_version("meta", 1, "models/x", job, None, worker="alive")
+    assert registry.get_model("meta")["current_version"] == 1
+
+
+def test_a_job_whose_workers_keep_dying_fails_with_the_reason(registry):
+    job = _job(registry)
+    for attempt in range(2):
+        registry.claim_job(f"w{attempt}", 0.05)
+        time.sleep(0.1)
+        registry.expire_leases(max_attempts=2)
+    ended = registry.get_job(job)
+    assert ended["status"] == "failed" and ended["error_code"] == "worker_lost" and ended["eta_s"] == 0.0
+
+
+def test_cancel_from_any_replica(registry, database_url, tmp_path):
+    other_replica = Registry(database_url, root=str(tmp_path))
+    queued, running = _job(registry, key="private:a"), _job(registry, key="private:b")
+    registry.claim_job("w", 30)  # takes `queued`: the older one
+    JobQueue(other_replica).cancel(running)
+    assert registry.get_job(running)["status"] == "cancelled"  # never ran
+    JobQueue(other_replica).cancel(queued)
+    assert registry.renew_lease(queued, "w", 30) == (True, True)  # the worker hears it at its next heartbeat
+    other_replica.close()
+
+
+def test_a_worker_runs_jobs_and_stops_one_cancelled_elsewhere(registry, database_url, tmp_path):
+    started = threading.Event()
+
+    def runner(ctx, job):
+        if job["category"] == "slow":
+            started.set()
+            while not ctx.should_stop():
+                time.sleep(0.05)
+            raise JobCancelled("training cancelled")
+        ctx.progress(10, 0.5)
+        return {"identifier": "sks"}
+
+    discarded = []
+    worker = JobWorker(registry, runner, lease_s=2, poll_s=0.05, discard=lambda job: discarded.append(job["job_id"]))
+    quick = registry.create_job("u", "private", "dog", 10, {}, model_key="private:q")
+    slow = registry.create_job("u", "private", "slow", 10, {}, model_key="private:s")
+    queue = JobQueue(Registry(database_url, root=str(tmp_path)), poll_s=0.05)
+    assert queue.wait(quick, timeout=30)["status"] == "succeeded"
+    assert registry.get_job(quick)["identifier"] == "sks"
+    assert started.wait(30)
+    queue.cancel(slow)
+    ended = queue.wait(slow, timeout=30)
+    assert ended["status"] == "cancelled" and ended["error_code"] == "cancelled"
+    assert sorted(discarded) == sorted([quick, slow])
+    worker.close(timeout=5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_runs_with_the_configured_torch_threads_and_the_caller_keeps_its_own(tmp_path, threads):
+    import torch
+
+    reg = Registry(str(tmp_path / "registry.sqlite"))
+    caller = torch.get_num_threads()
+    seen = {}
+
+    def job(ctx, row):
+        seen["threads"] = torch.get_num_threads()
+        return {}
+
+    worker = JobWorker(reg, job, threads=threads, poll_s=0.05)
+    job_id = reg.create_job("u", "meta", "shape", 1, {}, model_key="meta")
+    assert JobQueue(reg, poll_s=0.05).wait(job_id, timeout=30)["status"] == "succeeded"
+    assert seen["threads"] == threads
+    assert torch.get_num_threads() == caller
+    worker.close(timeout=5)
+
+
+def test_a_workspace_from_before_alembic_upgrades_in_place(tmp_path):
+    """The SQLite registry as BIG wrote it before (no error_code yet, no alembic_version): opened, migrated,
+    its data kept; a job it left queued, whose images lived in memory, failed with the reason."""
+    import sqlite3
+
+    path = tmp_path / "registry.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+    CREATE TABLE models (model_key TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT, base TEXT NOT NULL,
+        current_version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+    CREATE TABLE model_versions (model_key TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL,
+        job_id TEXT, created REAL NOT NULL, PRIMARY KEY (model_key, version));
+    CREATE TABLE concepts (concept_id TEXT PRIMARY KEY, model_key TEXT NOT NULL, owner TEXT NOT NULL,
+        target TEXT NOT NULL, identifier TEXT NOT NULL, category TEXT NOT NULL, version INTEGER NOT NULL,
+        n_images INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'active', created REAL NOT NULL, params TEXT,
+        UNIQUE (model_key, identifier));
+    CREATE TABLE jobs (job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, target TEXT NOT NULL, category TEXT NOT NULL,
+        status TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL, loss REAL, eta_s REAL,
+        error TEXT, concept_id TEXT, identifier TEXT, model_version INTEGER, created REAL NOT NULL, started REAL,
+        finished REAL, params TEXT, cancel_requested INTEGER DEFAULT 0);
+    INSERT INTO models VALUES ('meta', 'meta', NULL, 'base', 1, 0);
+    INSERT INTO model_versions VALUES ('meta', 1, '/old/machine/workspace/models/abc/v0001', 'j0', 0);
+    INSERT INTO jobs (job_id, owner, target, category, status, total_steps, created, error)
+        VALUES ('j1', 'u', 'meta', 'dog', 'failed', 10, 0, '[bad_request] no'),
+               ('j2', 'u', 'meta', 'dog', 'queued', 10, 1, NULL);
+    """)
+    db.commit()
+    db.close()
+    reg = Registry(str(path))
+    assert reg.get_model("meta")["current_version"] == 1
+    assert reg.version_path("meta", 1) == str(tmp_path / "models/abc/v0001")  # the store moved: paths follow
+    old = reg.get_job("j1")
+    assert (old["error_code"], old["error"]) == ("bad_request", "no")
+    assert reg.get_job("j2")["status"] == "failed" and "send it again" in reg.get_job("j2")["error"]
+    with reg.engine.connect() as conn:
+        import sqlalchemy as sa
+
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+    Registry(str(path)).close()  # opening again changes nothing
+    reg.close()
