@@ -86,6 +86,14 @@ class FlowProcess:
             s.settimeout(0.5)
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
+    def kill(self) -> None:
+        """kill -9 of the flow's every process (gateway, executor): a replica that dies without a word."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
     def stop(self, grace: float = 20.0):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -106,3 +114,47 @@ class FlowProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class WorkerProcess:
+    """`python -m big.worker` (a training worker) as a child process, with its output in a log file."""
+
+    def __init__(self, workdir: str, env: Optional[Dict[str, str]] = None, args: tuple = ()):
+        os.makedirs(workdir, exist_ok=True)
+        self.log_path = os.path.join(workdir, f"worker-{time.time_ns()}.log")
+        self._log = open(self.log_path, "w")
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", "--config", os.path.join(REPO, "config.yml"),
+                                      *args], cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def log_tail(self, n: int = 3000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-n:]
+
+    def wait_ready(self, timeout: float = 300.0) -> "WorkerProcess":
+        deadline = time.time() + timeout
+        while "BIG worker ready" not in self.log_tail(100_000):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.time() > deadline:
+                self.stop()
+                raise TimeoutError(f"the worker was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.3)
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no chance to say goodbye (its job's lease is what tells the others)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
