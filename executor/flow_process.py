@@ -35,13 +35,13 @@ class FlowProcess:
     """`jina flow` in its own session (process group), with its output in a log file."""
 
     def __init__(self, workdir: str, env: Optional[Dict[str, str]] = None, port: Optional[int] = None,
-                 log_to_file: bool = True):
+                 log_to_file: bool = True, flow_yml: str = os.path.join(REPO, "flow.yml")):
         os.makedirs(workdir, exist_ok=True)
         self.port = port or free_port()
         self.log_path = os.path.join(workdir, "flow.log")
         flow_yml = os.path.join(workdir, "flow.yml")
         with open(flow_yml, "w") as f:
-            f.write(flow_yaml_on_port(self.port))
+            f.write(flow_yaml_on_port(self.port, flow_yml))
         full_env = {**os.environ, **(env or {})}
         # The child imports config.yml's py_modules and executor/ from the repo, wherever it was started.
         full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")

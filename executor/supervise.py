@@ -17,18 +17,18 @@ import tempfile
 import threading
 import time
 
-from executor.flow_process import FlowProcess
+from executor.flow_process import REPO, FlowProcess
 
 log = logging.getLogger("big.supervise")
 
 
 def supervise(port: int, interval: float, failures: int, stop_grace: float, ready_timeout: float,
-              stop: threading.Event) -> None:
+              stop: threading.Event, flow_yml: str = os.path.join(REPO, "flow.yml")) -> None:
     workdir = tempfile.mkdtemp(prefix="big-supervise-")
     restarts = 0
     while not stop.is_set():
         started = time.time()
-        flow = FlowProcess(workdir, port=port, log_to_file=False)
+        flow = FlowProcess(workdir, port=port, log_to_file=False, flow_yml=flow_yml)
         try:
             client = flow.wait_ready(timeout=ready_timeout)
         except (RuntimeError, TimeoutError) as e:
@@ -63,12 +63,14 @@ def main(argv=None) -> None:
     ap.add_argument("--failures", type=int, default=3, help="failed probes in a row that restart the flow")
     ap.add_argument("--stop-grace", type=float, default=5.0, help="seconds a stopping flow gets before SIGKILL")
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a (re)starting flow may take")
+    ap.add_argument("--flow", default=os.path.join(REPO, "flow.yml"),
+                    help="the flow file (deploy/flow-serving.yml: serving replicas for separate workers)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    supervise(a.port, a.interval, a.failures, a.stop_grace, a.ready_timeout, stop)
+    supervise(a.port, a.interval, a.failures, a.stop_grace, a.ready_timeout, stop, os.path.abspath(a.flow))
 
 
 if __name__ == "__main__":
