@@ -6,8 +6,9 @@
 Three figures, each a ratio measured in this one run:
 1. the wall time of `--jobs` private finetunes with two workers over one (each worker one torch thread);
 2. /generate p50/p95 over gRPC under `--clients` concurrent clients while a job trains, over the same with no job:
-   serving and training in one process (`role: all`, the embedded default), in two processes sharing the cores,
-   and in two processes each pinned to a core of its own;
+   serving and training in one process (`role: all`, the embedded default); in two processes, the serving one on
+   torch's default threads (every core); and in two processes with a core each (serve_threads = cores - 1, the
+   worker's job on one thread);
 3. the time from a worker's kill -9 to its job running again on the other worker, against the lease.
 The database is PostgreSQL when one answers at 127.0.0.1:5432 (a database made for the run and dropped after),
 else SQLite in the store; `--database-url` names another.
@@ -21,8 +22,6 @@ import tempfile
 import threading
 import time
 import uuid
-
-import psutil
 
 from benchmarks import harness
 from big.jobs import JobQueue
@@ -134,15 +133,6 @@ def idle_and_training(run: Run, port: int, user: str) -> dict:
             "p95_ratio": round(busy["p95_s"] / idle["p95_s"], 2), "job_steps_meanwhile": trained}
 
 
-def pin(processes, cpus) -> None:
-    for p in processes:
-        for q in [p, *p.children(recursive=True)]:
-            try:
-                q.cpu_affinity(cpus)
-            except psutil.Error:
-                pass
-
-
 def kill_to_rerun(run: Run, workers: list[WorkerProcess]) -> dict:
     job = run.submit("killed", LONG)
     holder = run.wait_running(job)["worker"]
@@ -198,16 +188,17 @@ def main(argv=None) -> dict:
             report["worker_kill"] = kill_to_rerun(run, workers)
             print("worker kill", report["worker_kill"], flush=True)
 
-            serving = FlowProcess(os.path.join(tmp, "serve"), env={**run.env, "BIG_ROLE": "serve"})
-            flows.append(serving)
-            serving.wait_ready()
-            report["separate_processes"] = idle_and_training(run, serving.port, "apart")
-            print("separate processes", report["separate_processes"], flush=True)
-            if (os.cpu_count() or 1) >= 2:
-                pin([psutil.Process(serving.proc.pid)], [0])
-                pin([psutil.Process(w.proc.pid) for w in workers], [1])
-                report["separate_processes_own_cores"] = idle_and_training(run, serving.port, "pinned")
-                print("own cores", report["separate_processes_own_cores"], flush=True)
+            cores = os.cpu_count() or 1
+            for name, threads in (("separate_processes", None), ("separate_processes_own_cores", max(cores - 1, 1))):
+                env = {**run.env, "BIG_ROLE": "serve", **({"BIG_SERVE_THREADS": str(threads)} if threads else {})}
+                serving = FlowProcess(os.path.join(tmp, name), env=env)
+                flows.append(serving)
+                serving.wait_ready()
+                report[name] = {"serve_threads": threads or "torch default", "worker_threads": 1,
+                                **idle_and_training(run, serving.port, name)}
+                print(name, report[name], flush=True)
+                serving.stop()
+                flows.remove(serving)
             for p in workers + flows:
                 p.stop()
             workers, flows = [], []
@@ -228,8 +219,7 @@ def main(argv=None) -> dict:
     print(f"{a.jobs} finetunes: two workers {f['two_over_one']}x the wall time of one; /generate p50 while a job "
           f"trains over idle: one process {report['one_process']['p50_ratio']}x, separate processes "
           f"{report['separate_processes']['p50_ratio']}x"
-          + (f", own cores {report['separate_processes_own_cores']['p50_ratio']}x"
-             if "separate_processes_own_cores" in report else "")
+          + f", separate processes with a core each {report['separate_processes_own_cores']['p50_ratio']}x"
           + f"; worker kill to its job running again {report['worker_kill']['kill_to_running_again_s']} s "
             f"(lease {a.lease} s)")
     return report

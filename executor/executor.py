@@ -34,18 +34,25 @@ class BIGExecutor(Executor):
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
                  fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
                  limits: Optional[dict] = None, batch_window_s: float = 0.005, database_url: Optional[str] = None,
-                 role: str = "all", job_lease_s: float = 20.0, **kwargs):
+                 role: str = "all", job_lease_s: float = 20.0, serve_threads: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         base_model = os.environ.get("BIG_BASE_MODEL") or base_model
         workspace = os.environ.get("BIG_WORKSPACE") or workspace
         dtype = os.environ.get("BIG_DTYPE") or dtype
         database_url = os.environ.get("BIG_DATABASE_URL") or database_url
         role = os.environ.get("BIG_ROLE") or role
+        serve_threads = int(os.environ.get("BIG_SERVE_THREADS") or serve_threads or 0) or None
         # All of /generate's torch work, and loading, runs on this one thread, the least recently served user's
         # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
         # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
         limits = Limits(**(limits or {}))
         self._generate_thread = FairScheduler(limits.max_queued_generations, window=float(batch_window_s))
+        if serve_threads:
+            # The serving thread's own OpenMP team. Beside a training worker on the same CPU, a team as large as
+            # the machine waits at every barrier for a thread the worker holds (docs/scaling.md, "Measured").
+            import torch
+
+            self._generate_thread.submit("", torch.set_num_threads, serve_threads).result()
         self.service = self._generate_thread.submit("", BIGService, ServiceConfig(
             workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device, dtype=dtype,
             auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},

@@ -39,9 +39,10 @@ class FlowProcess:
         os.makedirs(workdir, exist_ok=True)
         self.port = port or free_port()
         self.log_path = os.path.join(workdir, "flow.log")
+        text = flow_yaml_on_port(self.port, flow_yml)
         flow_yml = os.path.join(workdir, "flow.yml")
         with open(flow_yml, "w") as f:
-            f.write(flow_yaml_on_port(self.port, flow_yml))
+            f.write(text)
         full_env = {**os.environ, **(env or {})}
         # The child imports config.yml's py_modules and executor/ from the repo, wherever it was started.
         full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")

@@ -222,9 +222,14 @@ def test_a_replica_started_later_touches_no_job_and_every_replica_answers_the_sa
 def test_a_killed_replica_leaves_the_queue_intact_and_the_other_serving(cluster):
     doomed, other = cluster.client(0), cluster.client(1)
     queued = [finetune(doomed, "queuer", seed=50 + i, wait=False).job_id for i in range(2)]
+    endless = finetune(doomed, "queuer", seed=52, max_train_steps=5000, wait=False).job_id
     cluster.replicas[0].kill()
     assert generate(other, "queuer", "a red star").model_version >= 1
-    assert {j for j, _ in jobs_of(other, "queuer")} == set(queued)
+    assert {j for j, _ in jobs_of(other, "queuer")} == {*queued, endless}
     for job_id in queued:
         assert wait_job(other, "queuer", job_id).status == "succeeded"
+    # Cancelled through another replica than the one that queued it, wherever it stands.
+    other.post("/jobs", inputs=DocList[TextDoc](), parameters={**jwt("queuer"), "job_id": endless, "cancel": True},
+               return_type=DocList[JobDoc])
+    assert wait_job(other, "queuer", endless).status == "cancelled"
     assert_nothing_half_written(cluster)
