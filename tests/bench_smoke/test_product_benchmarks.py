@@ -47,3 +47,12 @@ def test_batching_smoke(tmp_path):
 
     r = batching.main(["--preset", "smoke", "--out", str(tmp_path)])
     assert r["throughput_ratio"] > 0 and (tmp_path / "batching.json").exists()
+
+
+def test_scale_smoke(tmp_path):
+    from benchmarks import scale
+
+    r = scale.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert r["finetunes"]["two_over_one"] > 0 and r["worker_kill"]["kill_to_running_again_s"] > 0
+    assert r["one_process"]["training"]["served"] == r["separate_processes_own_cores"]["training"]["served"] == 2
+    assert (tmp_path / "scale.json").exists()
