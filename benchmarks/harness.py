@@ -6,6 +6,7 @@ Run a benchmark from the repository root as a module (`python -m benchmarks.serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -88,3 +89,31 @@ def write_report(out_dir: str, stem: str, report: dict, cells=None, **sheet_kw) 
     write_json(os.path.join(out_dir, f"{stem}.json"), report)
     if cells:
         captioned_sheet(cells, **sheet_kw).save(os.path.join(out_dir, f"{stem}.png"))
+
+
+POSTGRES_ADMIN_URL = os.environ.get("BIG_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def scratch_postgres(prefix: str = "big_scratch", admin_url: str = POSTGRES_ADMIN_URL):
+    """A PostgreSQL database made for the caller and dropped after: its SQLAlchemy URL, or None when no server
+    answers at `admin_url` (every machine of this project runs one at 127.0.0.1:5432, trust auth)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    except Exception:  # noqa: BLE001 - no server, or no right to make a database
+        admin.dispose()
+        yield None
+        return
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

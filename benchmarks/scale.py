@@ -16,12 +16,12 @@ else SQLite in the store; `--database-url` names another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import threading
 import time
-import uuid
 
 from benchmarks import harness
 from big.jobs import JobQueue
@@ -29,27 +29,6 @@ from big.storage.registry import Registry
 from executor.flow_process import FlowProcess, WorkerProcess
 
 LONG = 5000  # steps of a job that trains for as long as a measurement takes (cancelled after)
-
-
-def postgres_database(admin_url: str):
-    """(a fresh database's URL, drop()) or None when no PostgreSQL answers."""
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"big_scale_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    except Exception:  # noqa: BLE001
-        admin.dispose()
-        return None
-
-    def drop():
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 class Run:
@@ -165,13 +144,11 @@ def main(argv=None) -> dict:
     report = {k: getattr(a, k) for k in ("jobs", "train_steps", "clients", "requests", "steps", "images", "lease",
                                           "preset")}
     report["cpus"] = os.cpu_count()
-    drop = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         url = a.database_url
         if url == "auto":
-            made = postgres_database(os.environ.get("BIG_TEST_POSTGRES_URL",
-                                                    "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
-            url, drop = made if made else (f"sqlite:///{tmp}/store/registry.sqlite", None)
+            url = (stack.enter_context(harness.scratch_postgres("big_scale"))
+                   or f"sqlite:///{tmp}/store/registry.sqlite")
         run = Run(a, tmp, url)
         report["database"] = run.registry.backend
         workers, flows = [], []
@@ -213,8 +190,6 @@ def main(argv=None) -> dict:
             for p in workers + flows:
                 p.stop()
             run.close()
-            if drop:
-                drop()
     harness.write_report(a.out, "scale", report)
     f = report["finetunes"]
     print(f"{a.jobs} finetunes: two workers {f['two_over_one']}x the wall time of one; /generate p50 while a job "

@@ -142,38 +142,19 @@ def scorer():
 # PostgreSQL: every machine of this project (CI included) runs one on 127.0.0.1:5432 with trust auth. Tests that
 # need it get a database of their own, made for them and dropped after; when none answers they are skipped with
 # the reason, never passed silently (BIG_TEST_POSTGRES_URL points elsewhere).
-POSTGRES_ADMIN_URL = os.environ.get("BIG_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+def postgres_database(prefix: str):
+    """A generator for a fixture: a fresh PostgreSQL database's URL, dropped after; skips when none answers."""
+    from benchmarks.harness import POSTGRES_ADMIN_URL, scratch_postgres
 
-
-def _postgres_admin():
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001
-        engine.dispose()
-        pytest.skip(f"PostgreSQL does not answer at {POSTGRES_ADMIN_URL} ({type(e).__name__}); "
-                    "start it or set BIG_TEST_POSTGRES_URL")
-    return engine
+    with scratch_postgres(prefix) as url:
+        if url is None:
+            pytest.skip(f"PostgreSQL does not answer at {POSTGRES_ADMIN_URL}; start it or set BIG_TEST_POSTGRES_URL")
+        yield url
 
 
 @pytest.fixture
 def postgres_url():
-    """A fresh PostgreSQL database's SQLAlchemy URL, dropped after the test."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    admin = _postgres_admin()
-    name = f"big_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    yield from postgres_database("big_test")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -182,3 +163,18 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'registry.sqlite'}"
     return request.getfixturevalue("postgres_url")
+
+
+def pngs(images):
+    """Images as the ImageDocs a client sends to /finetune."""
+    import io
+
+    from docarray import DocList
+    from docarray.documents import ImageDoc
+
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(ImageDoc(bytes_=buf.getvalue()))
+    return DocList[ImageDoc](out)

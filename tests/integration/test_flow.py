@@ -9,7 +9,7 @@ from docarray.documents import ImageDoc, TextDoc
 from jina.excepts import BadServer
 from PIL import Image
 
-from conftest import BASE_MODEL, SECRET, instance_images
+from conftest import BASE_MODEL, SECRET, instance_images, pngs
 from big.auth import mint_token
 from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
 from executor.flow_process import REPO, FlowProcess
@@ -29,15 +29,6 @@ def flow(tmp_path_factory):
 
 def jwt(user):
     return {"jwt": {"token": mint_token(user, SECRET)}}
-
-
-def pngs(images):
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append(ImageDoc(bytes_=buf.getvalue()))
-    return DocList[ImageDoc](out)
 
 
 def prompts(*texts):

@@ -1,16 +1,15 @@
 """BIG on several processes as a cluster runs it: two serving replicas (`jina flow`, role serve) and two training
 workers (`python -m big.worker`) over one registry and one store folder, on PostgreSQL and on SQLite. Killed
 with `kill -9`, they lose no job and leave no half-written version."""
-import io
 import os
 import threading
 import time
 
 import pytest
 from docarray import DocList
-from docarray.documents import ImageDoc, TextDoc
+from docarray.documents import TextDoc
 
-from conftest import BASE_MODEL, SECRET, instance_images
+from conftest import BASE_MODEL, SECRET, instance_images, pngs, postgres_database
 from big.auth import mint_token
 from big.storage.registry import Registry
 from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
@@ -56,7 +55,7 @@ class Cluster:
 def cluster(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"cluster-{request.param}")
     if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_database")
+        url = request.getfixturevalue("cluster_database")
     else:
         url = f"sqlite:///{tmp / 'store' / 'registry.sqlite'}"
     c = Cluster(tmp, url)
@@ -75,31 +74,8 @@ def cluster(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def postgres_database():
-    """A PostgreSQL database for the module's cluster (the `postgres_url` fixture is per test)."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    from conftest import POSTGRES_ADMIN_URL, _postgres_admin
-
-    admin = _postgres_admin()
-    name = f"big_cluster_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
-
-
-def pngs(images):
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append(ImageDoc(bytes_=buf.getvalue()))
-    return DocList[ImageDoc](out)
+def cluster_database():
+    yield from postgres_database("big_cluster")
 
 
 def jwt(user):
