@@ -4,8 +4,9 @@ Jina's own readiness check (the gateway and the executor behind it), and when `-
 
     python -m executor.supervise [--port 51000] [--interval 5] [--failures 3]
 
-The Dockerfiles run this. A restart recovers state as any start does: versions stay as committed, and jobs that
-were running are failed with "server restarted during the job". SIGINT or SIGTERM stops the flow and exits.
+The Dockerfiles run this. A restart recovers state as any start does: versions stay as committed, queued jobs wait
+in the registry, and a job that was running is run again once its lease has passed. SIGINT or SIGTERM stops the
+flow and exits.
 """
 from __future__ import annotations
 
