@@ -209,3 +209,21 @@ def test_balanced_draws_give_every_group_an_equal_share():
     assert all(abs(s - 1 / 3) < 0.03 for s in shares), shares
     pooled = loop.draw_priors(g, 6000, 45, None).tolist()
     assert abs(sum(i < 40 for i in pooled) / 6000 - 40 / 45) < 0.03
+
+
+def test_a_queued_job_survives_a_restart_of_everything(tmp_path):
+    """A serving-only process queues a job and stops; a process started later on the same store runs it."""
+    from benchmarks.harness import service as make_service
+
+    ws = str(tmp_path / "store")
+    server = make_service(ws, role="serve")
+    job_id = server.submit_finetune("alice", instance_images(), {"category": "shape", "max_train_steps": 4,
+                                                                 "num_class_images": 2, "wait": False})[0]
+    server.close()
+    later = make_service(ws)
+    try:
+        assert later.jobs.wait(job_id, timeout=120)["status"] == "succeeded"
+        assert [c["identifier"] for c in later.concepts("alice")] == [later.job("alice", job_id)["identifier"]]
+        assert os.listdir(os.path.join(ws, "jobs")) == []
+    finally:
+        later.close()

@@ -26,9 +26,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old"
 
 
-def test_commit_version_is_all_or_nothing(tmp_path):
+def test_commit_version_is_all_or_nothing(tmp_path, database_url):
     ws = Workspace(str(tmp_path))
-    reg = Registry(ws.registry_path)
+    reg = Registry(database_url, root=ws.root)
     reg.ensure_model("meta", "meta", None, "base")
     staging = ws.new_staging_dir()
     path = ws.publish_version(staging, "meta", 1, "job")
