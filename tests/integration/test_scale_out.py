@@ -13,7 +13,7 @@ from conftest import BASE_MODEL, SECRET, instance_images, pngs, postgres_databas
 from big.auth import mint_token
 from big.storage.registry import Registry
 from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
-from executor.flow_process import FlowProcess, WorkerProcess
+from executor.flow_process import REPO, FlowProcess, WorkerProcess
 
 LEASE_S = 4
 FAST = {"category": "shape", "target_model": "meta", "max_train_steps": 8, "num_class_images": 4}
@@ -28,8 +28,11 @@ class Cluster:
         self.workers: list[WorkerProcess] = []
         self.registry = None
 
-    def add_replica(self) -> FlowProcess:
-        replica = FlowProcess(str(self.tmp / f"replica{len(self.replicas)}"), env={**self.env, "BIG_ROLE": "serve"})
+    def add_replica(self, flow_yml: str | None = None) -> FlowProcess:
+        """A serving replica: flow.yml with BIG_ROLE=serve, or a flow file that sets the role itself."""
+        env = {**self.env, **({} if flow_yml else {"BIG_ROLE": "serve"})}
+        replica = FlowProcess(str(self.tmp / f"replica{len(self.replicas)}"), env=env,
+                              **({"flow_yml": flow_yml} if flow_yml else {}))
         self.replicas.append(replica)
         return replica
 
@@ -149,7 +152,7 @@ def test_four_users_teach_the_metamodel_at_once_on_two_replicas(cluster):
 def test_a_killed_worker_s_job_is_finished_by_the_other_and_the_old_version_serves_meanwhile(cluster):
     client = cluster.client(0)
     before = cluster.registry.get_model("meta")["current_version"]
-    job_id = finetune(client, "killer", seed=30, max_train_steps=400, wait=False).job_id
+    job_id = finetune(client, "killer", seed=30, max_train_steps=60, wait=False).job_id
     deadline = time.time() + 120
     while (job := cluster.registry.get_job(job_id))["step"] < 2:
         assert time.time() < deadline and job["status"] in ("queued", "running"), job
@@ -187,7 +190,7 @@ def test_a_replica_started_later_touches_no_job_and_every_replica_answers_the_sa
     job_id = finetune(client, "later", seed=40, max_train_steps=60, wait=False).job_id
     while cluster.registry.get_job(job_id)["status"] == "queued":
         time.sleep(0.2)
-    cluster.add_replica()
+    cluster.add_replica(os.path.join(REPO, "deploy", "flow-serving.yml"))  # as deploy/ runs it: 2 executor replicas
     third = cluster.client(2)
     assert cluster.registry.get_job(job_id)["status"] in ("running", "succeeded")  # not failed by the newcomer
     assert wait_job(third, "later", job_id).status == "succeeded"
