@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from big.errors import BadRequest, Conflict, NotFound
 from big.models import ModelStore
-from big.storage.registry import Registry
+from big.storage.registry import Registry, VersionMovedOn
 from big.storage.versions import VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.weights import metamodel
@@ -61,7 +61,11 @@ class MetamodelKeeper:
                                method="retire" if retire else "restore", trunk_version=stack.trunk_version,
                                adapters=metamodel.Stack(stack.trunk_version, adapters).to_meta()["adapters"])
             status = (concept["concept_id"], "retired" if retire else "active")
-            publish(self.ws, META, version + 1, lambda folder: write_version(folder, meta),
-                    lambda path: self.registry.commit_version(META, version + 1, path, None, None,
-                                                              concept_status=status))
+            try:
+                publish(self.ws, META, version + 1, lambda folder: write_version(folder, meta),
+                        lambda path: self.registry.commit_version(META, version + 1, path, None, None,
+                                                                  concept_status=status))
+            except VersionMovedOn as e:  # a worker committed a new concept this very moment
+                raise Conflict(f"the metamodel changed while {identifier!r} was being "
+                               f"{'retired' if retire else 'restored'}; send it again") from e
         return {"identifier": identifier, "status": "retired" if retire else "active", "model_version": version + 1}

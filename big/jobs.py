@@ -18,7 +18,7 @@ import uuid
 from typing import Callable
 
 from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, error_for
-from big.storage.registry import JOB_DONE, LeaseLost, Registry
+from big.storage.registry import JOB_DONE, LeaseLost, Registry, VersionMovedOn
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,10 @@ class JobWorker:
             ended = self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"], **result)
         except LeaseLost:
             log.warning("job %s: its lease passed to another worker; this run's work is dropped", job_id)
+        except VersionMovedOn as e:
+            # An /admin action committed the model's next version meanwhile: train again from that one.
+            log.warning("job %s: %s; queued again", job_id, e)
+            self.registry.requeue_job(job_id, self.id)
         except JobCancelled as e:
             if not state["lost"]:
                 ended = self.registry.end_job(job_id, self.id, "cancelled", error=_message(e), error_code=e.code)

@@ -32,6 +32,10 @@ class LeaseLost(RuntimeError):
     """The job's lease passed to another worker (this one stalled past it): what it made is not committed."""
 
 
+class VersionMovedOn(RuntimeError):
+    """Another writer (an /admin retire or restore of the metamodel) committed the version this one was making."""
+
+
 def sqlite_url(path: str) -> str:
     return f"sqlite:///{os.path.abspath(path)}"
 
@@ -153,7 +157,7 @@ class Registry:
             row = conn.execute(select(models.c.current_version).where(models.c.model_key == model_key)
                                .with_for_update()).first()
             if row is None or row[0] != version - 1:
-                raise RuntimeError(f"model {model_key} moved on while training (now v{row and row[0]})")
+                raise VersionMovedOn(f"model {model_key} moved on while training (now v{row and row[0]})")
             conn.execute(model_versions.insert().values(model_key=model_key, version=version,
                                                         path=self._stored_path(path), job_id=job_id, created=now))
             if concept:
@@ -276,6 +280,12 @@ class Registry:
                                                    jobs.c.status == "running")
                                 .values(status=status, finished=time.time(), eta_s=0.0, lease_until=None,
                                         **fields)))
+
+    def requeue_job(self, job_id: str, worker: str) -> bool:
+        """Put a job this worker holds back in the queue, to run again from the start."""
+        return bool(self._write(update(jobs).where(jobs.c.job_id == job_id, jobs.c.worker == worker,
+                                                   jobs.c.status == "running")
+                                .values(status="queued", worker=None, lease_until=None, step=0, eta_s=None)))
 
     def expire_leases(self, max_attempts: int) -> list[dict]:
         """Running jobs whose worker stopped renewing its lease (it died or hangs): queued again for another

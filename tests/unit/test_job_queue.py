@@ -104,6 +104,26 @@ def test_a_worker_runs_jobs_and_stops_one_cancelled_elsewhere(registry, database
     worker.close(timeout=5)
 
 
+def test_a_job_whose_model_moved_on_is_run_again_not_failed(registry):
+    """An /admin retire or restore commits the metamodel's next version while a job trains it: the job is queued
+    again and trains from the new version."""
+    from big.storage.registry import VersionMovedOn
+
+    runs = []
+
+    def runner(ctx, job):
+        runs.append(job["attempts"])
+        if len(runs) == 1:
+            raise VersionMovedOn("model meta moved on while training (now v2)")
+        return {}
+
+    worker = JobWorker(registry, runner, poll_s=0.05)
+    job_id = _job(registry)
+    assert JobQueue(registry, poll_s=0.05).wait(job_id, timeout=30)["status"] == "succeeded"
+    assert runs == [1, 2]
+    worker.close(timeout=5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_job_runs_with_the_configured_torch_threads_and_the_caller_keeps_its_own(tmp_path, threads):
     import torch
