@@ -80,7 +80,7 @@ class Finetuner:
         try:
             self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params(),
                                      job_id=job_id, model_key=model_key(req.target, user, concept_id),
-                                     concept_id=concept_id)
+                                     concept_id=concept_id, max_active=self.config.limits.max_jobs_per_user)
         except BaseException:
             self.ws.delete_job_inputs(job_id)
             raise

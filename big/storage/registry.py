@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from big.storage import schema
+from big.errors import QuotaExceeded
 from big.storage.schema import concepts, jobs, model_versions, models
 
 JOB_DONE = ("succeeded", "failed", "cancelled")
@@ -203,12 +203,23 @@ class Registry:
 
     # ------------------------------------------------------------------ jobs: what any replica does
     def create_job(self, owner: str, target: str, category: str, total_steps: int, params: dict, *,
-                   job_id: str | None = None, model_key: str | None = None, concept_id: str | None = None) -> str:
+                   job_id: str | None = None, model_key: str | None = None, concept_id: str | None = None,
+                   max_active: int | None = None) -> str:
+        """Queue a job; with `max_active`, only while the owner has fewer queued or running jobs, counted and
+        inserted in one transaction (on PostgreSQL under a lock per owner), so replicas cannot both admit one."""
         job_id = job_id or uuid.uuid4().hex
-        self._write(jobs.insert().values(
-            job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
-            total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
-            concept_id=concept_id, attempts=0, cancel_requested=0))
+        with self.engine.begin() as conn:
+            if max_active is not None:
+                if self.backend == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:o))"), {"o": f"big-jobs:{owner}"})
+                active = conn.execute(select(func.count()).select_from(jobs).where(
+                    jobs.c.owner == owner, jobs.c.status.in_(JOB_ACTIVE))).scalar_one()
+                if active >= max_active:
+                    raise QuotaExceeded(f"you have {active} training jobs queued or running; at most {max_active}")
+            conn.execute(jobs.insert().values(
+                job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
+                total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
+                concept_id=concept_id, attempts=0, cancel_requested=0))
         return job_id
 
     def update_job(self, job_id: str, **fields: Any) -> None:

@@ -33,6 +33,25 @@ def test_one_running_job_per_model_key_and_other_keys_in_parallel(registry):
     assert registry.claim_job("w3", 30)["job_id"] == b
 
 
+def test_a_users_job_cap_holds_across_replicas_sending_at_once(registry, database_url, tmp_path):
+    import concurrent.futures
+
+    from big.errors import QuotaExceeded
+
+    replicas = [registry, Registry(database_url, root=str(tmp_path))]
+
+    def send(i):
+        try:
+            return replicas[i % 2].create_job("u", "private", "dog", 10, {}, model_key=f"private:{i}", max_active=3)
+        except QuotaExceeded:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        admitted = [j for j in pool.map(send, range(8)) if j]
+    assert len(admitted) == 3 and registry.count_jobs("u") == 3
+    replicas[1].close()
+
+
 def test_users_with_nothing_running_go_first(registry):
     registry.create_job("busy", "private", "dog", 10, {}, model_key="private:1")
     registry.create_job("busy", "private", "dog", 10, {}, model_key="private:2")
