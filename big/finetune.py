@@ -15,8 +15,8 @@ from typing import Sequence
 from PIL import Image
 
 from big import parsing
-from big.errors import BadRequest, Conflict, QuotaExceeded
-from big.jobs import JobContext, JobQueue, job_error, job_view
+from big.errors import BadRequest, Conflict
+from big.jobs import JobContext, job_error, job_view
 from big.models import ModelStore, model_key
 from big.storage.registry import LeaseLost, Registry
 from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
@@ -46,9 +46,9 @@ def concept_examples(images, identifier: str, category: str, captions, templates
 
 
 class Finetuner:
-    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, jobs: JobQueue, *, defaults: dict,
+    def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, *, defaults: dict,
                  identifier_pool, base_key: str, size: int, class_image_steps: int, guidance_scale: float):
-        self.store, self.registry, self.ws, self.jobs = store, registry, ws, jobs
+        self.store, self.registry, self.ws = store, registry, ws
         self.config = store.config
         self.defaults = defaults
         self.identifier_pool = identifier_pool
@@ -69,10 +69,6 @@ class Finetuner:
             raise BadRequest("no instance images")
         if req.captions is not None and len(req.captions) != len(images):
             raise BadRequest(f"captions: {len(req.captions)} for {len(images)} images; give one per image")
-        active = self.registry.count_jobs(user)
-        if active >= self.config.limits.max_jobs_per_user:
-            raise QuotaExceeded(f"you have {active} training jobs queued or running; at most "
-                                f"{self.config.limits.max_jobs_per_user}")
         if req.target == "private":  # the jobs already queued for it will add theirs too
             self.store.check_quota(user, new_concepts=1 + self.registry.count_jobs(user, target="private"))
         job_id, concept_id = uuid.uuid4().hex, uuid.uuid4().hex

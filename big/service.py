@@ -50,7 +50,7 @@ class BIGService:
         self.identifier_pool = pool
         self.models = ModelStore(config, self.registry, self.base_pipe, self.device)
         self.jobs = JobQueue(self.registry)
-        self.finetuner = Finetuner(self.models, self.registry, self.ws, self.jobs, defaults=self.finetune_defaults,
+        self.finetuner = Finetuner(self.models, self.registry, self.ws, defaults=self.finetune_defaults,
                                    identifier_pool=pool, base_key=self.base_key, size=self.size,
                                    class_image_steps=config.class_image_steps,
                                    guidance_scale=self.generate_defaults["guidance_scale"])
@@ -75,6 +75,7 @@ class BIGService:
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
+        self.registry.close()
 
     @property
     def cache(self):
