@@ -35,6 +35,15 @@ DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_image
                                     "textual_inversion": dict(num_class_images=0, embedding_learning_rate=5e-3)})
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 ROLES = ("all", "serve", "train")
+# Settings the environment overrides over config.yml (a container's or a cluster's way to set them), read by the
+# Executor and by `python -m big.worker` alike.
+ENV_OVERRIDES = {"base_model": "BIG_BASE_MODEL", "workspace": "BIG_WORKSPACE", "dtype": "BIG_DTYPE",
+                 "database_url": "BIG_DATABASE_URL", "role": "BIG_ROLE"}
+
+
+def env_overrides() -> dict:
+    """The ServiceConfig values the environment sets (ENV_OVERRIDES), by field name."""
+    return {k: os.environ[e] for k, e in ENV_OVERRIDES.items() if os.environ.get(e)}
 
 
 @dataclasses.dataclass(frozen=True)

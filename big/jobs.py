@@ -124,12 +124,11 @@ class JobWorker:
             runner.join()
 
     def _expire(self) -> None:
-        for job in self.registry.expire_leases(self.max_attempts):
-            log.warning("job %s: the lease of worker %s passed (attempt %d)", job["job_id"], job["worker"],
-                        job["attempts"])
-            ended = self.registry.get_job(job["job_id"])
-            if ended and ended["status"] in JOB_DONE:
-                self.discard(ended)
+        for job, status in self.registry.expire_leases(self.max_attempts):
+            log.warning("job %s: the lease of worker %s passed (attempt %d): %s", job["job_id"], job["worker"],
+                        job["attempts"], status)
+            if status in JOB_DONE:
+                self.discard(job)
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(max(self.lease_s / 4, 0.2)) or self.running():

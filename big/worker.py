@@ -17,10 +17,7 @@ import threading
 
 import yaml
 
-from big.config import Limits, ServiceConfig
-
-ENV = {"base_model": "BIG_BASE_MODEL", "workspace": "BIG_WORKSPACE", "dtype": "BIG_DTYPE",
-       "database_url": "BIG_DATABASE_URL"}
+from big.config import Limits, ServiceConfig, env_overrides
 
 
 def config_from_yaml(path: str, **overrides) -> ServiceConfig:
@@ -30,7 +27,7 @@ def config_from_yaml(path: str, **overrides) -> ServiceConfig:
         given = (yaml.safe_load(f) or {}).get("with") or {}
     fields = {f.name for f in dataclasses.fields(ServiceConfig)}
     values = {k: v for k, v in given.items() if k in fields and v is not None}
-    values.update({k: os.environ[e] for k, e in ENV.items() if os.environ.get(e)})
+    values.update(env_overrides())
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["limits"] = Limits(**(values.get("limits") or {}))
     return ServiceConfig(**values)

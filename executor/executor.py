@@ -15,7 +15,7 @@ from docarray.documents import ImageDoc, TextDoc
 from jina import Executor, requests
 
 from big import parsing
-from big.config import Limits, ServiceConfig
+from big.config import Limits, ServiceConfig, env_overrides
 from big.errors import BadRequest
 from big.generation.sampling import DEFAULT_GENERATION_BATCH
 from big.scheduling import FairScheduler
@@ -36,11 +36,10 @@ class BIGExecutor(Executor):
                  limits: Optional[dict] = None, batch_window_s: float = 0.005, database_url: Optional[str] = None,
                  role: str = "all", job_lease_s: float = 20.0, serve_threads: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
-        base_model = os.environ.get("BIG_BASE_MODEL") or base_model
-        workspace = os.environ.get("BIG_WORKSPACE") or workspace
-        dtype = os.environ.get("BIG_DTYPE") or dtype
-        database_url = os.environ.get("BIG_DATABASE_URL") or database_url
-        role = os.environ.get("BIG_ROLE") or role
+        env = env_overrides()  # BIG_BASE_MODEL, BIG_WORKSPACE, ... over config.yml
+        base_model, workspace = env.get("base_model", base_model), env.get("workspace", workspace)
+        dtype, role = env.get("dtype", dtype), env.get("role", role)
+        database_url = env.get("database_url", database_url)
         serve_threads = int(os.environ.get("BIG_SERVE_THREADS") or serve_threads or 0) or None
         # All of /generate's torch work, and loading, runs on this one thread, the least recently served user's
         # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a

@@ -31,6 +31,19 @@ def flow_yaml_on_port(port: int, flow_yml: str = os.path.join(REPO, "flow.yml"))
         "uses: config.yml", f"uses: {os.path.join(REPO, 'config.yml')}")
 
 
+def child_env(env: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """This process's environment with `env` over it; the child imports config.yml's py_modules, executor/ and
+    big/ from the repo, wherever it was started."""
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = REPO + os.pathsep + full.get("PYTHONPATH", "")
+    return full
+
+
+def log_tail(path: str, n: int) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
 class FlowProcess:
     """`jina flow` in its own session (process group), with its output in a log file."""
 
@@ -43,9 +56,7 @@ class FlowProcess:
         flow_yml = os.path.join(workdir, "flow.yml")
         with open(flow_yml, "w") as f:
             f.write(text)
-        full_env = {**os.environ, **(env or {})}
-        # The child imports config.yml's py_modules and executor/ from the repo, wherever it was started.
-        full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env = child_env(env)
         # A spawn start method set by a parent (our tests set it) is fine for jina; leave it to the caller.
         # The `jina` script beside this interpreter, as a user would type it; an interpreter without one
         # beside it (packages installed with --target or --user) runs the same CLI as `python -m jina`.
@@ -64,8 +75,7 @@ class FlowProcess:
     def log_tail(self, n: int = 3000) -> str:
         if self._log is None:
             return "(the flow's output is the supervisor's)"
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-n:]
+        return log_tail(self.log_path, n)
 
     def wait_ready(self, timeout: float = 300.0):
         from jina import Client
@@ -124,15 +134,12 @@ class WorkerProcess:
         os.makedirs(workdir, exist_ok=True)
         self.log_path = os.path.join(workdir, f"worker-{time.time_ns()}.log")
         self._log = open(self.log_path, "w")
-        full_env = {**os.environ, **(env or {})}
-        full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", "--config", os.path.join(REPO, "config.yml"),
-                                      *args], cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                      *args], cwd=REPO, env=child_env(env), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, n: int = 3000) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-n:]
+        return log_tail(self.log_path, n)
 
     def wait_ready(self, timeout: float = 300.0) -> "WorkerProcess":
         deadline = time.time() + timeout

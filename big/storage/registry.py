@@ -298,11 +298,13 @@ class Registry:
                                                    jobs.c.status == "running")
                                 .values(status="queued", worker=None, lease_until=None, step=0, eta_s=None)))
 
-    def expire_leases(self, max_attempts: int) -> list[dict]:
+    def expire_leases(self, max_attempts: int) -> list[tuple[dict, str]]:
         """Running jobs whose worker stopped renewing its lease (it died or hangs): queued again for another
-        worker, or failed once they have been tried `max_attempts` times. Returns them as they were."""
+        worker, or failed once they have been tried `max_attempts` times (cancelled if that was asked). Returns
+        (each job as it was, its status now), for those this call changed."""
         now = time.time()
         expired = self._all(select(jobs).where(jobs.c.status == "running", jobs.c.lease_until < now))
+        changed = []
         for job in expired:
             values: dict[str, Any] = dict(status="queued", worker=None, lease_until=None, eta_s=None)
             if job["attempts"] >= max_attempts:
@@ -312,6 +314,7 @@ class Registry:
             elif job["cancel_requested"]:
                 values = dict(status="cancelled", finished=now, eta_s=0.0, lease_until=None,
                               error="cancelled", error_code="cancelled")
-            self._write(update(jobs).where(jobs.c.job_id == job["job_id"], jobs.c.status == "running",
-                                           jobs.c.lease_until == job["lease_until"]).values(**values))
-        return expired
+            if self._write(update(jobs).where(jobs.c.job_id == job["job_id"], jobs.c.status == "running",
+                                              jobs.c.lease_until == job["lease_until"]).values(**values)):
+                changed.append((job, values["status"]))
+        return changed

@@ -71,10 +71,8 @@ class Workspace:
     def discard_unfinished(self, tag: str, live_version_dirs: set[str]) -> list[str]:
         """What writer `tag` left unfinished (staging folders, version folders never committed): a killed run of
         a job, removed by the worker that runs it again."""
-        tmp, models = os.path.join(self.root, "tmp"), os.path.join(self.root, "models")
-        found = [os.path.join(tmp, n) for n in os.listdir(tmp) if n.split(".", 1)[0] == tag]
-        found += [os.path.join(models, m, v) for m in os.listdir(models) for v in os.listdir(os.path.join(models, m))
-                  if v.split(".", 1)[-1] == tag and os.path.join(models, m, v) not in live_version_dirs]
+        found = [path for writer, path in self._staging_dirs() if writer == tag]
+        found += [path for writer, path in self._version_dirs() if writer == tag and path not in live_version_dirs]
         for path in found:
             self.discard(path)
         return found
@@ -97,22 +95,23 @@ class Workspace:
         """Remove staging leftovers and version folders the registry never committed (a crash), except what a
         running job (`busy_tags`) or a writer of the last `min_age_s` seconds may still be writing: other
         processes share this folder."""
-        removed = []
         old = time.time() - min_age_s
-        tmp = os.path.join(self.root, "tmp")
-        for name in os.listdir(tmp):
-            path = os.path.join(tmp, name)
-            if name.split(".", 1)[0] not in busy_tags and _mtime(path) <= old:
-                self.discard(path)
-                removed.append(path)
-        models = os.path.join(self.root, "models")
-        for m in os.listdir(models):
-            for v in os.listdir(os.path.join(models, m)):
-                path = os.path.join(models, m, v)
-                if path not in live_version_dirs and _mtime(path) <= old:
-                    self.discard(path)
-                    removed.append(path)
+        removed = [path for writer, path in self._staging_dirs() if writer not in busy_tags and _mtime(path) <= old]
+        removed += [path for _, path in self._version_dirs() if path not in live_version_dirs and _mtime(path) <= old]
+        for path in removed:
+            self.discard(path)
         return removed
+
+    def _staging_dirs(self):
+        """(writer tag, path) of each staging folder: named "<tag>.<uuid>"."""
+        tmp = os.path.join(self.root, "tmp")
+        return [(name.split(".", 1)[0], os.path.join(tmp, name)) for name in os.listdir(tmp)]
+
+    def _version_dirs(self):
+        """(writer tag, path) of each version folder: named "v0005.<tag>" ("v0005" before writers were named)."""
+        models = os.path.join(self.root, "models")
+        return [(v.split(".", 1)[1] if "." in v else None, os.path.join(models, m, v))
+                for m in os.listdir(models) for v in os.listdir(os.path.join(models, m))]
 
     # ------------------------------------------------------------------ a queued job's inputs
     def job_dir(self, job_id: str) -> str:
@@ -122,11 +121,7 @@ class Workspace:
         """A job's instance images, written whole before the job is queued (a worker on another machine reads
         them); PNG, so the worker trains on exactly the pixels the request carried."""
         staging = self.new_staging_dir(job_id)
-        for i, img in enumerate(images):
-            with open(os.path.join(staging, f"{i:04d}.png"), "wb") as f:
-                f.write(png_bytes(img))
-                f.flush()
-                os.fsync(f.fileno())
+        _save_pngs(staging, images)
         os.replace(staging, self.job_dir(job_id))
 
     def load_job_inputs(self, job_id: str) -> list[Image.Image]:
@@ -145,9 +140,7 @@ class Workspace:
     def save_instances(self, concept_id: str, images: list[Image.Image],
                        captions: list[str | None] | None = None, tag: str = "x") -> str:
         staging = self.new_staging_dir(tag)
-        for i, img in enumerate(images):
-            with open(os.path.join(staging, f"{i:04d}.png"), "wb") as f:
-                f.write(png_bytes(img))
+        _save_pngs(staging, images)
         if captions and any(captions):
             with open(os.path.join(staging, "captions.json"), "w") as f:
                 json.dump(list(captions), f)
@@ -199,6 +192,15 @@ def _mtime(path: str) -> float:
         return os.path.getmtime(path)
     except FileNotFoundError:  # another process removed or moved it a moment ago
         return float("inf")
+
+
+def _save_pngs(folder: str, images: list[Image.Image]) -> None:
+    """0000.png, 0001.png, ... each on disk (fsync) before the folder is moved into place."""
+    for i, img in enumerate(images):
+        with open(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
+            f.write(png_bytes(img))
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _load_pngs(folder: str) -> list[Image.Image]:

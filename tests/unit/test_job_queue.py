@@ -65,7 +65,7 @@ def test_a_dead_workers_job_is_run_again_and_the_dead_worker_can_no_longer_write
     registry.ensure_model("meta", "meta", None, "base")
     registry.claim_job("dead", 0.2)
     time.sleep(0.3)
-    assert [j["job_id"] for j in registry.expire_leases(max_attempts=3)] == [job]
+    assert [(j["job_id"], now) for j, now in registry.expire_leases(max_attempts=3)] == [(job, "queued")]
     taken = registry.claim_job("alive", 30)
     assert taken["job_id"] == job and taken["attempts"] == 2
     assert not registry.end_job(job, "dead", "failed", error="late")  # the zombie's word counts for nothing
