@@ -57,9 +57,9 @@ class Concepts:
         version = self.store.concept(self._mine(user, identifier)).version
         files = version.files()
         if fmt == "diffusers":
-            files = [f for f in files if not f.endswith(".pt")]
+            files = [f for f in files if f not in version.a1111_files()]
         elif fmt == "a1111":
-            files = [f for f in files if f.endswith(".pt")]
+            files = version.a1111_files()
             if not files:
                 raise BadRequest("the AUTOMATIC1111 format is for embeddings (textual_inversion concepts)")
         size = sum(os.path.getsize(os.path.join(version.path, f)) for f in files)
@@ -73,7 +73,7 @@ class Concepts:
         return out
 
     def _read_files(self, files: Sequence[tuple[str, bytes]]):
-        """(LoRA state, its file's bytes, embedding vectors) of an import; each may be None."""
+        """(LoRA state, its file's bytes, embedding vectors per text encoder) of an import; each may be None."""
         if not files or len(files) > 2:
             raise BadRequest("send one LoRA file, one embedding file, or one of each")
         lora_state, lora_bytes, embedding = None, None, None
@@ -91,9 +91,9 @@ class Concepts:
             else:
                 if embedding is not None:
                     raise BadRequest("one embedding file per concept")
-                dim = self.store.base_pipe.text_encoder.get_input_embeddings().weight.shape[1]
-                embedding = embeddings.read_embedding_file(data, name or "", dim)[1]
-                check_magnitude([embedding], self.limits.max_weight_magnitude, f"{name or 'the embedding'}")
+                dims = tuple(e.get_input_embeddings().weight.shape[1] for e in self.store.text_side.encoders)
+                embedding = embeddings.read_embedding_file(data, name or "", dims)[1]
+                check_magnitude(embedding, self.limits.max_weight_magnitude, f"{name or 'the embedding'}")
         return lora_state, lora_bytes, embedding
 
     def import_(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
@@ -103,12 +103,12 @@ class Concepts:
         self.store.check_quota(user, new_bytes=sum(len(data) for _, data in files))
         concept_id = uuid.uuid4().hex
         key = model_key("private", user, concept_id)
-        tokenizer = self.store.base_pipe.tokenizer
+        tokenizers = self.store.text_side.tokenizers
         mine = self.store.private_words(user)
         identifier = params.get("identifier")
         if identifier is not None:
             identifier = parsing.word_of(identifier, "identifier must be one lowercase word")
-            embeddings.word_token(tokenizer, identifier)
+            embeddings.word_token_everywhere(tokenizers, identifier)
             if identifier in mine:
                 raise Conflict(f"you already have a concept {identifier!r}")
         else:
@@ -120,10 +120,11 @@ class Concepts:
                 self.store.loras.check(LoraRuntime.adapter_name(concept_id), lora_state)
         meta = VersionMeta(model_key_kind="private", base=self.base_key, version=1, identifier=identifier,
                            category=category, method=method, imported=names,
-                           num_vectors=int(embedding.shape[0]) if embedding is not None else 0)
+                           num_vectors=int(embedding[0].shape[0]) if embedding is not None else 0)
         lora = LoraWeights(file_bytes=lora_bytes) if lora_state is not None else None
-        vectors = EmbeddingWeights(identifier, embedding, embeddings.word_token(tokenizer, identifier), 0,
-                                   a1111=lora_state is None) if embedding is not None else None
+        vectors = EmbeddingWeights(identifier, embedding[0], embeddings.word_token_everywhere(tokenizers, identifier),
+                                   0, a1111=lora_state is None, vectors_2=embedding[1] if len(embedding) > 1 else None) \
+            if embedding is not None else None
         try:
             with self.store.lock(key):
                 self.registry.ensure_model(key, "private", user, self.base_key)

@@ -45,6 +45,22 @@ def concept_examples(images, identifier: str, category: str, captions, templates
     return out
 
 
+def refuse_text_encoder_training_on_xl(req: parsing.FinetuneRequest, params: dict) -> None:
+    """SDXL's text encoders stay frozen (as in diffusers' SDXL DreamBooth-LoRA script without
+    --train_text_encoder): options that would train them are refused before the job is queued. A DreamBooth job's
+    identifier embedding is on by default elsewhere and off here; asking for it is refused."""
+    asked = []
+    if req.method == "dreambooth" and req.train_text_encoder:
+        asked.append("train_text_encoder")
+    if req.method == "lora" and req.lora_text_encoder:
+        asked.append("lora_text_encoder")
+    if req.method == "dreambooth" and params.get("train_identifier_embedding") is True:
+        asked.append("train_identifier_embedding")
+    if asked:
+        raise BadRequest(f"{', '.join(asked)}: on an SDXL model the text encoders stay frozen; a concept's word is "
+                         "learned by method 'lora' (with its identifier embedding) or 'textual_inversion'")
+
+
 class Finetuner:
     def __init__(self, store: ModelStore, registry: Registry, ws: Workspace, *, defaults: dict,
                  identifier_pool, base_key: str, size: int, class_image_steps: int, guidance_scale: float):
@@ -65,6 +81,8 @@ class Finetuner:
         """Validate, store the images and queue a finetune (a row of the registry that any worker may run);
         returns (job id, whether the caller asked to wait)."""
         req = parsing.parse_finetune(params, self.defaults, self.config.limits)
+        if self.store.text_side.xl:
+            refuse_text_encoder_training_on_xl(req, params)
         if not images:
             raise BadRequest("no instance images")
         if req.captions is not None and len(req.captions) != len(images):
@@ -110,7 +128,7 @@ class Finetuner:
         if not req.overwrite:
             return choose_identifier(self.identifier_pool, taken, seed=req.seed, reserved_words=req.category.split())
         # The concept is an existing word's new embedding, private to its owner.
-        embeddings.word_token(self.base_pipe.tokenizer, req.overwrite)
+        embeddings.word_token_everywhere(self.store.text_side.tokenizers, req.overwrite)
         if req.overwrite in self.store.private_words(user):
             raise Conflict(f"you already have a concept for {req.overwrite!r}; delete it first")
         return req.overwrite
@@ -167,13 +185,15 @@ class Finetuner:
         log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
                  planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
         priors, groups = self.prior_examples(plan)
-        tok = self.base_pipe.tokenizer
+        text = self.store.text_side
+        tok = text.tokenizer
         token_ids = tok(identifier, add_special_tokens=False).input_ids
         embedding = None
         if req.method == "textual_inversion" or (req.method == "lora" and req.train_identifier_embedding):
             n = req.num_vectors if req.method == "textual_inversion" else 1
-            start = embeddings.init_vectors(self.base_pipe.text_encoder, tok, req.init_text, n, identifier)
-            embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], start)
+            start = [embeddings.init_vectors(encoder, t, req.init_text, n, identifier)
+                     for t, encoder in zip(text.tokenizers, text.encoders)]
+            embedding = embeddings.ConceptEmbedding(identifier, token_ids[0], *start)
         # A metamodel's trunk is trained again by its next DreamBooth step; a private model never is, so it is
         # written as it is served (half the disk of an SD UNet in float16).
         stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
@@ -190,7 +210,8 @@ class Finetuner:
             train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
             seed=req.seed, size=self.size,
             prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
-            train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" else (),
+            train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" and not text.xl
+            else (),
             embedding_learning_rate=req.embedding_learning_rate,
             lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
             if req.method == "lora" else None,
@@ -198,7 +219,8 @@ class Finetuner:
             prior_groups=groups if strategy.get("balanced") else None,
             lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
             mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
-            modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop)
+            modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop,
+            text_encoder_2=text.encoders[1] if text.xl else None, tokenizer_2=text.tokenizers[1] if text.xl else None)
         if req.method == "dreambooth":
             new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
             written = dict(unet=pipelines.as_dtype(result.unet, stored), text_encoder=pipelines.as_dtype(new_text, stored))
@@ -207,7 +229,7 @@ class Finetuner:
                 lora=LoraWeights(result.lora_unet, result.lora_text_encoder, result.lora_metadata)
                 if req.method == "lora" else None,
                 embedding=EmbeddingWeights(identifier, result.embedding, token_ids[0], req.max_train_steps,
-                                           a1111=req.method == "textual_inversion")
+                                           a1111=req.method == "textual_inversion", vectors_2=result.embedding_2)
                 if result.embedding is not None else None)
         return result, plan, written
 

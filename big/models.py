@@ -22,6 +22,7 @@ from big.storage.registry import Registry
 from big.storage.versions import Version, read_version
 from big.weights import embeddings, metamodel, pipelines
 from big.weights.lora import LoraRuntime
+from big.weights.text import TextSide
 
 # (adapter name, LoRA file, weight) of one adapter a request turns on
 AdapterUse = tuple[str, str, float]
@@ -47,10 +48,12 @@ def route_key(key: str, trunk: int, adapters: list[AdapterUse] = ()) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ConceptWeights:
-    """A private (or metamodel adapter) concept's version folder, and its embedding vectors (None without)."""
+    """A private (or metamodel adapter) concept's version folder, and its embedding vectors (None without; on
+    SDXL `vectors_2` are the second text encoder's)."""
 
     version: Version
     vectors: torch.Tensor | None
+    vectors_2: torch.Tensor | None = None
 
     @property
     def method(self) -> str:
@@ -65,6 +68,7 @@ class ModelStore:
         self.device = device
         self.cache = PipelineCache(config.cache_max_bytes)
         self.loras = LoraRuntime(base_pipe)
+        self.text_side = TextSide.of(base_pipe)
         self._trunk_runtimes: dict[str, LoraRuntime] = {}  # route_key of a trunk -> adapters over it
         self._stacks: dict[tuple[str, int], metamodel.Stack] = {}
         self._concepts: dict[str, ConceptWeights] = {}
@@ -176,7 +180,7 @@ class ModelStore:
         cached = self._concepts.get(concept["concept_id"])
         if cached is None:
             version = self.version(concept["model_key"], concept["version"])
-            cached = ConceptWeights(version, version.embedding())
+            cached = ConceptWeights(version, version.embedding(), version.embedding(1))
             self._concepts[concept["concept_id"]] = cached
         return cached
 
@@ -184,10 +188,11 @@ class ModelStore:
         """(token id, ConceptEmbedding) of a concept's word on the served text encoder, or None."""
         if weights.vectors is None:
             return None
-        token_id = embeddings.word_token(self.base_pipe.tokenizer, concept["identifier"])
+        token_id = embeddings.word_token_everywhere(self.text_side.tokenizers, concept["identifier"])
+        dtype = self.text_side.dtype
         return token_id, embeddings.ConceptEmbedding(
-            concept["identifier"], token_id,
-            weights.vectors.to(self.device, self.base_pipe.text_encoder.dtype))
+            concept["identifier"], token_id, weights.vectors.to(self.device, dtype),
+            None if weights.vectors_2 is None else weights.vectors_2.to(self.device, dtype))
 
     def adapter_use(self, concept: dict, weight: float = 1.0) -> AdapterUse:
         return LoraRuntime.adapter_name(concept["concept_id"]), self.concept(concept).version.lora_file, weight

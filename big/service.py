@@ -27,6 +27,7 @@ from big.storage.registry import Registry, sqlite_url
 from big.storage.workspace import Workspace
 from big.training.identifiers import identifier_pool
 from big.weights import pipelines
+from big.weights.text import TextSide
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ class BIGService:
         self.size = pipelines.image_size(self.base_pipe)
         self.finetune_defaults, self.generate_defaults = service_defaults(
             config, pipelines.defaults_of(config.base_model), self.size)
-        pool = identifier_pool(self.base_pipe.tokenizer, f"{pipelines.resolve_base(config.base_model)}/tokenizer")
+        tokenizers = TextSide.of(self.base_pipe).tokenizers
+        pool = identifier_pool(tokenizers[0], f"{pipelines.resolve_base(config.base_model)}/tokenizer",
+                               others=tokenizers[1:])
         self.identifier_pool = pool
         self.models = ModelStore(config, self.registry, self.base_pipe, self.device)
         self.jobs = JobQueue(self.registry)

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
+from big.weights.text import TextSide
 
 EMPHASIS = 1.1
 EMPHASIS_MODES = ("context", "original", "none")
@@ -221,9 +222,9 @@ def fragments_of(weights: list[float]) -> list[tuple[int, int, float]]:
     return out
 
 
-def apply_weights_in_context(text_encoder, ids: torch.Tensor, states: torch.Tensor,
-                             weights: torch.Tensor) -> torch.Tensor:
-    """`context` emphasis of sequences `ids` [batch, tokens] whose unweighted states are `states`.
+def apply_weights_in_context(encode, ids: torch.Tensor, states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`context` emphasis of sequences `ids` [batch, tokens] whose unweighted states are `states`; `encode(ids,
+    attention_mask)` gives the states of ids (one text encoder's, as the UNet reads them).
 
     One extra encoder pass per weighted fragment, all in one batch: the fragment's tokens are masked out of the
     attention, so every other state is computed as if the word were not there.
@@ -236,7 +237,7 @@ def apply_weights_in_context(text_encoder, ids: torch.Tensor, states: torch.Tens
     for j, (_, start, end, _) in enumerate(jobs):
         masks[j, start:end] = 0
     rows = torch.tensor([row for row, *_ in jobs], device=ids.device)
-    without = text_encoder(ids[rows], attention_mask=masks)[0]
+    without = encode(ids[rows], masks)
     out = states.clone()
     for j, (row, start, end, w) in enumerate(jobs):
         moved = (w - 1) * (states[row] - without[j])
@@ -247,43 +248,93 @@ def apply_weights_in_context(text_encoder, ids: torch.Tensor, states: torch.Tens
                       else states[r : r + 1] for r in range(ids.shape[0])])
 
 
+@dataclasses.dataclass
+class Conditioning:
+    """What a pipeline call takes for its prompts and negative prompts: the text states, and on SDXL the pooled
+    text embeddings."""
+
+    states: torch.Tensor
+    negative_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def pipeline_kwargs(self) -> dict:
+        kw = dict(prompt_embeds=self.states, negative_prompt_embeds=self.negative_states)
+        if self.pooled is not None:
+            kw.update(pooled_prompt_embeds=self.pooled, negative_pooled_prompt_embeds=self.negative_pooled)
+        return kw
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], negative_prompts: Sequence[str],
                    device, dtype=None, emphasis: str = DEFAULT_EMPHASIS,
                    embeddings: dict[int, ConceptEmbedding] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, negative_prompt_embeds) for a diffusers Stable Diffusion pipeline call.
+    """(prompt_embeds, negative_prompt_embeds) of a one-encoder model (SD 1.x/2.x): `encode` on its text side."""
+    c = encode(TextSide((tokenizer,), (text_encoder,)), prompts, negative_prompts, device, dtype, emphasis,
+               embeddings)
+    return c.states, c.negative_states
+
+
+@torch.no_grad()
+def encode(text: TextSide, prompts: Sequence[str], negative_prompts: Sequence[str], device, dtype=None,
+           emphasis: str = DEFAULT_EMPHASIS, embeddings: dict[int, ConceptEmbedding] | None = None) -> Conditioning:
+    """The conditioning of a pipeline call for these prompts and negative prompts.
 
     For a prompt without emphasis that fits the window this is exactly what the pipeline computes itself.
-    `embeddings` (token id -> concept vectors) put textual-inversion concepts in place of their words.
+    `embeddings` (token id -> concept vectors) put textual-inversion concepts in place of their words. On SDXL
+    each encoder's states are weighted alike and concatenated; the pooled embedding is the unweighted first
+    window's (the prompt's start), and an empty negative prompt is zeros where the model says so, as the
+    pipeline does.
     """
-    embeddings = embeddings or {}
-    if embeddings:
-        EmbeddingOverride.install(text_encoder)
-        with EmbeddingOverride.active(embeddings):
-            return _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis,
-                           {t: e.vectors.shape[0] for t, e in embeddings.items()})
-    return _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis, None)
-
-
-def _encode(tokenizer, text_encoder, prompts, negative_prompts, device, dtype, emphasis, expand):
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, not {emphasis!r}")
-    all_chunks = [_chunks(tokenizer, *weighted_tokens(tokenizer, p, expand))
-                  for p in list(prompts) + list(negative_prompts)]
+    embeddings = embeddings or {}
+    if not embeddings:
+        return _encode(text, prompts, negative_prompts, device, dtype, emphasis, None)
+    for index, encoder in enumerate(text.encoders):
+        EmbeddingOverride.install(encoder, index)
+    with EmbeddingOverride.active(embeddings):
+        return _encode(text, prompts, negative_prompts, device, dtype, emphasis,
+                       {t: e.vectors.shape[0] for t, e in embeddings.items()})
+
+
+def _encode(text: TextSide, prompts, negative_prompts, device, dtype, emphasis, expand) -> Conditioning:
+    texts = list(prompts) + list(negative_prompts)
+    per_encoder, pooled = [], None
+    for index, tokenizer in enumerate(text.tokenizers):
+        ids, weights = _window_ids(tokenizer, texts, device, expand)
+        n, k, window = ids.shape
+        ids, weights = ids.reshape(n * k, window), weights.reshape(n * k, window)
+        states = text.hidden(index, ids)
+        if emphasis == "original":
+            states = apply_weights(states, weights)
+        elif emphasis == "context":
+            states = apply_weights_in_context(lambda i, m, index=index: text.hidden(index, i, m), ids, states,
+                                              weights)
+        per_encoder.append(states.reshape(n, k * window, -1))
+        if text.xl and index == 1:
+            pooled = text.pooled(ids.reshape(n, k, window)[:, 0])
+    states = torch.cat(per_encoder, dim=-1)
+    if dtype is not None:
+        states = states.to(dtype)
+        pooled = None if pooled is None else pooled.to(dtype)
+    c = Conditioning(states[: len(prompts)], states[len(prompts):],
+                     None if pooled is None else pooled[: len(prompts)],
+                     None if pooled is None else pooled[len(prompts):])
+    if text.zero_empty_negative:
+        for row, negative in enumerate(negative_prompts):
+            if not negative:
+                c.negative_states[row] = 0
+                c.negative_pooled[row] = 0
+    return c
+
+
+def _window_ids(tokenizer, texts, device, expand) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and weights [texts, chunks, window] of every text, all padded to the same number of chunks."""
+    all_chunks = [_chunks(tokenizer, *weighted_tokens(tokenizer, p, expand)) for p in texts]
     n_chunks = max(len(c) for c in all_chunks)
     empty = _empty_chunk(tokenizer)
     all_chunks = [c + [empty] * (n_chunks - len(c)) for c in all_chunks]
     ids = torch.tensor([[chunk_ids for chunk_ids, _ in c] for c in all_chunks], device=device)
     weights = torch.tensor([[chunk_w for _, chunk_w in c] for c in all_chunks], device=device)
-    # ids, weights: [prompts, chunks, window]; encode every chunk of every prompt in one batch.
-    n, k, window = ids.shape
-    ids, weights = ids.reshape(n * k, window), weights.reshape(n * k, window)
-    states = text_encoder(ids)[0]
-    if emphasis == "original":
-        states = apply_weights(states, weights)
-    elif emphasis == "context":
-        states = apply_weights_in_context(text_encoder, ids, states, weights)
-    states = states.reshape(n, k * window, -1)
-    if dtype is not None:
-        states = states.to(dtype)
-    return states[: len(prompts)], states[len(prompts):]
+    return ids, weights

@@ -16,8 +16,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from big.errors import OutOfMemory
 from big.generation.infotext import format_infotext
-from big.generation.prompting import DEFAULT_EMPHASIS, encode_prompts
+from big.generation.prompting import DEFAULT_EMPHASIS, encode
 from big.generation.schedulers import label_of_scheduler
+from big.weights.text import TextSide
 
 log = logging.getLogger(__name__)
 # Images per pipeline call (and per denoising loop of a composable prompt) unless the service is configured
@@ -173,15 +174,14 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         # A generator per image makes each image depend on its own seed only, not on its batch-mates.
         gens = seeded_generators(s.seed for s in chunk)
         # Emphasis and long prompts are encoded here; plain prompts encode exactly as the pipeline would.
-        embeds, negative_embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.prompt for s in chunk],
-                                                 [negative_prompt or ""] * len(chunk), pipe.device,
-                                                 dtype=pipe.text_encoder.dtype, emphasis=emphasis,
-                                                 embeddings=embeddings)
+        text = TextSide.of(pipe)
+        conditioning = encode(text, [s.prompt for s in chunk], [negative_prompt or ""] * len(chunk), pipe.device,
+                              dtype=text.dtype, emphasis=emphasis, embeddings=embeddings)
         scales = {s.guidance_scale for s in chunk}
         guidance = chunk[0].guidance_scale if len(scales) == 1 else torch.tensor(
             [s.guidance_scale for s in chunk], device=pipe.device, dtype=pipe.unet.dtype).view(-1, 1, 1, 1)
         return pipe(
-            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+            **conditioning.pipeline_kwargs(),
             num_inference_steps=chunk[0].num_inference_steps, guidance_scale=guidance, height=height, width=width,
             generator=gens,
         ).images
@@ -272,19 +272,30 @@ def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt,
     step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     terms = []
     for part in parts:
-        cond, uncond = encode_prompts(part.pipe.tokenizer, part.pipe.text_encoder, [part.text] * n,
-                                      [negative_prompt or ""] * n, lead.device, dtype=part.pipe.text_encoder.dtype,
-                                      emphasis=emphasis, embeddings=part.embeddings)
-        terms.append((part.pipe.unet, torch.cat([uncond, cond]), part.weight))
+        text = TextSide.of(part.pipe)
+        c = encode(text, [part.text] * n, [negative_prompt or ""] * n, lead.device, dtype=text.dtype,
+                   emphasis=emphasis, embeddings=part.embeddings)
+        pooled = None if c.pooled is None else torch.cat([c.negative_pooled, c.pooled])
+        terms.append((part.pipe.unet, torch.cat([c.negative_states, c.states]), part.weight,
+                      text.unet_kwargs(pooled, height, width)))
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         eps = 0
-        for unet, states, weight in terms:
-            uncond_eps, cond_eps = unet(x, t, encoder_hidden_states=states).sample.chunk(2)
+        for unet, states, weight, extra in terms:
+            uncond_eps, cond_eps = unet(x, t, encoder_hidden_states=states, **extra).sample.chunk(2)
             eps = eps + uncond_eps / len(terms) + weight * guidance * (cond_eps - uncond_eps)
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     vae = lead.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    # SDXL's VAE overflows in float16: its pipeline decodes in float32 then, and so does this (generation runs
+    # on one serving thread, so the shared VAE is not in use meanwhile).
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
     return lead.image_processor.postprocess(images, output_type="pil")
 
 

@@ -6,7 +6,9 @@ A version folder holds only what its training changed; everything else is shared
   pytorch_lora_weights.safetensors    LoRA: diffusers' `save_lora_weights` format (peft key names), or an imported
                                       file as it came
   learned_embeds.safetensors          an embedding (textual inversion, pivotal LoRA): `{word: [N, dim]}`
+  learned_embeds_2.safetensors        SDXL: the second text encoder's vectors, as diffusers' SDXL script writes
   <word>.pt                           textual inversion: AUTOMATIC1111's classic embedding
+  <word>.safetensors                  SDXL textual inversion: AUTOMATIC1111's `{clip_l, clip_g}` embedding
 `write_version` is the one writer and `Version` (from `read_version`) the one reader; other tools load the files
 as they are (`concept_files`). Folders are staged and published atomically by `storage.workspace`.
 """
@@ -29,6 +31,7 @@ FORMAT_VERSION = 1  # bump with a reader for the older format beside the new one
 META_FILE = "big_version.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = embeddings.DIFFUSERS_FILE
+EMBEDDING_FILE_2 = embeddings.DIFFUSERS_FILE_2
 
 
 @dataclasses.dataclass
@@ -78,6 +81,7 @@ class LoraWeights:
     text_encoder: dict | None = None
     metadata: dict | None = None
     file_bytes: bytes | None = None
+    text_encoder_2: dict | None = None  # SDXL's second text encoder
 
 
 @dataclasses.dataclass
@@ -86,7 +90,8 @@ class EmbeddingWeights:
     vectors: torch.Tensor
     token_id: int
     steps: int
-    a1111: bool  # also write AUTOMATIC1111's `<word>.pt`
+    a1111: bool  # also write AUTOMATIC1111's `<word>.pt` (SDXL: `<word>.safetensors`)
+    vectors_2: torch.Tensor | None = None  # SDXL's second text encoder's
 
 
 def write_version(folder: str, meta: VersionMeta, *, unet=None, text_encoder=None, lora: LoraWeights | None = None,
@@ -99,17 +104,26 @@ def write_version(folder: str, meta: VersionMeta, *, unet=None, text_encoder=Non
     if lora is not None and lora.file_bytes is not None:
         atomic_write_bytes(os.path.join(folder, LORA_FILE), lora.file_bytes)
     elif lora is not None:
-        from diffusers import StableDiffusionPipeline
+        # SDXL's loader writes the same `unet.` / `text_encoder.` keys as SD's, and `text_encoder_2.` too.
+        from diffusers import StableDiffusionXLPipeline
 
-        StableDiffusionPipeline.save_lora_weights(
+        metadata = lora.metadata or {}
+        StableDiffusionXLPipeline.save_lora_weights(
             folder, unet_lora_layers=lora.unet, text_encoder_lora_layers=lora.text_encoder or None,
-            weight_name=LORA_FILE, safe_serialization=True,
-            unet_lora_adapter_metadata=(lora.metadata or {}).get("unet"),
-            text_encoder_lora_adapter_metadata=(lora.metadata or {}).get("text_encoder"))
+            text_encoder_2_lora_layers=lora.text_encoder_2 or None, weight_name=LORA_FILE, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata.get("unet"),
+            text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
+            text_encoder_2_lora_adapter_metadata=metadata.get("text_encoder_2"))
     if embedding is not None:
         atomic_write_bytes(os.path.join(folder, EMBEDDING_FILE),
                            embeddings.to_diffusers_bytes(embedding.word, embedding.vectors))
-        if embedding.a1111:
+        if embedding.vectors_2 is not None:
+            atomic_write_bytes(os.path.join(folder, EMBEDDING_FILE_2),
+                               embeddings.to_diffusers_bytes(embedding.word, embedding.vectors_2))
+        if embedding.a1111 and embedding.vectors_2 is not None:
+            atomic_write_bytes(os.path.join(folder, f"{embedding.word}.safetensors"),
+                               embeddings.to_a1111_xl_bytes(embedding.vectors, embedding.vectors_2))
+        elif embedding.a1111:
             atomic_write_bytes(os.path.join(folder, f"{embedding.word}.pt"), embeddings.to_a1111_bytes(
                 embedding.word, embedding.vectors, embedding.token_id, embedding.steps, meta.base))
     atomic_write_json(os.path.join(folder, META_FILE), meta.to_dict())
@@ -159,12 +173,17 @@ class Version:
                 module.requires_grad_(False).eval()
         return unet, text
 
-    def embedding(self) -> torch.Tensor | None:
-        """The learned vectors [N, dim] in float32, or None when the version has no embedding."""
-        path = os.path.join(self.path, EMBEDDING_FILE)
+    def embedding(self, encoder: int = 0) -> torch.Tensor | None:
+        """The learned vectors [N, dim] for text encoder `encoder` (1: SDXL's second) in float32, or None when the
+        version has no embedding."""
+        path = os.path.join(self.path, EMBEDDING_FILE if encoder == 0 else EMBEDDING_FILE_2)
         if not os.path.exists(path):
             return None
         return next(iter(load_file(path).values())).float()
+
+    def a1111_files(self) -> list[str]:
+        """AUTOMATIC1111's embedding file of the version (`<word>.pt`, SDXL's `<word>.safetensors`), if any."""
+        return [f for f in self.files() if f in (f"{self.meta.identifier}.pt", f"{self.meta.identifier}.safetensors")]
 
     def files(self) -> list[str]:
         """The files a concept is made of, as other tools read them (no BIG bookkeeping)."""

@@ -22,8 +22,9 @@ def is_single_token(tokenizer, word: str) -> bool:
     return len(ids) == 1
 
 
-def identifier_pool(tokenizer, tokenizer_dir: str | None = None) -> list[str]:
-    """The ordered pool of candidate identifiers for a tokenizer.
+def identifier_pool(tokenizer, tokenizer_dir: str | None = None, others=()) -> list[str]:
+    """The ordered pool of candidate identifiers for a tokenizer (and one token in each of `others`: SDXL's
+    second tokenizer).
 
     The embedded model ships its pool beside its tokenizer. For any other CLIP tokenizer (a real SD
     checkpoint) we derive one: vowel-free 3-4 letter word tokens, latest BPE merges (rarest) first.
@@ -41,7 +42,7 @@ def identifier_pool(tokenizer, tokenizer_dir: str | None = None) -> list[str]:
             if 3 <= len(w) <= 4 and all(ch in string.ascii_lowercase for ch in w) and not (_VOWELS & set(w)):
                 cands.append((idx, w))
         pool = [w for _, w in sorted(cands, reverse=True)]
-    return [w for w in pool if is_single_token(tokenizer, w)]
+    return [w for w in pool if all(is_single_token(t, w) for t in (tokenizer, *others))]
 
 
 def choose_identifier(pool: Iterable[str], taken: Iterable[str], *, seed: int | None = None,

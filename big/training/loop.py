@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride, expand_word
+from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride
+from big.weights.text import TextSide, token_ids
 from big.errors import JobCancelled
 
 
@@ -74,6 +75,7 @@ class TrainResult:
     lora_text_encoder: dict | None = None
     lora_metadata: dict | None = None
     embedding: torch.Tensor | None = None  # learned vectors [N, dim] (textual inversion, pivotal LoRA)
+    embedding_2: torch.Tensor | None = None  # SDXL: the second text encoder's
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
@@ -133,21 +135,6 @@ def _encode_posteriors(vae, images: Sequence[Image.Image], size: int, device, dt
     return torch.cat(means), torch.cat(stds)
 
 
-def _token_ids(tokenizer, prompts: Sequence[str], device, expand: tuple[int, int] | None = None) -> torch.Tensor:
-    """Padded token ids; with `expand` = (token id, N), each occurrence of the token fills N positions."""
-    if expand is None:
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    window = tokenizer.model_max_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    for p in prompts:
-        body = expand_word(tokenizer(p, add_special_tokens=False).input_ids, *expand)[: window - 2]
-        row = [tokenizer.bos_token_id] + body + [tokenizer.eos_token_id]
-        rows.append(row + [pad] * (window - len(row)))
-    return torch.tensor(rows, device=device)
-
-
 def mixed_precision_for(served: torch.dtype, device) -> str:
     """accelerate's mixed precision for a service serving in `served`: on a GPU bfloat16's autocast when served
     so, else float16's; on a CPU none: there the fp32 copies train faster than under bfloat16 autocast
@@ -157,16 +144,23 @@ def mixed_precision_for(served: torch.dtype, device) -> str:
     return "bf16" if served == torch.bfloat16 else "fp16"
 
 
-def _text_states(text_t, all_ids, frozen_states, live, live_index, pidx, override=None):
-    """Per-example text states: cached rows, with the live prompts encoded once each this step."""
+def _text_states(text: TextSide, all_ids, frozen, live, live_index, pidx, override=None):
+    """Per-example (text states, pooled or None): cached rows, with the live prompts encoded once each this
+    step."""
     with EmbeddingOverride.active(override or {}):
-        if frozen_states is None:  # the whole text encoder trains: encode every row
-            return text_t(all_ids[pidx])[0]
+        if frozen is None:  # the whole text encoder trains: encode every row
+            return text.encode([ids[pidx] for ids in all_ids])
+        states, pooled = frozen
         if not bool(live.any()):
-            return frozen_states[pidx]
-        table = frozen_states.clone()
-        table[live_index] = text_t(all_ids[live_index])[0].to(table.dtype)
-        return table[pidx]
+            return states[pidx], None if pooled is None else pooled[pidx]
+        live_states, live_pooled = text.encode([ids[live_index] for ids in all_ids])
+        table = states.clone()
+        table[live_index] = live_states.to(table.dtype)
+        if pooled is None:
+            return table[pidx], None
+        pooled_table = pooled.clone()
+        pooled_table[live_index] = live_pooled.to(pooled_table.dtype)
+        return table[pidx], pooled_table[pidx]
 
 
 def dreambooth(
@@ -201,6 +195,8 @@ def dreambooth(
     lr_warmup_steps: int = 0,
     snr_gamma: float | None = None,
     modules_are_copies: bool = False,
+    text_encoder_2=None,
+    tokenizer_2=None,
 ) -> TrainResult:
     """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched (unless
     `modules_are_copies`).
@@ -221,6 +217,9 @@ def dreambooth(
     `modules_are_copies`: `unet` and `text_encoder` were loaded for this job alone, so they are trained in place
     instead of copied (a second float32 copy of an SD UNet would cost 3.4 GB more).
 
+    `text_encoder_2` / `tokenizer_2`: SDXL's second text encoder (frozen: on SDXL the UNet, its LoRA and the
+    word's embedding in both encoders train, as in diffusers' SDXL scripts without text-encoder training).
+
     `lr_scheduler` / `lr_warmup_steps`: diffusers' schedules (`get_scheduler`) over `max_train_steps`.
     `snr_gamma`: Min-SNR loss weighting (Hang et al. 2023, as in diffusers' training scripts): each example's
     MSE is weighted by min(SNR(t), gamma) / SNR(t) (epsilon) or min(SNR, gamma) / (SNR + 1) (v-prediction), so
@@ -230,6 +229,9 @@ def dreambooth(
 
     if not instances:
         raise ValueError("no instance examples")
+    xl = text_encoder_2 is not None
+    if xl and (train_text_encoder or train_token_ids or (lora is not None and lora.text_encoder)):
+        raise ValueError("on SDXL the text encoders stay frozen: train the UNet, LoRA or an embedding")
     device = unet.device
     cuda = device.type == "cuda"
     accelerator = Accelerator(mixed_precision=mixed_precision or mixed_precision_for(unet.dtype, device), cpu=not cuda)
@@ -265,11 +267,16 @@ def dreambooth(
         keep = torch.zeros(token_table.shape[0], 1, device=device)
         keep[learn_tokens] = 1.0
         token_table.register_hook(lambda grad: grad * keep)  # only the identifier rows move
-    vectors = None
+    text = TextSide((tokenizer, tokenizer_2) if xl else (tokenizer,),
+                    (text_t if text_t is not None else text_encoder,) + ((text_encoder_2,) if xl else ()))
+    vectors = vectors_2 = None
     if embedding is not None:
         vectors = torch.nn.Parameter(embedding.vectors.detach().clone().to(device, torch.float32))
-        EmbeddingOverride.install(text_t if text_t is not None else text_encoder)
-    override = {embedding.token_id: ConceptEmbedding(embedding.word, embedding.token_id, vectors)} \
+        if xl:
+            vectors_2 = torch.nn.Parameter(embedding.for_encoder(1).detach().clone().to(device, torch.float32))
+        for index, encoder in enumerate(text.encoders):
+            EmbeddingOverride.install(encoder, index)
+    override = {embedding.token_id: ConceptEmbedding(embedding.word, embedding.token_id, vectors, vectors_2)} \
         if embedding is not None else None
     if (gradient_checkpointing if gradient_checkpointing is not None else cuda) and copy_unet:
         unet_t.enable_gradient_checkpointing()  # never on the served UNet (textual inversion runs it as is)
@@ -278,6 +285,8 @@ def dreambooth(
 
     # ---- frozen work, once per job
     lat_dtype = torch.float32
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = copy.deepcopy(vae).float()  # SDXL's VAE overflows in float16; its pipeline upcasts it too
     inst_mu, inst_sd = _encode_posteriors(vae, [e.image for e in instances], size, device, lat_dtype)
     prior_mu = prior_sd = None
     if priors:
@@ -285,19 +294,20 @@ def dreambooth(
     scaling = float(vae.config.scaling_factor)
     prompts = sorted({e.prompt for e in instances} | {e.prompt for e in priors})
     prompt_index = {p: i for i, p in enumerate(prompts)}
-    all_ids = _token_ids(tokenizer, prompts, device,
-                         (embedding.token_id, embedding.vectors.shape[0]) if embedding is not None else None)
+    expand = (embedding.token_id, embedding.vectors.shape[0]) if embedding is not None else None
+    all_ids = [token_ids(t, prompts, device, expand) for t in text.tokenizers]
     # Text states that training cannot change are computed once: all of them with a frozen text
     # encoder; with pivotal tuning, those of prompts without the learned tokens (the prior prompts),
     # whose encoding is exactly the base model's. Only the others run through the encoder per step.
-    frozen_states = None
+    frozen = None
     live = torch.zeros(len(prompts), dtype=torch.bool)
     if text_t is None or learn_tokens:
         with torch.no_grad():
-            frozen_states = text_encoder(all_ids)[0].to(torch.float32)
+            states, pooled = text.with_encoders((text_encoder,) + text.encoders[1:]).encode(all_ids)
+            frozen = (states.to(torch.float32), None if pooled is None else pooled.to(torch.float32))
         if learn_tokens or embedding is not None:
             learned = learn_tokens or [embedding.token_id]
-            live = torch.isin(all_ids.cpu(), torch.tensor(learned)).any(dim=1)
+            live = torch.isin(all_ids[0].cpu(), torch.tensor(learned)).any(dim=1)
     live_index = live.nonzero().flatten().to(device)
     inst_p = torch.tensor([prompt_index[e.prompt] for e in instances])
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
@@ -307,7 +317,7 @@ def dreambooth(
         else []
     params = unet_params + text_params
     groups = [{"params": params}] if params else []
-    for extra in (token_table, vectors):
+    for extra in (token_table, vectors, vectors_2):
         if extra is not None:
             params = params + [extra]
             groups.append({"params": [extra], "lr": embedding_learning_rate, "weight_decay": 0.0})
@@ -359,11 +369,11 @@ def dreambooth(
             # Autocast covers modules that were not prepared too: plain textual inversion runs the served
             # (fp16 on a GPU) UNet and text encoder on fp32 latents and vectors.
             with accelerator.autocast():
-                states = _text_states(text_t if text_t is not None else text_encoder, all_ids, frozen_states,
-                                      live, live_index, pidx.to(device), override)
+                states, pooled = _text_states(text, all_ids, frozen, live, live_index, pidx.to(device), override)
                 # Plain textual inversion's served UNet may be in a lower precision than the fp32 latents
                 # and states, and a CPU has no autocast here to convert them.
-                pred = unet_t(noisy.to(unet_dtype), t, states.to(unet_dtype)).sample
+                extra = text.unet_kwargs(None if pooled is None else pooled.to(unet_dtype), size, size)
+                pred = unet_t(noisy.to(unet_dtype), t, states.to(unet_dtype), **extra).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
             per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -393,7 +403,8 @@ def dreambooth(
     text_out = accelerator.unwrap_model(text_t).eval() if text_t is not None else None
     result = TrainResult(unet=unet_out, text_encoder=text_out, steps=max_train_steps,
                          final_loss=float(np.mean(losses[-10:])), seconds=time.time() - t_start, losses=losses,
-                         embedding=vectors.detach().cpu().clone() if vectors is not None else None)
+                         embedding=vectors.detach().cpu().clone() if vectors is not None else None,
+                         embedding_2=vectors_2.detach().cpu().clone() if vectors_2 is not None else None)
     if lora is not None:
         from peft.utils import get_peft_model_state_dict
 

@@ -9,6 +9,10 @@ Files, as other tools read them:
 - `learned_embeds.safetensors`: `{word: tensor[N, dim]}`, what diffusers' `load_textual_inversion` and
   AUTOMATIC1111 (a single-tensor safetensors file, named by its file name) load;
 - `<word>.pt`: AUTOMATIC1111's classic embedding (`string_to_param["*"]`), also loadable by diffusers.
+SDXL embeddings have vectors for each of its two text encoders:
+- `learned_embeds.safetensors` and `learned_embeds_2.safetensors`, one `{word: tensor}` per encoder, as diffusers'
+  SDXL textual-inversion script writes them (each loads with `load_textual_inversion(..., text_encoder=...)`);
+- `<word>.safetensors`: `{"clip_l": [N, 768], "clip_g": [N, 1280]}`, AUTOMATIC1111's and kohya's SDXL embedding.
 """
 from __future__ import annotations
 
@@ -24,16 +28,26 @@ from safetensors.torch import save as save_safetensors_bytes
 from big.errors import BadRequest
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
+DIFFUSERS_FILE_2 = "learned_embeds_2.safetensors"
+XL_KEYS = ("clip_l", "clip_g")  # the first and the second text encoder's vectors in an SDXL embedding file
 MAX_VECTORS = 16
 
 
 @dataclasses.dataclass
 class ConceptEmbedding:
-    """`vectors` [N, dim] replace the word `word` (token `token_id`) wherever a prompt uses it."""
+    """`vectors` [N, dim] replace the word `word` (token `token_id`) wherever a prompt uses it; on SDXL,
+    `vectors_2` [N, dim_2] do the same in the second text encoder (as SDXL embeddings carry `clip_l` and
+    `clip_g`)."""
 
     word: str
     token_id: int
     vectors: torch.Tensor
+    vectors_2: torch.Tensor | None = None
+
+    def for_encoder(self, index: int) -> torch.Tensor:
+        if index == 1 and self.vectors_2 is None:
+            raise ValueError(f"the embedding of {self.word!r} has no vectors for a second text encoder")
+        return self.vectors if index == 0 else self.vectors_2
 
 
 def word_token(tokenizer, word: str) -> int:
@@ -41,6 +55,14 @@ def word_token(tokenizer, word: str) -> int:
     if len(ids) != 1:
         raise BadRequest(f"{word!r} is {len(ids)} tokens for this model's tokenizer; an embedding's word must be one")
     return ids[0]
+
+
+def word_token_everywhere(tokenizers, word: str) -> int:
+    """The word's one token id in every tokenizer of the model (SDXL's two share a vocabulary)."""
+    ids = {word_token(t, word) for t in tokenizers}
+    if len(ids) != 1:
+        raise BadRequest(f"{word!r} is a different token in each of this model's tokenizers")
+    return ids.pop()
 
 
 def init_vectors(text_encoder, tokenizer, init_text: str | None, n: int, fallback_word: str) -> torch.Tensor:
@@ -86,11 +108,13 @@ class EmbeddingOverride:
     _local = threading.local()
 
     @classmethod
-    def install(cls, text_encoder) -> None:
+    def install(cls, text_encoder, index: int = 0) -> None:
+        """Hook the token embeddings of text encoder `index` of the model (SDXL's second takes `vectors_2`)."""
         module = text_encoder.get_input_embeddings()
         if not getattr(module, "_big_override_hook", False):
             module.register_forward_hook(cls._hook)
             module._big_override_hook = True
+        module._big_encoder_index = index
 
     @classmethod
     def _hook(cls, module, inputs, output):
@@ -98,7 +122,7 @@ class EmbeddingOverride:
         if active is None:
             return output
         ids = inputs[0]
-        mask, values = active(ids)
+        mask, values = active(ids, getattr(module, "_big_encoder_index", 0))
         if mask is None:
             return output
         return torch.where(mask.to(output.device).unsqueeze(-1), values.to(output.device, output.dtype), output)
@@ -112,18 +136,20 @@ class _Active:
     def __init__(self, owner, embeddings: dict[int, ConceptEmbedding]):
         self.owner, self.embeddings = owner, embeddings
 
-    def __call__(self, ids: torch.Tensor):
-        """(mask [B, T], vectors [B, T, dim]) of the positions whose token embedding a concept replaces."""
+    def __call__(self, ids: torch.Tensor, encoder: int = 0):
+        """(mask [B, T], vectors [B, T, dim]) of the positions whose token embedding a concept replaces, in text
+        encoder `encoder`."""
         mask, index = positions(ids, self.embeddings)
         if not bool(mask.any()):
             return None, None
-        first = next(iter(self.embeddings.values())).vectors
+        first = next(iter(self.embeddings.values())).for_encoder(encoder)
         values = torch.zeros(*ids.shape, first.shape[-1], dtype=first.dtype, device=first.device)
         cpu = ids.cpu()
         for token_id, emb in self.embeddings.items():
             sel = cpu == token_id
             if bool(sel.any()):
-                values[sel.to(values.device)] = emb.vectors[index[sel].to(emb.vectors.device)]
+                vectors = emb.for_encoder(encoder)
+                values[sel.to(values.device)] = vectors[index[sel].to(vectors.device)]
         return mask, values
 
     def __enter__(self):
@@ -156,13 +182,31 @@ def to_a1111_bytes(word: str, vectors: torch.Tensor, token_id: int, steps: int, 
     return buf.getvalue()
 
 
-def read_embedding_file(data: bytes, filename: str, dim: int) -> tuple[str | None, torch.Tensor]:
-    """(the word the file names, vectors [N, dim]) from a diffusers or AUTOMATIC1111 embedding file.
+def to_a1111_xl_bytes(vectors: torch.Tensor, vectors_2: torch.Tensor) -> bytes:
+    return save_safetensors_bytes({XL_KEYS[0]: vectors.detach().float().cpu().contiguous(),
+                                   XL_KEYS[1]: vectors_2.detach().float().cpu().contiguous()})
+
+
+def read_embedding_file(data: bytes, filename: str, dims: tuple[int, ...]) -> tuple[str | None, list[torch.Tensor]]:
+    """(the word the file names, vectors [N, dim] per text encoder) from a diffusers or AUTOMATIC1111 embedding
+    file; `dims`: the model's text encoders' widths (two on SDXL, whose files carry `clip_l` and `clip_g`).
 
     Pickled `.pt` files are read with `weights_only=True`, which refuses anything but tensors and plain data.
     """
     name = re.sub(r"\.(safetensors|pt|bin)$", "", filename.rsplit("/", 1)[-1]) or None
-    word = None
+    state = _load_embedding_state(data, filename)
+    if len(dims) == 2:
+        if not (isinstance(state, dict) and set(XL_KEYS) <= set(state)):
+            raise BadRequest("an SDXL embedding file holds `clip_l` and `clip_g` vectors (AUTOMATIC1111's format)")
+        vectors = [_checked_vectors(state[k], dim) for k, dim in zip(XL_KEYS, dims)]
+        if vectors[0].shape[0] != vectors[1].shape[0]:
+            raise BadRequest(f"clip_l has {vectors[0].shape[0]} vectors and clip_g {vectors[1].shape[0]}")
+        return name, vectors
+    word, vec = _single_encoder_vectors(state, name)
+    return word, [_checked_vectors(vec, dims[0])]
+
+
+def _load_embedding_state(data: bytes, filename: str):
     try:
         if data[:1] == b"{" or filename.endswith(".safetensors") or data[8:9] == b"{":
             state = load_safetensors_bytes(data)
@@ -170,6 +214,12 @@ def read_embedding_file(data: bytes, filename: str, dim: int) -> tuple[str | Non
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is the caller's bad file
         raise BadRequest(f"not an embedding file ({type(e).__name__}: {str(e)[:120]})") from None
+    return state
+
+
+def _single_encoder_vectors(state, name: str | None):
+    """(word, vectors) of a one-encoder embedding file's contents."""
+    word = None
     if isinstance(state, dict) and "string_to_param" in state:
         vec = state["string_to_param"].get("*") if isinstance(state["string_to_param"], dict) else None
         word = state.get("name") if isinstance(state.get("name"), str) else name
@@ -179,6 +229,10 @@ def read_embedding_file(data: bytes, filename: str, dim: int) -> tuple[str | Non
         vec, word = state["emb_params"], name
     else:
         raise BadRequest("an embedding file holds one tensor (diffusers) or string_to_param (AUTOMATIC1111)")
+    return word, vec
+
+
+def _checked_vectors(vec, dim: int) -> torch.Tensor:
     if not isinstance(vec, torch.Tensor):
         raise BadRequest("the embedding file's vectors are not a tensor")
     if vec.dim() == 1:
@@ -189,4 +243,4 @@ def read_embedding_file(data: bytes, filename: str, dim: int) -> tuple[str | Non
         raise BadRequest(f"an embedding has 1 to {MAX_VECTORS} vectors (this one: {vec.shape[0]})")
     if not bool(torch.isfinite(vec).all()):
         raise BadRequest("the embedding has non-finite values")
-    return word, vec.float()
+    return vec.float()

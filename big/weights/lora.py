@@ -35,9 +35,8 @@ class LoraRuntime:
 
     def _ensure_pipe(self):
         if self._pipe is None:
-            unet = copy.deepcopy(self.base_pipe.unet)
-            text = copy.deepcopy(self.base_pipe.text_encoder)
-            self._pipe = pipelines.compose(self.base_pipe, unet=unet, text_encoder=text)
+            copies = {name: copy.deepcopy(getattr(self.base_pipe, name)) for name in text_encoder_names(self.base_pipe)}
+            self._pipe = pipelines.compose(self.base_pipe, unet=copy.deepcopy(self.base_pipe.unet), **copies)
         return self._pipe
 
     @staticmethod
@@ -74,7 +73,8 @@ class LoraRuntime:
         with self._lock:
             pipe = self.activate(adapters)
             names = {n for n, _, _ in adapters}
-            if any(isinstance(m, LoraLayer) and names & set(m.lora_A) for m in pipe.text_encoder.modules()):
+            if any(isinstance(m, LoraLayer) and names & set(m.lora_A)
+                   for name in text_encoder_names(pipe) for m in getattr(pipe, name).modules()):
                 return None
             fused = copy.deepcopy(self.base_pipe.unet)
             with torch.no_grad():
@@ -105,7 +105,7 @@ class LoraRuntime:
         except Exception as e:  # noqa: BLE001 - a file that does not load is the caller's bad file
             raise BadRequest(f"this LoRA does not fit the model ({type(e).__name__}: {str(e)[:160]})") from None
         try:
-            if scratch not in pipe.get_list_adapters().get("unet", []) + pipe.get_list_adapters().get("text_encoder", []):
+            if not any(scratch in names for names in pipe.get_list_adapters().values()):
                 raise BadRequest("no key of this LoRA matches a module of this model")
         finally:
             try:
@@ -123,7 +123,13 @@ class LoraRuntime:
         return list(self._loaded)
 
     def extra_bytes(self) -> int:
-        return 0 if self._pipe is None else pipelines.module_bytes(self._pipe.unet, self._pipe.text_encoder)
+        return 0 if self._pipe is None else pipelines.module_bytes(
+            self._pipe.unet, *(getattr(self._pipe, name) for name in text_encoder_names(self._pipe)))
+
+
+def text_encoder_names(pipe) -> list[str]:
+    """The pipeline's text encoders' attribute names (SDXL has two)."""
+    return ["text_encoder"] + (["text_encoder_2"] if pipelines.is_xl(pipe) else [])
 
 
 def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:
@@ -136,8 +142,10 @@ def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
         # lora_state_dict may convert a dict in place; load_lora_weights, too, reads a copy.
         state, alphas, metadata = pipe.lora_state_dict(dict(source) if isinstance(source, dict) else source,
-                                                       return_lora_metadata=True, **kwargs)
-        if any(k.startswith(f"{pipe.text_encoder_name}.") for k in state):
+                                                       return_lora_metadata=True, unet_config=pipe.unet.config,
+                                                       **kwargs)
+        # Any text encoder's keys (SDXL's `text_encoder_2.` too) need the pipeline's full loader.
+        if any(k.startswith(f"{pipe.text_encoder_name}") for k in state):
             pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
             return
         if not all("lora" in k for k in state):  # load_lora_weights' own check, with its message

@@ -34,7 +34,7 @@ def base_key(spec: str) -> str:
     path = resolve_base(spec)
     if os.path.isdir(path):
         h = hashlib.sha256()
-        for sub in ("unet", "text_encoder", "vae"):
+        for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
             cfg = os.path.join(path, sub, "config.json")
             if os.path.exists(cfg):
                 h.update(open(cfg, "rb").read())
@@ -106,20 +106,46 @@ def cpu_has_native_bfloat16() -> bool:
         return True
 
 
+def is_xl(pipe) -> bool:
+    """Whether a pipeline is SDXL's (two text encoders, pooled text embeddings and size conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def pipeline_class(path: str):
+    """StableDiffusionXLPipeline for an SDXL model (its model_index.json says so), else StableDiffusionPipeline."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = os.path.join(path, "model_index.json")
+    if os.path.isdir(path):
+        with open(index) as f:
+            name = json.load(f).get("_class_name", "")
+    else:
+        name = DiffusionPipeline.load_config(path).get("_class_name", "")
+    return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+
+
 def load_base_pipeline(spec: str, device: torch.device, dtype: torch.dtype | None = None):
     from diffusers import StableDiffusionPipeline
 
     path = resolve_base(spec)
     dtype = dtype or pick_dtype("auto", device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=os.path.isdir(path),
-    )
+    cls = pipeline_class(path)
+    # SD's safety checker is not a served module; SDXL's invisible watermark would change the pixels a PNG's
+    # parameters reproduce.
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+        if cls is StableDiffusionPipeline else dict(add_watermarker=False)
+    pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=os.path.isdir(path), **extra)
     pipe.set_progress_bar_config(disable=True)
     # Served modules are never trained in place (training works on copies): no gradients into them.
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+    for module in served_modules(pipe):
         module.requires_grad_(False)
     return pipe.to(device)
+
+
+def served_modules(pipe) -> list:
+    """The pipeline's weights: UNet, text encoder(s), VAE."""
+    return [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
+            if m is not None]
 
 
 # A metamodel's trained trunks are written in float32 whatever the served dtype (as diffusers' DreamBooth script
@@ -154,11 +180,9 @@ def defaults_of(spec: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _per_image_guidance_pipeline_class():
-    from diffusers import StableDiffusionPipeline
-
-    class PerImageGuidancePipeline(StableDiffusionPipeline):
-        """Stable Diffusion whose `guidance_scale` may also be one value per image (a [batch] tensor).
+def _per_image_guidance_pipeline_class(base_class):
+    class PerImageGuidancePipeline(base_class):
+        """Stable Diffusion (or SDXL) whose `guidance_scale` may also be one value per image (a [batch] tensor).
 
         diffusers applies `uncond + guidance_scale * (cond - uncond)` with whatever `guidance_scale` is, so a
         [batch, 1, 1, 1] tensor gives every image its own scale in one batched call (a guidance sweep or a
@@ -172,18 +196,26 @@ def _per_image_guidance_pipeline_class():
             on = bool((g > 1).all()) if isinstance(g, torch.Tensor) else g > 1
             return on and self.unet.config.time_cond_proj_dim is None
 
+    PerImageGuidancePipeline.__name__ = f"PerImageGuidance{base_class.__name__}"
     return PerImageGuidancePipeline
 
 
-def compose(base_pipe, unet=None, text_encoder=None, scheduler=None):
+def compose(base_pipe, unet=None, text_encoder=None, scheduler=None, text_encoder_2=None):
     """A pipeline object over the base's modules with some replaced (no weights are copied)."""
+    from diffusers import StableDiffusionXLPipeline
+
     comps = dict(base_pipe.components)
-    if unet is not None:
-        comps["unet"] = unet
-    if text_encoder is not None:
-        comps["text_encoder"] = text_encoder
+    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if module is not None:
+            comps[name] = module
     comps["scheduler"] = scheduler or type(base_pipe.scheduler).from_config(base_pipe.scheduler.config)
-    pipe = _per_image_guidance_pipeline_class()(**comps, requires_safety_checker=False)
+    if is_xl(base_pipe):
+        pipe = _per_image_guidance_pipeline_class(StableDiffusionXLPipeline)(
+            **comps, force_zeros_for_empty_prompt=base_pipe.config.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = _per_image_guidance_pipeline_class(StableDiffusionPipeline)(**comps, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -85,17 +85,29 @@ def test_prompt_templates(template, filewords, expected):
 # ---------------------------------------------------------------------------------------------- embeddings
 def test_embedding_files_round_trip_in_both_formats():
     vec = torch.randn(3, 128)
-    word, back = embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", vec), "x.safetensors", 128)
-    assert word == "qzq" and torch.equal(back, vec)
-    word, back = embeddings.read_embedding_file(embeddings.to_a1111_bytes("qzq", vec, 7, 10, "m"), "qzq.pt", 128)
-    assert word == "qzq" and torch.equal(back, vec)
+    word, back = embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", vec), "x.safetensors", (128,))
+    assert word == "qzq" and torch.equal(back[0], vec)
+    word, back = embeddings.read_embedding_file(embeddings.to_a1111_bytes("qzq", vec, 7, 10, "m"), "qzq.pt", (128,))
+    assert word == "qzq" and torch.equal(back[0], vec)
     with pytest.raises(BadRequest, match="do not fit"):
-        embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", torch.randn(2, 64)), "x.safetensors", 128)
+        embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", torch.randn(2, 64)), "x.safetensors",
+                                       (128,))
     with pytest.raises(BadRequest, match="not an embedding"):
-        embeddings.read_embedding_file(b"\x80\x04garbage", "x.pt", 128)
+        embeddings.read_embedding_file(b"\x80\x04garbage", "x.pt", (128,))
     with pytest.raises(BadRequest, match="non-finite"):
         embeddings.read_embedding_file(embeddings.to_diffusers_bytes("q", torch.full((1, 128), float("nan"))),
-                                       "x.safetensors", 128)
+                                       "x.safetensors", (128,))
+
+
+def test_sdxl_embedding_files_carry_both_encoders_vectors():
+    clip_l, clip_g = torch.randn(2, 32), torch.randn(2, 48)
+    word, back = embeddings.read_embedding_file(embeddings.to_a1111_xl_bytes(clip_l, clip_g), "qzq.safetensors",
+                                                (32, 48))
+    assert word == "qzq" and torch.equal(back[0], clip_l) and torch.equal(back[1], clip_g)
+    with pytest.raises(BadRequest, match="clip_l` and `clip_g"):  # a one-encoder file on an SDXL model
+        embeddings.read_embedding_file(embeddings.to_diffusers_bytes("qzq", clip_l), "x.safetensors", (32, 48))
+    with pytest.raises(BadRequest, match="do not fit"):
+        embeddings.read_embedding_file(embeddings.to_a1111_xl_bytes(clip_g, clip_l), "x.safetensors", (32, 48))
 
 
 # ---------------------------------------------------------------------------------------------- LoRA concepts
