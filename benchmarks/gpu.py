@@ -8,8 +8,7 @@ trainable weights, fp16 served modules):
   gradient checkpointing on and off; textual inversion;
 - generation images/s of BIG's `sampling.render` and of a bare pipeline call, 20 and 30 steps, batch 1, 4, 16;
 - a LoRA switch: BIG's `LoraRuntime` against diffusers' load + unload.
-Where BIG's code does not yet take a family (SDXL training and generation), the row says so and only the reference
-is measured. Every measurement stops the run's clock at `--budget-s`: what does not fit is marked skipped.
+Every measurement stops the run's clock at `--budget-s`: what does not fit is marked skipped.
 
     python -m benchmarks.gpu --out reports/gpu            # on a GPU host
     python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny   # tiny configs of the same classes, on any device
@@ -38,6 +37,7 @@ from big.weights.embeddings import ConceptEmbedding
 from big.storage.versions import LORA_FILE, LoraWeights, VersionMeta, write_version
 from big.weights.lora import LoraRuntime
 from big.training.loop import LoraSettings, TrainExample, dreambooth
+from big.weights.text import TextSide
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd",
@@ -184,9 +184,11 @@ def big_training(pipe, method: str, batch: int, checkpointing: bool, steps: int,
         kw["lora"] = LoraSettings()
     if method == "textual_inversion":
         token = pipe.tokenizer("sks", add_special_tokens=False).input_ids[0]
-        start = pipe.text_encoder.get_input_embeddings().weight[token].detach().float().unsqueeze(0)
-        kw.update(train_unet=False, embedding=ConceptEmbedding("sks", token, start))
+        starts = [e.get_input_embeddings().weight[token].detach().float().unsqueeze(0)
+                  for e in TextSide.of(pipe).encoders]
+        kw.update(train_unet=False, embedding=ConceptEmbedding("sks", token, *starts))
     dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+               text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
                noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
                instances=[TrainExample(im, PROMPT) for im in instance_images(4, size)], priors=[],
                learning_rate=LEARNING_RATE[method], max_train_steps=warmup + steps, train_batch_size=batch,
@@ -267,8 +269,7 @@ def time_call(fn, device, repeats: int) -> float:
 
 def generation_rows(pipe, family: str, size: int, device, steps_list, batches, repeats, clock) -> list[dict]:
     rows = []
-    sd = family == "sd15"
-    served = pipelines.compose(pipe) if sd else None
+    served = pipelines.compose(pipe)
 
     def bare(b, s):
         gens = [torch.Generator().manual_seed(i) for i in range(b)]
@@ -281,8 +282,7 @@ def generation_rows(pipe, family: str, size: int, device, steps_list, batches, r
 
     for _ in range(3):  # warm-up: kernels, attention backends, the GPU's clocks
         bare(4, 10)
-        if sd:
-            big(4, 10)
+        big(4, 10)
     for s in steps_list:
         for b in batches:
             if clock.left() < 0:
@@ -290,11 +290,8 @@ def generation_rows(pipe, family: str, size: int, device, steps_list, batches, r
                 continue
             row = {"family": family, "steps": s, "batch": b}
             row["bare_images_per_s"] = round(b / time_call(lambda: bare(b, s), device, repeats), 3)
-            if sd:
-                row["big_images_per_s"] = round(b / time_call(lambda: big(b, s), device, repeats), 3)
-                row["big_over_bare"] = round(row["big_images_per_s"] / row["bare_images_per_s"], 3)
-            else:
-                row["big"] = "not yet: BIG renders SD 1.x/2.x pipelines only"
+            row["big_images_per_s"] = round(b / time_call(lambda: big(b, s), device, repeats), 3)
+            row["big_over_bare"] = round(row["big_images_per_s"] / row["bare_images_per_s"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -415,10 +412,7 @@ def main(argv=None) -> dict:
                         else:
                             row["reference"] = measured(reference_training, device, pipe, method, batch, ckpt,
                                                         *common[1:])
-                        if family == "sd15":
-                            row["big"] = measured(big_training, device, pipe, method, batch, ckpt, *common[1:])
-                        else:
-                            row["big"] = {"skipped": "not yet: BIG trains SD 1.x/2.x only"}
+                        row["big"] = measured(big_training, device, pipe, method, batch, ckpt, *common[1:])
                     report["training"].append(row)
                     print(json.dumps(row), flush=True)
         if "generation" in args.parts:

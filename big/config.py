@@ -17,6 +17,7 @@ import os
 from typing import Sequence
 
 from big.generation.sampling import DEFAULT_GENERATION_BATCH
+from big.training.memory import check_settings
 from big.weights.metamodel import DEFAULT_METAMODEL_STRATEGY, METAMODEL_STRATEGIES, METAMODEL_STRATEGY_SETTINGS
 
 EMBEDDED = "embedded"
@@ -117,6 +118,10 @@ class ServiceConfig:
     cache_max_bytes: int = 4 * 1024**3
     train_workers: int = 1
     train_threads: int | None = None  # torch CPU threads of a training job's thread; None: torch's default
+    # How a job fits the accelerator (big/training/memory.py): auto picks from the device's free memory and steps
+    # up when a try runs out of it; `adamw8bit` needs bitsandbytes.
+    optimizer: str = "auto"
+    gradient_checkpointing: str | bool = "auto"
     # A request's LoRA adapters (a metamodel prompt's route, private concepts) merged into a cached UNet copy
     # (in cache_max_bytes) instead of applied unmerged per call: same images within rounding, the base's speed.
     fuse_adapters: bool = True
@@ -137,6 +142,7 @@ class ServiceConfig:
             raise ValueError(f"generation_batch must be at least 1, not {self.generation_batch}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        check_settings(self.optimizer, self.gradient_checkpointing)
         if self.job_lease_s <= 0 or self.job_poll_s <= 0 or self.max_job_attempts < 1:
             raise ValueError("job_lease_s and job_poll_s must be positive and max_job_attempts at least 1")
 

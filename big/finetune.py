@@ -21,7 +21,7 @@ from big.models import ModelStore, model_key
 from big.storage.registry import LeaseLost, Registry
 from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
-from big.training import class_images, loop, planner, preprocess
+from big.training import class_images, loop, memory, planner, preprocess
 from big.training.identifiers import choose_identifier
 from big.weights import embeddings, metamodel, pipelines
 from big.weights.metamodel import METAMODEL_STRATEGY_SETTINGS
@@ -151,11 +151,12 @@ class Finetuner:
                 raise BadRequest(f"{len(prepared.images) // (1 + req.hue_copies)} training images after tiling and "
                                  f"flipping; at most {limit}")
             stack = self.store.stack(key, version) if kind != "private" else metamodel.EMPTY
-            result, plan, written = self._train(ctx, key, kind, version, stack, identifier, prepared, req)
+            result, plan, written, fit = self._train(ctx, key, kind, version, stack, identifier, prepared, req)
             meta = VersionMeta(
                 model_key_kind=kind, base=self.base_key, version=version + 1, method=req.method,
                 identifier=identifier, category=req.category, prior_plan=[dataclasses.asdict(s) for s in plan],
-                n_training_images=len(prepared.images), train_seconds=result.seconds, final_loss=result.final_loss)
+                n_training_images=len(prepared.images), train_seconds=result.seconds, final_loss=result.final_loss,
+                optimizer=fit.optimizer, gradient_checkpointing=fit.gradient_checkpointing)
             if kind != "private":
                 new_stack = metamodel.after_adapter(stack, metamodel.Adapter(version + 1, concept_id, identifier)) \
                     if req.method == "lora" else metamodel.after_trunk(stack, version + 1)
@@ -170,7 +171,7 @@ class Finetuner:
                 "loss": result.final_loss}
 
     def _train(self, ctx, key, kind, version, stack, identifier, prepared, req):
-        """Train the concept; returns (TrainResult, prior plan, the weights to write)."""
+        """Train the concept; returns (TrainResult, prior plan, the weights to write, the memory plan it ran with)."""
         # A private model learns one concept from the base: nothing earlier to keep.
         strategy = METAMODEL_STRATEGY_SETTINGS[req.metamodel_strategy if kind != "private" else "naive"]
         anchor_weight = req.anchor_weight if req.anchor_weight is not None and kind != "private" \
@@ -198,29 +199,43 @@ class Finetuner:
         # written as it is served (half the disk of an SD UNet in float16).
         stored = pipelines.TRUNK_DTYPE if kind != "private" else self.base_pipe.unet.dtype
         fresh = req.method == "dreambooth" and stored != self.base_pipe.unet.dtype
-        unet, text_encoder, own_text = self.store.training_modules(
-            key, stack.trunk_version if kind != "private" else version, stored if fresh else None)
-        result = loop.dreambooth(
-            vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-            noise_scheduler=self.store.noise_scheduler(),
-            instances=concept_examples(prepared.images, identifier, req.category, prepared.captions,
-                                       req.prompt_templates), priors=priors,
-            learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
-            train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
-            train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
-            seed=req.seed, size=self.size,
-            prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
-            train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth" and not text.xl
-            else (),
-            embedding_learning_rate=req.embedding_learning_rate,
-            lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
-            if req.method == "lora" else None,
-            embedding=embedding, train_unet=req.method != "textual_inversion",
-            prior_groups=groups if strategy.get("balanced") else None,
-            lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
-            mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
-            modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop,
-            text_encoder_2=text.encoders[1] if text.xl else None, tokenizer_2=text.tokenizers[1] if text.xl else None)
+        trunk = stack.trunk_version if kind != "private" else version
+
+        def train(plan: memory.MemoryPlan):
+            # Loaded per try: a fresh copy is trained in place, and a try that ran out of memory may have moved it.
+            unet, text_encoder, own_text = self.store.training_modules(key, trunk, stored if fresh else None)
+            result = loop.dreambooth(
+                vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                noise_scheduler=self.store.noise_scheduler(),
+                instances=concept_examples(prepared.images, identifier, req.category, prepared.captions,
+                                           req.prompt_templates), priors=priors,
+                learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
+                train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
+                train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
+                seed=req.seed, size=self.size,
+                prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
+                train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth"
+                and not text.xl else (),
+                embedding_learning_rate=req.embedding_learning_rate,
+                lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
+                if req.method == "lora" else None,
+                embedding=embedding, train_unet=req.method != "textual_inversion",
+                prior_groups=groups if strategy.get("balanced") else None,
+                lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
+                mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
+                modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop,
+                text_encoder_2=text.encoders[1] if text.xl else None,
+                tokenizer_2=text.tokenizers[1] if text.xl else None,
+                gradient_checkpointing=plan.gradient_checkpointing, eight_bit_adam=plan.eight_bit_adam)
+            return result, text_encoder, own_text
+
+        trained = 0  # LoRA's and an embedding's parameters are megabytes: nothing to plan for
+        if req.method == "dreambooth":
+            trained = sum(p.numel() for p in self.base_pipe.unet.parameters()) + (
+                sum(p.numel() for p in self.base_pipe.text_encoder.parameters()) if req.train_text_encoder else 0)
+        tries = memory.plans(trained, self.store.device, optimizer=self.config.optimizer,
+                             gradient_checkpointing=self.config.gradient_checkpointing)
+        (result, text_encoder, own_text), fit = memory.run_within_memory(train, tries, what=f"job {ctx.job_id}")
         if req.method == "dreambooth":
             new_text = result.text_encoder if result.text_encoder is not None else (text_encoder if own_text else None)
             written = dict(unet=pipelines.as_dtype(result.unet, stored), text_encoder=pipelines.as_dtype(new_text, stored))
@@ -231,7 +246,7 @@ class Finetuner:
                 embedding=EmbeddingWeights(identifier, result.embedding, token_ids[0], req.max_train_steps,
                                            a1111=req.method == "textual_inversion", vectors_2=result.embedding_2)
                 if result.embedding is not None else None)
-        return result, plan, written
+        return result, plan, written, fit
 
     def _commit(self, ctx, user, key, kind, version, concept_id, meta, written, prepared, n_images, req) -> None:
         """Publish the version's files and make it current in one transaction; the concept's instance images are

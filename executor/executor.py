@@ -34,7 +34,8 @@ class BIGExecutor(Executor):
                  train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
                  fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
                  limits: Optional[dict] = None, batch_window_s: float = 0.005, database_url: Optional[str] = None,
-                 role: str = "all", job_lease_s: float = 20.0, serve_threads: Optional[int] = None, **kwargs):
+                 role: str = "all", job_lease_s: float = 20.0, serve_threads: Optional[int] = None,
+                 optimizer: str = "auto", gradient_checkpointing="auto", **kwargs):
         super().__init__(**kwargs)
         env = env_overrides()  # BIG_BASE_MODEL, BIG_WORKSPACE, ... over config.yml
         base_model, workspace = env.get("base_model", base_model), env.get("workspace", workspace)
@@ -59,7 +60,7 @@ class BIGExecutor(Executor):
             train_threads=int(train_threads) if train_threads else None,
             class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
             generation_batch=int(generation_batch), limits=limits, database_url=database_url or None, role=role,
-            job_lease_s=float(job_lease_s))).result()
+            job_lease_s=float(job_lease_s), optimizer=optimizer, gradient_checkpointing=gradient_checkpointing)).result()
         log.info("BIG ready (%s): base %s on %s in %s, workspace %s, registry on %s", role, base_model,
                  self.service.device, self.service.base_pipe.unet.dtype, self.service.ws.root,
                  self.service.registry.backend)

@@ -49,6 +49,8 @@ class VersionMeta:
     n_training_images: int | None = None
     train_seconds: float | None = None
     final_loss: float | None = None
+    optimizer: str | None = None  # how the job fitted the accelerator (`training.memory`)
+    gradient_checkpointing: bool | None = None
     # a metamodel's stack (`weights.metamodel.Stack.to_meta`)
     trunk_version: int | None = None
     adapters: list | None = None

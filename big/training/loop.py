@@ -22,6 +22,7 @@ from PIL import Image
 from big.weights.embeddings import ConceptEmbedding, EmbeddingOverride
 from big.weights.text import TextSide, token_ids
 from big.errors import JobCancelled
+from big.training import memory
 
 
 @dataclasses.dataclass
@@ -197,6 +198,7 @@ def dreambooth(
     modules_are_copies: bool = False,
     text_encoder_2=None,
     tokenizer_2=None,
+    eight_bit_adam: bool = False,
 ) -> TrainResult:
     """Train copies of `unet` (and `text_encoder` if asked); the given modules are left untouched (unless
     `modules_are_copies`).
@@ -219,6 +221,9 @@ def dreambooth(
 
     `text_encoder_2` / `tokenizer_2`: SDXL's second text encoder (frozen: on SDXL the UNet, its LoRA and the
     word's embedding in both encoders train, as in diffusers' SDXL scripts without text-encoder training).
+
+    `gradient_checkpointing` (None: on a GPU) and `eight_bit_adam` (bitsandbytes' AdamW8bit) trade speed for
+    memory; `training.memory` chooses them for a job.
 
     `lr_scheduler` / `lr_warmup_steps`: diffusers' schedules (`get_scheduler`) over `max_train_steps`.
     `snr_gamma`: Min-SNR loss weighting (Hang et al. 2023, as in diffusers' training scripts): each example's
@@ -244,12 +249,21 @@ def dreambooth(
     # Plain textual inversion trains no UNet weight: it runs the served UNet itself, which stays frozen.
     copy_unet = train_unet or lora is not None
     own = (lambda m: m) if modules_are_copies else copy.deepcopy
-    unet_t = own(unet).to(device).float().train() if copy_unet else unet
+    # LoRA under mixed precision trains float32 adapters over a copy of the UNet in its served precision, as
+    # diffusers' LoRA scripts do: a float32 copy of the whole UNet would cost twice the served one's bytes more.
+    lora_over_served = lora is not None and accelerator.mixed_precision != "no" and unet.dtype != torch.float32
+    unet_t = unet
     if copy_unet:
+        unet_t = own(unet).to(device)
+        unet_t = (unet_t if lora_over_served else unet_t.float()).train()
         unet_t.requires_grad_(train_unet and lora is None)
     if lora is not None:
         with _seeded_init(seed, device):
             unet_t.add_adapter(lora.config(lora.unet_targets))  # only the adapters require grad
+        if lora_over_served:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(unet_t, dtype=torch.float32)
     learn_tokens = list(train_token_ids) if not train_text_encoder and lora is None and embedding is None else []
     text_t = None
     if train_text_encoder or learn_tokens:
@@ -327,7 +341,8 @@ def dreambooth(
     anchors = [p.detach().clone() for p in params] if anchor_weight > 0 else None
     # The fused AdamW kernel (CUDA, and CPU since torch 2.4) updates all tensors at once: on the embedded
     # model's hundreds of small UNet tensors it is several times faster than the default per-tensor loop.
-    opt = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=1e-2, fused=_fused_adamw_ok(device))
+    opt = memory.adamw(groups, lr=learning_rate, weight_decay=1e-2, eight_bit=eight_bit_adam,
+                       fused=_fused_adamw_ok(device))
     from diffusers.optimization import get_scheduler
 
     schedule = get_scheduler(lr_scheduler, opt, num_warmup_steps=lr_warmup_steps, num_training_steps=max_train_steps)

@@ -91,3 +91,29 @@ def test_a_bfloat16_metamodel_trains_each_trunk_from_its_stored_float32_weights(
     assert bf16_service.models.pipeline_for("private_meta:alice", 2).unet.dtype == torch.bfloat16
 
 
+
+
+def test_lora_under_mixed_precision_trains_float32_adapters_over_the_served_precision(bf16_service):
+    """A bfloat16 UNet under bfloat16 autocast (a GPU's case, with float16 there): the trained copy keeps the served
+    precision and only the adapters are float32, as in diffusers' LoRA scripts; the served UNet is untouched."""
+    from accelerate.state import AcceleratorState
+
+    pipe = bf16_service.base_pipe
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    # accelerate keeps one mixed precision per process (a service has one served dtype); this test needs another.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        r = loop.dreambooth(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                            noise_scheduler=bf16_service.models.noise_scheduler(),
+                            instances=[loop.TrainExample(im, "a sks shape") for im in instance_images(3)], priors=[],
+                            learning_rate=1e-3, max_train_steps=3, size=bf16_service.size, mixed_precision="bf16",
+                            lora=loop.LoraSettings())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    trained = {p.dtype for n, p in r.unet.named_parameters() if "lora_" in n}
+    frozen = {p.dtype for n, p in r.unet.named_parameters() if "lora_" not in n}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(r.losses)))
+    assert {v.dtype for v in r.lora_unet.values()} == {torch.float32} and any(v.abs().sum() > 0 for k, v in
+                                                                              r.lora_unet.items() if "lora_B" in k)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
