@@ -36,6 +36,7 @@ from big.weights import pipelines
 from big.weights.embeddings import ConceptEmbedding
 from big.storage.versions import LORA_FILE, LoraWeights, VersionMeta, write_version
 from big.weights.lora import LoraRuntime
+from big.training import memory
 from big.training.loop import LoraSettings, TrainExample, dreambooth
 from big.weights.text import TextSide
 
@@ -125,8 +126,20 @@ def text_conditioning(pipe, batch: int, size: int, device):
         return embeds, None
 
 
+def training_cases(method: str) -> list[tuple[int, bool, bool]]:
+    """(batch, gradient checkpointing, 8-bit Adam) of each measured case: both batches with checkpointing off and
+    on, and DreamBooth with 8-bit Adam and checkpointing too (diffusers' low-memory recipe) where bitsandbytes
+    imports."""
+    if method == "textual_inversion":
+        return [(1, False, False), (4, False, False)]
+    cases = [(b, ckpt, False) for b in (1, 4) for ckpt in (False, True)]
+    if method == "dreambooth" and memory.eight_bit_adam_available():
+        cases += [(b, True, True) for b in (1, 4)]
+    return cases
+
+
 def reference_training(pipe, method: str, batch: int, checkpointing: bool, steps: int, warmup: int, size: int,
-                       device, mixed_precision: str) -> dict:
+                       device, mixed_precision: str, eight_bit: bool = False) -> dict:
     """The plain diffusers loop: DreamBooth trains an fp32 UNet; LoRA trains fp32 adapters on the served UNet
     (as train_dreambooth_lora*.py do); the VAE encodes the instance images every step."""
     from accelerate import Accelerator
@@ -146,7 +159,7 @@ def reference_training(pipe, method: str, batch: int, checkpointing: bool, steps
     if checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE[method], weight_decay=1e-2)
+    opt = memory.adamw(params, lr=LEARNING_RATE[method], weight_decay=1e-2, eight_bit=eight_bit, fused=False)
     unet, opt = accelerator.prepare(unet, opt)
     pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
                           for im in instance_images(batch, size)]).to(device, pipe.vae.dtype)
@@ -175,7 +188,7 @@ def reference_training(pipe, method: str, batch: int, checkpointing: bool, steps
 
 
 def big_training(pipe, method: str, batch: int, checkpointing: bool, steps: int, warmup: int, size: int, device,
-                 mixed_precision: str) -> dict:
+                 mixed_precision: str, eight_bit: bool = False) -> dict:
     from diffusers import DDPMScheduler
 
     marks = []
@@ -193,7 +206,7 @@ def big_training(pipe, method: str, batch: int, checkpointing: bool, steps: int,
                instances=[TrainExample(im, PROMPT) for im in instance_images(4, size)], priors=[],
                learning_rate=LEARNING_RATE[method], max_train_steps=warmup + steps, train_batch_size=batch,
                size=size, progress=lambda step, loss: marks.append(time.perf_counter()),
-               gradient_checkpointing=checkpointing, mixed_precision=mixed_precision, **kw)
+               gradient_checkpointing=checkpointing, eight_bit_adam=eight_bit, mixed_precision=mixed_precision, **kw)
     return {"steps_per_s": round(steps / (marks[-1] - marks[warmup - 1]), 3)}
 
 
@@ -344,15 +357,15 @@ def environment(device) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Environment: `{json.dumps(report['environment'])}`", "",
-             "| family | method | batch | grad. ckpt | BIG steps/s | reference steps/s | BIG / reference | "
-             "BIG peak GiB | reference peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| family | method | batch | grad. ckpt | optimizer | BIG steps/s | reference steps/s | BIG / reference | "
+             "BIG peak GiB | reference peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["training"]:
         big, ref = r.get("big", {}), r.get("reference", {})
         ratio = round(big["steps_per_s"] / ref["steps_per_s"], 2) if "steps_per_s" in big and "steps_per_s" in \
             ref else ""
         cell = lambda d: d.get("steps_per_s", d.get("error", d.get("skipped", "")))  # noqa: E731
         lines.append(f"| {r['family']} | {r['method']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{cell(big)} | {cell(ref)} | {ratio} | {big.get('peak_gib', '')} | {ref.get('peak_gib', '')} |")
+                     f"{r.get('optimizer', 'adamw')} | {cell(big)} | {cell(ref)} | {ratio} | {big.get('peak_gib', '')} | {ref.get('peak_gib', '')} |")
     lines += ["", "| family | steps | batch | BIG images/s | bare pipeline images/s | BIG / bare |",
               "| --- | --- | --- | --- | --- | --- |"]
     for r in report["generation"]:
@@ -400,21 +413,22 @@ def main(argv=None) -> dict:
         print(f"{family}: {counts}", flush=True)
         methods = ["dreambooth", "lora"] + (["textual_inversion"] if family == "sd15" else [])
         for method in methods if "training" in args.parts else ():
-            for batch in (1, 4):
-                for ckpt in ((False,) if method == "textual_inversion" else (False, True)):
-                    row = {"family": family, "method": method, "batch": batch, "checkpointing": ckpt}
-                    if clock.left() < 0:
-                        row["big"] = row["reference"] = {"skipped": "budget"}
+            for batch, ckpt, eight_bit in training_cases(method):
+                row = {"family": family, "method": method, "batch": batch, "checkpointing": ckpt,
+                       "optimizer": "adamw8bit" if eight_bit else "adamw"}
+                if clock.left() < 0:
+                    row["big"] = row["reference"] = {"skipped": "budget"}
+                else:
+                    common = (batch, steps, warmup, size, device, mixed)
+                    if method == "textual_inversion":
+                        row["reference"] = measured(reference_textual_inversion, device, pipe, *common)
                     else:
-                        common = (batch, steps, warmup, size, device, mixed)
-                        if method == "textual_inversion":
-                            row["reference"] = measured(reference_textual_inversion, device, pipe, *common)
-                        else:
-                            row["reference"] = measured(reference_training, device, pipe, method, batch, ckpt,
-                                                        *common[1:])
-                        row["big"] = measured(big_training, device, pipe, method, batch, ckpt, *common[1:])
-                    report["training"].append(row)
-                    print(json.dumps(row), flush=True)
+                        row["reference"] = measured(reference_training, device, pipe, method, batch, ckpt,
+                                                    *common[1:], eight_bit=eight_bit)
+                    row["big"] = measured(big_training, device, pipe, method, batch, ckpt, *common[1:],
+                                          eight_bit=eight_bit)
+                report["training"].append(row)
+                print(json.dumps(row), flush=True)
         if "generation" in args.parts:
             report["generation"] += generation_rows(pipe, family, size, device, gen_steps, gen_batches, args.repeats,
                                                     clock)
