@@ -45,6 +45,14 @@ def test_every_method_trains_serves_and_reproduces(family):
     routed = svc.generate("carol", [f"a {meta['identifier']} dog"], {**GEN, "target_model": "meta"})
     plain = svc.generate("carol", [f"a {meta['identifier']} dog"], {**GEN, "target_model": "pretrained"})
     assert not np.array_equal(pixels(routed), pixels(plain))  # the concept's adapter serves its word
+    # A user's own metamodel rewritten by DreamBooth twice (its float32 trunk trained again), then an adapter over it.
+    for step, (colour, strategy) in enumerate((("green", "balanced"), ("yellow", "balanced"), ("red", "adapters"))):
+        r = svc.finetune("bob", instance_images(3, colour=colour), {**FAST, "target_model": "private_meta",
+                                                                     "metamodel_strategy": strategy})
+        assert r["model_version"] == step + 1
+        image = svc.generate("bob", [f"a {r['identifier']} dog"], {**GEN, "target_model": "private_meta"})
+        again = svc.generate("bob", [], {"parameters": image[0].parameters_text(), "target_model": "private_meta"})
+        assert np.array_equal(pixels(image), pixels(again)), strategy
 
 
 def plain_pipeline(svc):
