@@ -46,19 +46,19 @@ def concept_examples(images, identifier: str, category: str, captions, templates
 
 
 def refuse_text_encoder_training_on_xl(req: parsing.FinetuneRequest, params: dict) -> None:
-    """SDXL's text encoders stay frozen (as in diffusers' SDXL DreamBooth-LoRA script without
-    --train_text_encoder): options that would train them are refused before the job is queued. A DreamBooth job's
-    identifier embedding is on by default elsewhere and off here; asking for it is refused."""
+    """SDXL's text encoders' own weights stay frozen (diffusers has no SDXL DreamBooth script that trains them; its
+    SDXL DreamBooth-LoRA script trains LoRA on both, as `lora_text_encoder` does here): options that would train
+    them are refused before the job is queued. A DreamBooth job's identifier embedding is on by default elsewhere
+    and off here; asking for it is refused."""
     asked = []
     if req.method == "dreambooth" and req.train_text_encoder:
         asked.append("train_text_encoder")
-    if req.method == "lora" and req.lora_text_encoder:
-        asked.append("lora_text_encoder")
     if req.method == "dreambooth" and params.get("train_identifier_embedding") is True:
         asked.append("train_identifier_embedding")
     if asked:
-        raise BadRequest(f"{', '.join(asked)}: on an SDXL model the text encoders stay frozen; a concept's word is "
-                         "learned by method 'lora' (with its identifier embedding) or 'textual_inversion'")
+        raise BadRequest(f"{', '.join(asked)}: on an SDXL model the text encoders' own weights stay frozen; a "
+                         "concept's word is learned by method 'lora' (its identifier embedding, and LoRA of both text "
+                         "encoders with lora_text_encoder) or 'textual_inversion'")
 
 
 class Finetuner:
@@ -241,7 +241,8 @@ class Finetuner:
             written = dict(unet=pipelines.as_dtype(result.unet, stored), text_encoder=pipelines.as_dtype(new_text, stored))
         else:
             written = dict(
-                lora=LoraWeights(result.lora_unet, result.lora_text_encoder, result.lora_metadata)
+                lora=LoraWeights(result.lora_unet, result.lora_text_encoder, result.lora_metadata,
+                                 text_encoder_2=result.lora_text_encoder_2)
                 if req.method == "lora" else None,
                 embedding=EmbeddingWeights(identifier, result.embedding, token_ids[0], req.max_train_steps,
                                            a1111=req.method == "textual_inversion", vectors_2=result.embedding_2)

@@ -74,6 +74,7 @@ class TrainResult:
     losses: list[float]
     lora_unet: dict | None = None  # LoRA state dicts (method lora), peft key names
     lora_text_encoder: dict | None = None
+    lora_text_encoder_2: dict | None = None  # SDXL's second text encoder
     lora_metadata: dict | None = None
     embedding: torch.Tensor | None = None  # learned vectors [N, dim] (textual inversion, pivotal LoRA)
     embedding_2: torch.Tensor | None = None  # SDXL: the second text encoder's
@@ -219,8 +220,9 @@ def dreambooth(
     `modules_are_copies`: `unet` and `text_encoder` were loaded for this job alone, so they are trained in place
     instead of copied (a second float32 copy of an SD UNet would cost 3.4 GB more).
 
-    `text_encoder_2` / `tokenizer_2`: SDXL's second text encoder (frozen: on SDXL the UNet, its LoRA and the
-    word's embedding in both encoders train, as in diffusers' SDXL scripts without text-encoder training).
+    `text_encoder_2` / `tokenizer_2`: SDXL's second text encoder. On SDXL the UNet, LoRA (of the UNet and, with
+    `train_text_encoder`, of both text encoders, as diffusers' SDXL DreamBooth-LoRA script trains them) and the
+    word's embedding in both encoders train; the text encoders' own weights stay frozen.
 
     `gradient_checkpointing` (None: on a GPU) and `eight_bit_adam` (bitsandbytes' AdamW8bit) trade speed for
     memory; `training.memory` chooses them for a job.
@@ -235,8 +237,9 @@ def dreambooth(
     if not instances:
         raise ValueError("no instance examples")
     xl = text_encoder_2 is not None
-    if xl and (train_text_encoder or train_token_ids or (lora is not None and lora.text_encoder)):
-        raise ValueError("on SDXL the text encoders stay frozen: train the UNet, LoRA or an embedding")
+    if xl and (train_token_ids or (train_text_encoder and lora is None)):
+        raise ValueError("on SDXL the text encoders' own weights stay frozen: train the UNet, LoRA (of both text "
+                         "encoders too) or an embedding")
     device = unet.device
     cuda = device.type == "cuda"
     accelerator = Accelerator(mixed_precision=mixed_precision or mixed_precision_for(unet.dtype, device), cpu=not cuda)
@@ -274,6 +277,11 @@ def dreambooth(
                 text_t.add_adapter(lora.config(LoraSettings.TEXT_TARGETS))
         elif train_text_encoder:
             text_t.requires_grad_(True)
+    text_t2 = None  # SDXL's second text encoder with LoRA adapters, as diffusers' SDXL LoRA script trains both
+    if xl and lora is not None and train_text_encoder:
+        text_t2 = own(text_encoder_2).to(device).float().train().requires_grad_(False)
+        with _seeded_init(seed + 2, device):
+            text_t2.add_adapter(lora.config(LoraSettings.TEXT_TARGETS))
     token_table = None
     if learn_tokens:
         token_table = text_t.get_input_embeddings().weight
@@ -282,7 +290,8 @@ def dreambooth(
         keep[learn_tokens] = 1.0
         token_table.register_hook(lambda grad: grad * keep)  # only the identifier rows move
     text = TextSide((tokenizer, tokenizer_2) if xl else (tokenizer,),
-                    (text_t if text_t is not None else text_encoder,) + ((text_encoder_2,) if xl else ()))
+                    (text_t if text_t is not None else text_encoder,)
+                    + ((text_t2 if text_t2 is not None else text_encoder_2,) if xl else ()))
     vectors = vectors_2 = None
     if embedding is not None:
         vectors = torch.nn.Parameter(embedding.vectors.detach().clone().to(device, torch.float32))
@@ -294,8 +303,9 @@ def dreambooth(
         if embedding is not None else None
     if (gradient_checkpointing if gradient_checkpointing is not None else cuda) and copy_unet:
         unet_t.enable_gradient_checkpointing()  # never on the served UNet (textual inversion runs it as is)
-        if text_t is not None:
-            text_t.gradient_checkpointing_enable()
+        for trained_text in (text_t, text_t2):
+            if trained_text is not None:
+                trained_text.gradient_checkpointing_enable()
 
     # ---- frozen work, once per job
     lat_dtype = torch.float32
@@ -327,8 +337,8 @@ def dreambooth(
     prior_p = torch.tensor([prompt_index[e.prompt] for e in priors]) if priors else None
 
     unet_params = [p for p in unet_t.parameters() if p.requires_grad]
-    text_params = [p for p in text_t.parameters() if p.requires_grad] if text_t is not None and token_table is None \
-        else []
+    text_params = [p for t in (text_t, text_t2) if t is not None and token_table is None
+                   for p in t.parameters() if p.requires_grad]
     params = unet_params + text_params
     groups = [{"params": params}] if params else []
     for extra in (token_table, vectors, vectors_2):
@@ -346,14 +356,18 @@ def dreambooth(
     from diffusers.optimization import get_scheduler
 
     schedule = get_scheduler(lr_scheduler, opt, num_warmup_steps=lr_warmup_steps, num_training_steps=max_train_steps)
-    to_prepare = ([unet_t] if copy_unet else []) + ([text_t] if text_t is not None else [])
+    to_prepare = ([unet_t] if copy_unet else []) + [t for t in (text_t, text_t2) if t is not None]
     modules = accelerator.prepare(*to_prepare, opt)
-    modules = modules if isinstance(modules, tuple) else (modules,)
-    opt = modules[-1]
+    modules = list(modules) if isinstance(modules, tuple) else [modules]
+    opt = modules.pop()
     if copy_unet:
-        unet_t = modules[0]
+        unet_t = modules.pop(0)
     if text_t is not None:
-        text_t = modules[-2]
+        text_t = modules.pop(0)
+    if text_t2 is not None:
+        text_t2 = modules.pop(0)
+    text = text.with_encoders((text_t if text_t is not None else text.encoders[0],)
+                              + ((text_t2 if text_t2 is not None else text.encoders[1],) if xl else ()))
 
     group_members = None
     if prior_groups is not None and priors:
@@ -416,6 +430,7 @@ def dreambooth(
             progress(step + 1, lv)
     unet_out = accelerator.unwrap_model(unet_t).eval() if copy_unet else None
     text_out = accelerator.unwrap_model(text_t).eval() if text_t is not None else None
+    text_out2 = accelerator.unwrap_model(text_t2).eval() if text_t2 is not None else None
     result = TrainResult(unet=unet_out, text_encoder=text_out, steps=max_train_steps,
                          final_loss=float(np.mean(losses[-10:])), seconds=time.time() - t_start, losses=losses,
                          embedding=vectors.detach().cpu().clone() if vectors is not None else None,
@@ -431,4 +446,7 @@ def dreambooth(
         if text_out is not None:
             result.lora_text_encoder = get_peft_model_state_dict(text_out)
             result.lora_metadata["text_encoder"] = text_out.peft_config["default"].to_dict()
+        if text_out2 is not None:
+            result.lora_text_encoder_2 = get_peft_model_state_dict(text_out2)
+            result.lora_metadata["text_encoder_2"] = text_out2.peft_config["default"].to_dict()
     return result
