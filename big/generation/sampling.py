@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -85,12 +86,15 @@ class PipelineCache:
 
 
 def halving_on_out_of_memory(run: Callable[[list[T]], list], items: Sequence[T], *, what: str,
-                             advice: str = "") -> list:
+                             advice: str = "", vae=None) -> list:
     """`run(items)`, or where the accelerator runs out of memory, `run` on each half, and so on down to one item.
 
     Each image depends on its own seed and spec, never on its batch-mates, so a split changes no image: a
-    request too large for the GPU's memory is served in smaller batches instead of failing. One item that does
-    not fit raises `OutOfMemory`, saying what (`what`) did not fit and what might (`advice`)."""
+    request too large for the GPU's memory is served in smaller batches instead of failing (fewer images a call
+    is what slicing the VAE's decoding would save, and more). One image that does not fit is tried once more with
+    `vae` (when given) decoding in tiles, diffusers' way of decoding an image larger than its memory allows (the
+    seams of the tiles are blended, so that image's pixels move slightly); then it raises `OutOfMemory`, saying
+    what (`what`) did not fit and what might (`advice`)."""
     items = list(items)
     try:
         return run(items)
@@ -100,14 +104,29 @@ def halving_on_out_of_memory(run: Callable[[list[T]], list], items: Sequence[T],
     # and the halves need that memory.
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if len(items) == 1 and vae is not None and not vae.use_tiling:
+        log.warning("%s: one image does not fit in the accelerator's memory; decoding it in tiles", what)
+        with vae_tiling(vae):
+            return halving_on_out_of_memory(run, items, what=what, advice=advice, vae=vae)
     if len(items) == 1:
         raise OutOfMemory(f"{what}: one image does not fit in the accelerator's memory ({reason})"
                           + (f"; {advice}" if advice else ""))
     half = len(items) // 2
     log.warning("%s: out of accelerator memory with %d images in one batch; retrying in batches of %d and %d "
                 "(a lower `generation_batch` avoids the retry)", what, len(items), half, len(items) - half)
-    return (halving_on_out_of_memory(run, items[:half], what=what, advice=advice)
-            + halving_on_out_of_memory(run, items[half:], what=what, advice=advice))
+    return (halving_on_out_of_memory(run, items[:half], what=what, advice=advice, vae=vae)
+            + halving_on_out_of_memory(run, items[half:], what=what, advice=advice, vae=vae))
+
+
+@contextlib.contextmanager
+def vae_tiling(vae):
+    """The VAE decodes in tiles inside. Requests are served on one thread, so no other request decodes meanwhile; a
+    class image a training job decodes at that moment is tiled too (it stays a valid prior image)."""
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +208,7 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
     for idx in batches(specs, max_batch):
         chunk = [specs[i] for i in idx]
         images = halving_on_out_of_memory(call, chunk, what=f"{height}x{width} images",
-                                          advice="ask for a smaller height and width")
+                                          advice="ask for a smaller height and width", vae=pipe.vae)
         for i, s, im in zip(idx, chunk, images):
             out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(s, **common))
     return out
@@ -247,7 +266,7 @@ def render_composed(parts: list[PromptPart], specs: list[ImageSpec], *, schedule
                 lambda sub: _denoise_composed(parts, sub, steps, guidance, scheduler, negative_prompt, height, width,
                                               emphasis),
                 chunk, what=f"{height}x{width} images of a composable prompt",
-                advice="ask for a smaller height and width, or fewer AND parts")
+                advice="ask for a smaller height and width, or fewer AND parts", vae=parts[0].pipe.vae)
             for i, s, im in zip(idx, chunk, images):
                 out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(
                     s, negative_prompt=negative_prompt, height=height, width=width, model_label=model_label,

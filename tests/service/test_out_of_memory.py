@@ -73,3 +73,28 @@ def test_generation_batch_is_the_images_per_pipeline_call(tmp_path):
         assert_same_but_rounding(images, reference, svc.device)
     finally:
         svc.close()
+
+
+def test_one_image_that_does_not_fit_is_decoded_in_tiles(service, caplog):
+    """The VAE's decoder raises CUDA's out-of-memory error unless it decodes in tiles: the image is served, and the
+    VAE decodes whole images again afterwards."""
+    vae = service.base_pipe.vae
+    params = {"target_model": "pretrained", "seed": 5}
+    expected = service.generate("erin", ["a red star"], params)
+    calls = []
+
+    def check(module, args):
+        calls.append(vae.use_tiling)
+        if not vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (test: the VAE decodes whole images)")
+
+    handle = vae.decoder.register_forward_pre_hook(check)
+    try:
+        with caplog.at_level(logging.WARNING, logger="big.generation.sampling"):
+            got = service.generate("erin", ["a red star"], params)
+    finally:
+        handle.remove()
+    assert calls == [False, True] and not vae.use_tiling
+    assert "one image does not fit in the accelerator's memory; decoding it in tiles" in caplog.text
+    # At 32 px the latents are smaller than one tile, so the tiled decoder decodes them whole: the same image.
+    assert_same_but_rounding(got, expected, service.device)
