@@ -98,6 +98,20 @@ def test_prompt_syntax_on_every_family(family):
         assert np.array_equal(pixels(image), pixels(again)), prompt
 
 
+def test_sweeps_grids_and_batched_requests_on_every_family(family):
+    """A guidance sweep (one call, a guidance scale per image), a grid and two users' requests served in shared
+    calls: each image is the one its own request makes."""
+    svc, _ = family
+    frames, gif = svc.sweep("kim", ["a blue star dog"], {**GEN, "values": [1, 3, 9]})
+    assert len(frames) == 3 and gif[:6] == b"GIF89a"
+    assert_same_but_rounding(frames[2:], svc.generate("kim", [], {"parameters": frames[2].parameters_text()}), "cpu")
+    images, sheet = svc.grid("kim", ["a red dog"], {**GEN, "guidance_scales": [2, 5], "num_seeds": 2})
+    assert len(images) == 4 and sheet
+    calls = [("kim", ["a red dog"], GEN), ("lou", ["a blue dog"], GEN)]
+    together = svc.generate_many(calls)
+    assert_same_but_rounding([i for r in together for i in r], [i for c in calls for i in svc.generate(*c)], "cpu")
+
+
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl")
