@@ -126,15 +126,15 @@ def text_conditioning(pipe, batch: int, size: int, device):
         return embeds, None
 
 
-def training_cases(method: str) -> list[tuple[int, bool, bool]]:
-    """(batch, gradient checkpointing, 8-bit Adam) of each measured case: both batches with checkpointing off and
+def training_cases(method: str, batches=(1, 4)) -> list[tuple[int, bool, bool]]:
+    """(batch, gradient checkpointing, 8-bit Adam) of each measured case: each batch with checkpointing off and
     on, and DreamBooth with 8-bit Adam and checkpointing too (diffusers' low-memory recipe) where bitsandbytes
     imports."""
     if method == "textual_inversion":
-        return [(1, False, False), (4, False, False)]
-    cases = [(b, ckpt, False) for b in (1, 4) for ckpt in (False, True)]
+        return [(b, False, False) for b in batches]
+    cases = [(b, ckpt, False) for b in batches for ckpt in (False, True)]
     if method == "dreambooth" and memory.eight_bit_adam_available():
-        cases += [(b, True, True) for b in (1, 4)]
+        cases += [(b, True, True) for b in batches]
     return cases
 
 
@@ -384,6 +384,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=280.0, help="no measurement starts after this")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per case")
     ap.add_argument("--families", default="sd15,sdxl")
+    ap.add_argument("--batches", default="1,4", help="training batch sizes")
     ap.add_argument("--parts", default="training,generation,lora_switch")
     ap.add_argument("--repeats", type=int, default=1, help="generation calls timed per case (the median)")
     ap.add_argument("--save-pipeline", metavar="DIR",
@@ -413,7 +414,7 @@ def main(argv=None) -> dict:
         print(f"{family}: {counts}", flush=True)
         methods = ["dreambooth", "lora"] + (["textual_inversion"] if family == "sd15" else [])
         for method in methods if "training" in args.parts else ():
-            for batch, ckpt, eight_bit in training_cases(method):
+            for batch, ckpt, eight_bit in training_cases(method, [int(b) for b in args.batches.split(",")]):
                 row = {"family": family, "method": method, "batch": batch, "checkpointing": ckpt,
                        "optimizer": "adamw8bit" if eight_bit else "adamw"}
                 if clock.left() < 0:
