@@ -305,15 +305,15 @@ def _encode(text: TextSide, prompts, negative_prompts, device, dtype, emphasis, 
         ids, weights = _window_ids(tokenizer, texts, device, expand)
         n, k, window = ids.shape
         ids, weights = ids.reshape(n * k, window), weights.reshape(n * k, window)
-        states = text.hidden(index, ids)
+        states, pooled_here = text.hidden_and_pooled(index, ids)
+        if pooled_here is not None:  # SDXL's, of each prompt's first window, unweighted
+            pooled = pooled_here.reshape(n, k, -1)[:, 0]
         if emphasis == "original":
             states = apply_weights(states, weights)
         elif emphasis == "context":
             states = apply_weights_in_context(lambda i, m, index=index: text.hidden(index, i, m), ids, states,
                                               weights)
         per_encoder.append(states.reshape(n, k * window, -1))
-        if text.xl and index == 1:
-            pooled = text.pooled(ids.reshape(n, k, window)[:, 0])
     states = torch.cat(per_encoder, dim=-1)
     if dtype is not None:
         states = states.to(dtype)

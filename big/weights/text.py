@@ -19,11 +19,11 @@ class TextSide:
     zero_empty_negative: bool = False  # SDXL's `force_zeros_for_empty_prompt`
 
     @classmethod
-    def of(cls, pipe, text_encoder=None) -> "TextSide":
-        """The pipeline's tokenizers and encoders; `text_encoder` replaces the first (a trunk's own)."""
+    def of(cls, pipe) -> "TextSide":
+        """The pipeline's tokenizers and text encoders."""
         if getattr(pipe, "text_encoder_2", None) is None:
-            return cls((pipe.tokenizer,), (text_encoder or pipe.text_encoder,))
-        return cls((pipe.tokenizer, pipe.tokenizer_2), (text_encoder or pipe.text_encoder, pipe.text_encoder_2),
+            return cls((pipe.tokenizer,), (pipe.text_encoder,))
+        return cls((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
                    bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
 
     @property
@@ -44,21 +44,19 @@ class TextSide:
     def hidden(self, index: int, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder `index`'s states the UNet reads for token ids [B, T]: the last hidden states on SD 1.x/2.x,
         the penultimate ones on SDXL."""
+        return self.hidden_and_pooled(index, ids, attention_mask)[0]
+
+    def hidden_and_pooled(self, index: int, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(`hidden`'s states, and from SDXL's second encoder its pooled embedding [B, dim], else None), one pass."""
         if not self.xl:
-            return self.encoders[index](ids, attention_mask=attention_mask)[0]
-        return self.encoders[index](ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-2]
+            return self.encoders[index](ids, attention_mask=attention_mask)[0], None
+        out = self.encoders[index](ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-2], out[0] if index == 1 else None
 
     def encode(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(states [B, T, dim], pooled [B, dim] or None) of token ids, one tensor of ids per tokenizer."""
-        if not self.xl:
-            return self.encoders[0](ids[0])[0], None
-        first = self.hidden(0, ids[0])
-        out = self.encoders[1](ids[1], output_hidden_states=True)
-        return torch.cat([first, out.hidden_states[-2]], dim=-1), out[0]
-
-    def pooled(self, ids: torch.Tensor) -> torch.Tensor:
-        """SDXL's pooled text embedding of the second tokenizer's ids [B, T]."""
-        return self.encoders[1](ids)[0]
+        outs = [self.hidden_and_pooled(index, i) for index, i in enumerate(ids)]
+        return torch.cat([states for states, _ in outs], dim=-1), outs[-1][1]
 
     def unet_kwargs(self, pooled: torch.Tensor | None, height: int, width: int) -> dict:
         """What the UNet takes besides the states: nothing on SD 1.x/2.x; SDXL's pooled embedding and time ids
