@@ -305,8 +305,9 @@ def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt,
             eps = eps + uncond_eps / len(terms) + weight * guidance * (cond_eps - uncond_eps)
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     vae = lead.vae
-    # SDXL's VAE overflows in float16: its pipeline decodes in float32 then, and so does this (generation runs
-    # on one serving thread, so the shared VAE is not in use meanwhile).
+    # SDXL's VAE overflows in float16: its pipeline casts the shared VAE to float32 for the decode and back, and so
+    # does this (requests are served on one thread; a class image decoded meanwhile on a training thread is the
+    # same race diffusers' own pipeline has there).
     upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
     if upcast:
         vae.to(dtype=torch.float32)

@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from big.errors import OutOfMemory
+
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
@@ -109,8 +111,6 @@ def adamw(groups, *, lr: float, weight_decay: float, eight_bit: bool, fused: boo
 
 def run_within_memory(train, tries: list[MemoryPlan], *, what: str):
     """(train(plan), plan) of the first try that fits; OutOfMemory when none does."""
-    from big.errors import OutOfMemory
-
     for i, plan in enumerate(tries):
         try:
             return train(plan), plan

@@ -17,6 +17,7 @@ import torch
 
 from big.errors import BadRequest
 from big.weights import pipelines
+from big.weights.text import is_xl
 
 class LoraRuntime:
     """Named LoRA adapters on one shared copy of the base modules, activated per request."""
@@ -129,7 +130,7 @@ class LoraRuntime:
 
 def text_encoder_names(pipe) -> list[str]:
     """The pipeline's text encoders' attribute names (SDXL has two)."""
-    return ["text_encoder"] + (["text_encoder_2"] if pipelines.is_xl(pipe) else [])
+    return ["text_encoder"] + (["text_encoder_2"] if is_xl(pipe) else [])
 
 
 def load_lora(pipe, source, adapter_name: str, **kwargs) -> None:

@@ -14,6 +14,7 @@ import os
 import torch
 
 from big.config import EMBEDDED, EMBEDDED_MODEL_DIR
+from big.weights.text import is_xl
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,6 @@ def cpu_has_native_bfloat16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return True
-
-
-def is_xl(pipe) -> bool:
-    """Whether a pipeline is SDXL's (two text encoders, pooled text embeddings and size conditioning)."""
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def pipeline_class(path: str):

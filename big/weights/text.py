@@ -12,6 +12,11 @@ import dataclasses
 import torch
 
 
+def is_xl(pipe) -> bool:
+    """Whether a pipeline is SDXL's (two text encoders, pooled text embeddings and size conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSide:
     tokenizers: tuple
@@ -21,7 +26,7 @@ class TextSide:
     @classmethod
     def of(cls, pipe) -> "TextSide":
         """The pipeline's tokenizers and text encoders."""
-        if getattr(pipe, "text_encoder_2", None) is None:
+        if not is_xl(pipe):
             return cls((pipe.tokenizer,), (pipe.text_encoder,))
         return cls((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2),
                    bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
