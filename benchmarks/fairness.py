@@ -1,10 +1,12 @@
 """Fair shares of generation: a flooding user (8 threads, each sending /generate after /generate) and a polite one
 (one request at a time), through the serving thread's scheduler, fair (big/scheduling.py) against first come first
-served (a one-thread pool, BIG's scheduler before it), in one run; the service in-process, as the Executor
-calls it.
+served (the same thread, every call as one user's), in one run; the service in-process, as the Executor calls it.
 
-    python -m benchmarks.fairness [--flood-threads 8] [--polite 10] [--steps 10] [--images 2] [--threads 2]
+    python -m benchmarks.fairness [--flood-threads 8] [--polite 20] [--think 2] [--steps 10] [--images 2]
 
+The polite user sends its requests in two ways: back to back (it always has one request in, so a fair thread is
+half its: each of its requests then takes two requests' time by arithmetic), and pausing `--think` times one
+request's time after each answer, as a person looks at an image (it uses less of the thread than the flood).
 Prints and writes the polite user's p50/p95 latency over the time of one request alone (the goal: p95 within 2x).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ class FirstComeFirstServed:
         return self.scheduler.submit("everyone", fn, *args)
 
 
-def run(svc, scheduler, a) -> dict:
+def run(svc, scheduler, a, think_s: float, tag: str) -> dict:
+    """One scenario; its users' names are its own, so no scenario inherits another's service on the thread."""
     params = {"num_images": a.images, "num_inference_steps": a.steps, "seed": 0}
     call = lambda user, p: scheduler.submit(user, svc.generate, user, [p], params).result()  # noqa: E731
     stop = threading.Event()
@@ -37,7 +40,7 @@ def run(svc, scheduler, a) -> dict:
 
     def flood(i):
         while not stop.is_set():
-            call("flood", f"a red star {i}")
+            call(f"flood-{tag}", f"a red star {i}")
             served["flood"] += 1
 
     threads = [threading.Thread(target=flood, args=(i,)) for i in range(a.flood_threads)]
@@ -48,8 +51,9 @@ def run(svc, scheduler, a) -> dict:
     latencies = []
     for i in range(a.polite):
         t0 = time.perf_counter()
-        call("polite", f"a blue circle {i}")
+        call(f"polite-{tag}", f"a blue circle {i}")
         latencies.append(time.perf_counter() - t0)
+        time.sleep(think_s)
     stop.set()
     for t in threads:
         t.join()
@@ -63,14 +67,16 @@ def run(svc, scheduler, a) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flood-threads", type=int, default=8)
-    ap.add_argument("--polite", type=int, default=10, help="the polite user's requests, one at a time")
+    ap.add_argument("--polite", type=int, default=20, help="the polite user's requests, one at a time")
+    ap.add_argument("--think", type=float, default=2.0,
+                    help="the pausing polite user's pause after each answer, in times one request alone")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="reports/fairness")
     a = harness.parse_args(ap, argv, smoke=dict(flood_threads=2, polite=2, steps=2, images=1))
-    report = {"flood_threads": a.flood_threads, "polite": a.polite, "steps": a.steps, "images": a.images,
-              "threads": a.threads, "preset": a.preset}
+    report = {"flood_threads": a.flood_threads, "polite": a.polite, "think": a.think, "steps": a.steps,
+              "images": a.images, "threads": a.threads, "preset": a.preset}
     # One serving thread loads the model and makes every image, as in the Executor (torch's CPU threads belong to
     # the thread that calls it); both policies run on it.
     sched = FairScheduler(max_queued=64)
@@ -81,16 +87,21 @@ def main(argv=None) -> dict:
         alone = harness.median_seconds(
             lambda: sched.submit("polite", svc.generate, "polite", ["a blue circle"], params).result(), 5)
         report["one_request_alone_s"] = round(alone, 3)
-        for name, scheduler in (("first_come_first_served", FirstComeFirstServed(sched)), ("fair", sched)):
-            r = run(svc, scheduler, a)
-            r["polite_p95_over_alone"] = round(r["polite_p95_s"] / alone, 2)
-            report[name] = r
-            print(name, r, flush=True)
+        for polite in ("back_to_back", "pausing"):
+            think_s = 0.0 if polite == "back_to_back" else a.think * alone
+            for name, scheduler in (("first_come_first_served", FirstComeFirstServed(sched)), ("fair", sched)):
+                r = run(svc, scheduler, a, think_s, f"{name}/{polite}")
+                r["polite_p95_over_alone"] = round(r["polite_p95_s"] / alone, 2)
+                report[f"{name}/{polite}"] = r
+                print(name, polite, r, flush=True)
         svc.close()
     sched.close()
     harness.write_report(a.out, "fairness", report)
-    print(f"one request alone {alone:.2f} s; polite p95: first come first served "
-          f"{report['first_come_first_served']['polite_p95_over_alone']}x, fair {report['fair']['polite_p95_over_alone']}x")
+    print(f"one request alone {alone:.2f} s; polite p95 over it, first come first served -> fair: back to back "
+          f"{report['first_come_first_served/back_to_back']['polite_p95_over_alone']}x -> "
+          f"{report['fair/back_to_back']['polite_p95_over_alone']}x; pausing {a.think:g} requests' time "
+          f"{report['first_come_first_served/pausing']['polite_p95_over_alone']}x -> "
+          f"{report['fair/pausing']['polite_p95_over_alone']}x")
     return report
 
 

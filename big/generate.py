@@ -12,7 +12,7 @@ from typing import Sequence
 from big import parsing
 from big.config import ServiceConfig
 from big.errors import BadRequest, BIGError, NotFound
-from big.generation import infotext, prompting, sampling, schedulers, studio
+from big.generation import infotext, prompting, sampling, schedulers, steps, studio
 from big.generation.sampling import GeneratedImage, ImageSpec
 from big.models import AdapterUse, ModelStore
 from big.weights import metamodel, pipelines
@@ -218,7 +218,8 @@ class Generator:
         fused = self.store.fused_route(key, trunk, runtime, uses)
         if fused is not None:  # read-only, like any cached version: no lock held while rendering
             return self._with(fused, req, specs, version=version, label=label, embeds=embeds)
-        with runtime.lock:  # the adapter set is this request's until its images are made
+        # The adapter set is this request's until its images are made: no other call runs between its steps.
+        with runtime.lock, steps.uninterrupted():
             return self._with(runtime.activate(uses), req, specs, version=version, label=label, embeds=embeds)
 
     def _with(self, model, req, specs, *, version: int, label: str, embeds=None):

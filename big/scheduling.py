@@ -1,10 +1,15 @@
-"""Fair shares of the one thread that generates: calls run one at a time, the least recently served user first.
+"""Fair shares of the one thread that generates: the user who has had the least of it lately goes first, even in
+the middle of another user's call.
 
 The serving thread runs every /generate, /sweep and /grid (a CPU's torch threads belong to the thread that calls
 them, and a GPU runs one batch at a time anyway). Served in arrival order, one user's flood of requests would make
-every other user wait behind all of it; served least-recently-served user first, a user's request waits behind at
-most one request of each other user. Each user's own calls keep their order, and each user may have at most
-`max_queued` calls waiting.
+every other user wait behind all of it. Here each user's recent service (seconds of the thread, decaying with a
+half-life of `half_life` seconds) decides: the next call is the head call of the waiting user with the least, and
+between two denoising steps of a running call (`big.generation.steps`), a waiting call of a user with less service
+than the running call's users runs there, nested, before the running call takes its next step. So a light user's
+request waits for one denoising step of a flood, not for a flood's call, and users who keep the thread equally busy
+take turns call by call. Each user's own calls keep their order, and each user may have at most `max_queued` calls
+waiting. A nested call keeps the paused calls' latents in memory: at most `max_depth` calls are in progress.
 
 Batched serving: a call submitted with a batch key is run together with the other users' next calls of the same
 key (one model route, size and sampler: `Generator.batch_key`) as one call of their batch function, which gives
@@ -15,21 +20,53 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
+import math
 import threading
+import time
 from typing import Callable
 
 from big.errors import QuotaExceeded
+from big.generation.steps import between_steps
+
+
+@dataclasses.dataclass
+class _Call:
+    user: str
+    fn: Callable
+    args: tuple
+    future: concurrent.futures.Future
+    turn: int
+    batch: tuple | None
+
+
+class _Service:
+    """Seconds of the thread a user has had, each second's weight halving every `half_life` seconds after it."""
+
+    def __init__(self, half_life: float):
+        self.rate = math.log(2) / half_life
+        self._seconds: dict[str, tuple[float, float]] = {}  # user -> (decayed seconds, as of this clock reading)
+
+    def of(self, user: str, now: float) -> float:
+        seconds, at = self._seconds.get(user, (0.0, now))
+        return seconds * math.exp(-self.rate * (now - at))
+
+    def charge(self, users, seconds: float, now: float) -> None:
+        for user in users:  # a batch's users share its time
+            self._seconds[user] = (self.of(user, now) + seconds / len(users), now)
 
 
 class FairScheduler:
     def __init__(self, max_queued: int, thread_name: str = "big-generate", window: float = 0.005,
-                 max_batch_calls: int = 16):
+                 max_batch_calls: int = 16, half_life: float = 10.0, max_depth: int = 4):
         self.max_queued = max_queued
         self.window = window
         self.max_batch_calls = max_batch_calls
-        self._queues: dict[str, collections.deque] = {}
-        self._last_served: dict[str, int] = {}
+        self.max_depth = max_depth
+        self._queues: dict[str, collections.deque[_Call]] = {}
+        self._service = _Service(half_life)
+        self._running: list[list] = []  # [users, resumed at] of each call in progress, the innermost last
         self._turn = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -48,77 +85,120 @@ class FairScheduler:
             if len(queue) >= self.max_queued:
                 raise QuotaExceeded(f"you have {len(queue)} generation requests waiting; at most {self.max_queued} "
                                     "(limits.max_queued_generations)")
-            queue.append((fn, args, future, next(self._turn), batch))
+            queue.append(_Call(user, fn, args, future, next(self._turn), batch))
             self._cv.notify()
         return future
 
     def close(self) -> None:
-        """Stop after the call running now; calls still waiting are cancelled, so no caller waits forever."""
+        """Stop after the calls running now; calls still waiting are cancelled, so no caller waits forever."""
         with self._cv:
             self._closed = True
-            waiting = [item for queue in self._queues.values() for item in queue]
+            waiting = [call for queue in self._queues.values() for call in queue]
             self._queues.clear()
             self._cv.notify()
-        for item in waiting:
-            item[2].cancel()
+        for call in waiting:
+            call.future.cancel()
 
-    def _next(self):
-        """The head call of the user served longest ago (never: first), ties broken by arrival."""
-        user = min((u for u, q in self._queues.items() if q),
-                   key=lambda u: (self._last_served.get(u, -1), self._queues[u][0][3]))
-        self._last_served[user] = next(self._turn)
-        return user, self._queues[user].popleft()
+    # ------------------------------------------------------------------ choosing
+    def _pick(self, now: float, below: float = math.inf) -> list[_Call]:
+        """The head call of the waiting user with the least service (ties: the earlier call), with its batch
+        companions; only users with less than `below`, and none whose call is in progress (their calls keep
+        their order). Under the lock."""
+        busy = {u for users, _ in self._running for u in users}
+        waiting = [(self._service.of(u, now), q[0].turn, u) for u, q in self._queues.items() if q and u not in busy]
+        if not waiting:
+            return []
+        service, _, user = min(waiting)
+        if service >= below:
+            return []
+        head = self._queues[user].popleft()
+        if head.batch is None:
+            return [head]
+        return [head] + self._companions(head.batch[0], busy | {user}, now)
 
-    def _companions(self, key, taken: set) -> list:
-        """Other users' next calls of the same batch key, least recently served users first; one call per user
-        per batch, so a user's flood adds one call to a batch, as it adds one call to everyone's wait."""
+    def _companions(self, key, taken: set, now: float) -> list[_Call]:
+        """Other users' next calls of the same batch key, least served users first; one call per user per batch,
+        so a user's flood adds one call to a batch, as it adds one call to everyone's wait."""
         out = []
-        for user in sorted((u for u, q in self._queues.items() if q and u not in taken),
-                           key=lambda u: self._last_served.get(u, -1)):
+        for _, _, user in sorted((self._service.of(u, now), q[0].turn, u) for u, q in self._queues.items()
+                                 if q and u not in taken):
             queue = self._queues[user]
-            if len(out) + 1 < self.max_batch_calls and queue[0][4] is not None and queue[0][4][0] == key:
+            if len(out) + 1 < self.max_batch_calls and queue[0].batch is not None and queue[0].batch[0] == key:
                 out.append(queue.popleft())
                 taken.add(user)
-                self._last_served[user] = next(self._turn)
         return out
 
+    # ------------------------------------------------------------------ serving
     def _work(self) -> None:
+        between_steps.set(self._between_steps)  # this thread's denoising loops offer their steps
         while True:
             with self._cv:
                 while not self._closed and not any(self._queues.values()):
                     self._cv.wait()
                 if self._closed:
                     return
-                user, item = self._next()
-                calls, taken = [item], {user}
-                if item[4] is not None:
-                    calls += self._companions(item[4][0], taken)
-                    if len(calls) == 1 and self.window > 0:
-                        self._cv.wait(self.window)  # a lone call waits a moment for company
-                        calls += self._companions(item[4][0], taken)
-            calls = [c for c in calls if c[2].set_running_or_notify_cancel()]
-            if len(calls) == 1 or (calls and calls[0][4] is None):
+                calls = self._pick(time.perf_counter())
+                if calls[0].batch is not None and len(calls) == 1 and self.window > 0:
+                    self._cv.wait(self.window)  # a lone call waits a moment for company
+                    calls += self._companions(calls[0].batch[0], {calls[0].user}, time.perf_counter())
+            self._serve(calls)
+
+    def _between_steps(self) -> None:
+        """Between two denoising steps of the innermost running call: run, nested here, each waiting call of a
+        user who has had less of the thread lately than every user of the running call."""
+        if not self._running or len(self._running) >= self.max_depth:
+            return
+        self._charge_innermost()
+        while True:
+            with self._cv:
+                if self._closed:
+                    return
+                now = time.perf_counter()
+                calls = self._pick(now, below=min(self._service.of(u, now) for u in self._running[-1][0]))
+            if not calls:
+                return
+            self._serve(calls)
+            self._charge_innermost()
+
+    def _charge_innermost(self) -> None:
+        """Charge the innermost call's users for its time since it last resumed."""
+        now = time.perf_counter()
+        users, resumed = self._running[-1]
+        self._service.charge(users, now - resumed, now)
+        self._running[-1][1] = now
+
+    def _serve(self, calls: list[_Call]) -> None:
+        calls = [c for c in calls if c.future.set_running_or_notify_cancel()]
+        if not calls:
+            return
+        self._running.append([tuple(c.user for c in calls), time.perf_counter()])
+        try:
+            if len(calls) == 1 or calls[0].batch is None:
                 self._run_alone(calls[0])
-            elif calls:
+            else:
                 self._run_together(calls)
+        finally:
+            self._charge_innermost()
+            self._running.pop()
+            if self._running:
+                self._running[-1][1] = time.perf_counter()  # the paused call resumes: its clock restarts
 
     @staticmethod
-    def _run_alone(call) -> None:
-        fn, args, future, _, _ = call
+    def _run_alone(call: _Call) -> None:
         try:
-            future.set_result(fn(*args))
+            call.future.set_result(call.fn(*call.args))
         except BaseException as e:  # noqa: BLE001 - the caller gets whatever the call raised
-            future.set_exception(e)
+            call.future.set_exception(e)
 
     @staticmethod
-    def _run_together(calls) -> None:
-        batch_fn = calls[0][4][1]
+    def _run_together(calls: list[_Call]) -> None:
+        batch_fn = calls[0].batch[1]
         try:
-            results = batch_fn([args for _, args, _, _, _ in calls])
+            results = batch_fn([c.args for c in calls])
         except BaseException as e:  # noqa: BLE001 - the batch as a whole failed: every caller hears of it
             results = [e] * len(calls)
-        for (_, _, future, _, _), result in zip(calls, results):
+        for call, result in zip(calls, results):
             if isinstance(result, BaseException):
-                future.set_exception(result)
+                call.future.set_exception(result)
             else:
-                future.set_result(result)
+                call.future.set_result(result)

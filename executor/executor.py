@@ -42,8 +42,8 @@ class BIGExecutor(Executor):
         dtype, role = env.get("dtype", dtype), env.get("role", role)
         database_url = env.get("database_url", database_url)
         serve_threads = int(os.environ.get("BIG_SERVE_THREADS") or serve_threads or 0) or None
-        # All of /generate's torch work, and loading, runs on this one thread, the least recently served user's
-        # call first (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
+        # All of /generate's torch work, and loading, runs on this one thread, the least served user's call first,
+        # even between another call's denoising steps (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
         # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
         limits = Limits(**(limits or {}))
         self._generate_thread = FairScheduler(limits.max_queued_generations, window=float(batch_window_s))

@@ -19,6 +19,7 @@ from big.errors import OutOfMemory
 from big.generation.infotext import format_infotext
 from big.generation.prompting import DEFAULT_EMPHASIS, encode
 from big.generation.schedulers import label_of_scheduler
+from big.generation.steps import step_done
 from big.weights.text import TextSide
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         return pipe(
             **conditioning.pipeline_kwargs(),
             num_inference_steps=chunk[0].num_inference_steps, guidance_scale=guidance, height=height, width=width,
-            generator=gens,
+            generator=gens, callback_on_step_end=_offer_step,
         ).images
 
     for idx in batches(specs, max_batch):
@@ -212,6 +213,13 @@ def render(pipe, specs: list[ImageSpec], *, negative_prompt: str | None, height:
         for i, s, im in zip(idx, chunk, images):
             out[i] = GeneratedImage(im, s.prompt, s.seed, _parameters(s, **common))
     return out
+
+
+def _offer_step(pipe, step, timestep, callback_kwargs) -> dict:
+    """The pipeline's step callback: another user's call may run here (the pipeline object and its scheduler are
+    this call's own, `pipelines.compose`), and the step's tensors are left as they are."""
+    step_done()
+    return {}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -304,6 +312,7 @@ def _denoise_composed(parts, chunk, steps, guidance, scheduler, negative_prompt,
             uncond_eps, cond_eps = unet(x, t, encoder_hidden_states=states, **extra).sample.chunk(2)
             eps = eps + uncond_eps / len(terms) + weight * guidance * (cond_eps - uncond_eps)
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        step_done()
     vae = lead.vae
     # SDXL's VAE overflows in float16: its pipeline casts the shared VAE to float32 for the decode and back, and so
     # does this (requests are served on one thread; a class image decoded meanwhile on a training thread is the

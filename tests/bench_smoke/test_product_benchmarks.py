@@ -39,7 +39,8 @@ def test_fairness_smoke(tmp_path):
     from benchmarks import fairness
 
     r = fairness.main(["--preset", "smoke", "--out", str(tmp_path)])
-    assert r["fair"]["polite_served"] == r["first_come_first_served"]["polite_served"] == 2
+    assert {r[f"{p}/{b}"]["polite_served"] for p in ("fair", "first_come_first_served")
+            for b in ("back_to_back", "pausing")} == {2}
 
 
 def test_batching_smoke(tmp_path):

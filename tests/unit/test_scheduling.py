@@ -1,10 +1,12 @@
-"""The serving thread's fair shares: the least recently served user first, each user's calls in order."""
+"""The serving thread's fair shares: the least served user first, even between another call's denoising steps;
+each user's calls in order."""
 import threading
 import time
 
 import pytest
 
 from big.errors import QuotaExceeded
+from big.generation import steps
 from big.scheduling import FairScheduler
 
 
@@ -88,3 +90,70 @@ def test_closing_cancels_what_still_waits():
     sched.close()
     gate.set()
     assert running.result(timeout=5) is True and waiting.cancelled()
+
+
+def denoise(log, name, n=20, step_s=0.01):
+    """A call shaped like a denoising loop: `n` steps, each offered to the scheduler when done."""
+    for i in range(n):
+        time.sleep(step_s)
+        log.append((name, i))
+        steps.step_done()
+    return name
+
+
+def test_a_light_users_call_runs_between_the_steps_of_a_heavy_users_call():
+    log = []
+    sched = FairScheduler(max_queued=16)
+    flood = [sched.submit("flood", denoise, log, f"flood{i}") for i in range(3)]
+    time.sleep(0.1)  # flood0 is a few steps in
+    polite = sched.submit("polite", denoise, log, "polite", 3)
+    assert polite.result(timeout=5) == "polite"
+    assert not flood[0].done()  # it was paused at a step, not finished first
+    assert [f.result(timeout=5) for f in flood] == ["flood0", "flood1", "flood2"]
+    sched.close()
+    at = log.index(("polite", 0))
+    assert log[at - 1][0] == "flood0" and log[at:at + 3] == [("polite", i) for i in range(3)]
+    assert [e for e in log if e[0] == "flood0"] == [("flood0", i) for i in range(20)]  # flood0 resumed where it was
+
+
+def test_a_users_own_calls_never_nest_and_equal_users_take_turns_call_by_call():
+    log = []
+    sched = FairScheduler(max_queued=16)
+    calls = [sched.submit(u, denoise, log, f"{u}{i}", 5) for i in range(3) for u in ("a", "b")]
+    for c in calls:
+        c.result(timeout=5)
+    sched.close()
+    names = [n for n, _ in log]
+    for u in ("a", "b"):  # each user's calls ran whole and in order
+        mine = [n for n in names if n.startswith(u)]
+        assert mine == [f"{u}{i}" for i in range(3) for _ in range(5)]
+    assert {n for n in names[:10]} >= {"a0", "b0"}  # b did not wait for all of a's calls
+
+
+def test_no_call_runs_inside_an_uninterrupted_one_and_nesting_is_bounded():
+    log = []
+    sched = FairScheduler(max_queued=16, max_depth=2)
+
+    def held():
+        with steps.uninterrupted():
+            return denoise(log, "held", 10)
+
+    first = sched.submit("a", held)
+    time.sleep(0.03)
+    other = sched.submit("b", denoise, log, "b", 2)
+    first.result(timeout=5), other.result(timeout=5)
+    assert [n for n, _ in log] == ["held"] * 10 + ["b"] * 2
+    # Depth 2: a call nested in another is not itself interrupted.
+    log.clear()
+    outer = sched.submit("c", denoise, log, "c", 10)
+    time.sleep(0.03)
+    inner = sched.submit("d", denoise, log, "d", 10)
+    time.sleep(0.03)
+    third = sched.submit("e", denoise, log, "e", 2)
+    for f in (outer, inner, third):
+        f.result(timeout=5)
+    sched.close()
+    names = [n for n, _ in log]
+    d = [i for i, n in enumerate(names) if n == "d"]
+    assert d == list(range(d[0], d[0] + 10))  # d ran whole once it started, e did not cut into it
+    assert names.index("e") < len(names) - 1 and names[-1] == "c"
