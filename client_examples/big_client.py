@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import io
-import math
 import os
 from typing import Iterable
 
@@ -44,17 +43,6 @@ def images_in(folder: str) -> list[str]:
     return files
 
 
-def _refuse_non_finite(params, path: str = "") -> None:
-    """NaN and infinity cannot cross Jina's parameters (its server answers UNKNOWN before BIG sees them, without
-    naming the parameter; docs/api.md): say which one here, before sending."""
-    items = params.items() if isinstance(params, dict) else enumerate(params) if isinstance(params, list) else ()
-    for k, v in items:
-        name = f"{path}.{k}" if path else str(k)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, not {v}")
-        _refuse_non_finite(v, name)
-
-
 class BIGClient:
     def __init__(self, host: str, token: str):
         self.host = host
@@ -63,7 +51,6 @@ class BIGClient:
 
     def _params(self, **kw) -> dict:
         params = {k: v for k, v in kw.items() if v is not None}
-        _refuse_non_finite(params)
         return {"jwt": {"token": self.token}, **params}
 
     def finetune(self, folder: str, category: str, target_model: str = "private", captions_from: str = "sidecar",

@@ -204,3 +204,19 @@ def test_a_message_beyond_the_limits_is_refused_by_grpc_before_it_is_read(flow):
     out = flow.post("/generate", inputs=prompts("a red star"), parameters={**jwt("alice"), "num_inference_steps": 2},
                     return_type=DocList[GeneratedImageDoc])
     assert len(out) == 1
+
+
+@pytest.mark.parametrize("params,named", [
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, not nan"),
+    ({"grid": {"guidance_scales": [2.0, float("inf")]}}, "grid.guidance_scales.1 must be a finite number, not inf"),
+])
+def test_non_finite_parameters_get_a_bad_request_naming_them_from_the_gateway(flow, params, named):
+    """Jina's own gateway would answer UNKNOWN ("Fail to serialize NaN") before BIG sees the request
+    (executor/gateway.py); streamed or not, the client gets BadServer with BadRequest, as from the executor."""
+    for stream in (True, False):
+        with pytest.raises(BadServer) as e:
+            flow.post("/generate", inputs=prompts("a red star"), parameters={**jwt("alice"), **params}, stream=stream)
+        assert server_error(e) == f"BadRequest: {named}"
+    out = flow.post("/generate", inputs=prompts("a red star"), parameters={**jwt("alice"), "num_inference_steps": 2},
+                    return_type=DocList[GeneratedImageDoc])
+    assert len(out) == 1

@@ -73,13 +73,40 @@ def test_ordinary_user_ids_pass(user):
     assert mint_token(user, "secret-0123456789-abcdefghijklmnop")
 
 
-def test_the_flows_message_limit_is_the_limits_own():
-    """flow.yml refuses messages larger than any request within the default limits, before reading them."""
+def test_every_flow_file_has_the_limits_message_size_and_bigs_gateway():
+    """Each flow refuses messages larger than any request within the default limits, before reading them, and
+    runs BIG's gateway (NaN refused by name); Kubernetes' export too, from Dockerfile.gateway's image."""
     import os
 
     import yaml
 
-    with open(os.path.join(os.path.dirname(__file__), "..", "..", "flow.yml")) as f:
-        flow = yaml.safe_load(f)
-    assert flow["with"]["grpc_server_options"]["grpc.max_receive_message_length"] == Limits().max_message_bytes
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    for name in ("flow.yml", "deploy/flow-serving.yml", "deploy/flow-k8s.yml"):
+        with open(os.path.join(root, name)) as f:
+            flow = yaml.safe_load(f)
+        assert flow["with"]["grpc_server_options"]["grpc.max_receive_message_length"] == Limits().max_message_bytes
+        assert flow["gateway"] == ({"uses": "docker://big-gateway:latest"} if "k8s" in name else
+                                   {"uses": "BIGGateway", "py_modules": ["executor.gateway"]}), name
+    with open(os.path.join(root, "deploy/k8s/exported/gateway/gateway.yml")) as f:
+        exported = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == "Deployment"][0]
+    container = exported["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "big-gateway:latest" and "config.yml" in container["args"]
+    assert str(Limits().max_message_bytes) in " ".join(container["args"])
     assert 2 * Limits().max_import_bytes < Limits().max_message_bytes < 300 * 10**6
+
+
+def test_the_gateway_names_the_first_non_finite_parameter_in_a_request():
+    from jina.types.request.data import DataRequest
+
+    from executor.gateway import _refusal, non_finite_parameter
+
+    req = DataRequest()
+    req.parameters = {"jwt": {"token": "t"}, "seed": 1, "grid": {"steps": [4, 8], "guidance_scales": [2.0, float("-inf")]}}
+    assert non_finite_parameter(req.proto_wo_data.parameters) == "grid.guidance_scales.1 must be a finite number, not -inf"
+    answer = _refusal(req)
+    assert answer.header.status.exception.name == "BadRequest"
+    assert list(answer.header.status.exception.args) == ["grid.guidance_scales.1 must be a finite number, not -inf"]
+    req.parameters = {"guidance_scale": float("nan")}
+    assert non_finite_parameter(req.proto_wo_data.parameters) == "guidance_scale must be a finite number, not nan"
+    req.parameters = {"guidance_scale": 7.5, "prompts": ["nan", "inf"]}  # words are words
+    assert _refusal(req) is None
