@@ -157,8 +157,7 @@ class FairScheduler:
                 calls = self._pick(now, below=min(self._service.of(u, now) for u in self._running[-1][0]))
             if not calls:
                 return
-            self._serve(calls)
-            self._charge_innermost()
+            self._serve(calls)  # which restarts the paused call's clock when it ends
 
     def _charge_innermost(self) -> None:
         """Charge the innermost call's users for its time since it last resumed."""
