@@ -4,11 +4,12 @@ the middle of another user's call.
 The serving thread runs every /generate, /sweep and /grid (a CPU's torch threads belong to the thread that calls
 them, and a GPU runs one batch at a time anyway). Served in arrival order, one user's flood of requests would make
 every other user wait behind all of it. Here each user's recent service (seconds of the thread, decaying with a
-half-life of `half_life` seconds) decides: the next call is the head call of the waiting user with the least, and
-between two denoising steps of a running call (`big.generation.steps`), a waiting call of a user with less service
-than the running call's users runs there, nested, before the running call takes its next step. So a light user's
-request waits for one denoising step of a flood, not for a flood's call, and users who keep the thread equally busy
-take turns call by call. Each user's own calls keep their order, and each user may have at most `max_queued` calls
+half-life of `half_life` seconds) decides: the next call is the head call of the waiting user with the least. And a
+call that arrives while another runs, of a user with less service than the running call's user had when that call
+began (it would have gone first, had it been waiting then), runs between two denoising steps of the running call
+(`big.generation.steps`), nested, before the running call takes its next step. So a light user's request waits for
+one denoising step of a flood, not for a flood's call, and users who keep the thread equally busy take turns call by
+call, none cutting into the other's call. Each user's own calls keep their order, and each user may have at most `max_queued` calls
 waiting. A nested call keeps the paused calls' latents in memory: at most `max_depth` calls are in progress.
 
 Batched serving: a call submitted with a batch key is run together with the other users' next calls of the same
@@ -50,11 +51,25 @@ class _Service:
 
     def of(self, user: str, now: float) -> float:
         seconds, at = self._seconds.get(user, (0.0, now))
+        return self.decayed(seconds, at, now)
+
+    def decayed(self, seconds: float, at: float, now: float) -> float:
+        """`seconds` of service as of `at`, as they count at `now`."""
         return seconds * math.exp(-self.rate * (now - at))
 
     def charge(self, users, seconds: float, now: float) -> None:
         for user in users:  # a batch's users share its time
             self._seconds[user] = (self.of(user, now) + seconds / len(users), now)
+
+
+@dataclasses.dataclass
+class _Running:
+    """A call in progress on the thread (paused while a call nested in it runs)."""
+
+    users: tuple[str, ...]
+    bar: float  # the least service of its users when it began: a waiting user below it may run inside it
+    began: float
+    resumed: float  # when it last began or resumed: its users are charged from here
 
 
 class FairScheduler:
@@ -66,7 +81,7 @@ class FairScheduler:
         self.max_depth = max_depth
         self._queues: dict[str, collections.deque[_Call]] = {}
         self._service = _Service(half_life)
-        self._running: list[list] = []  # [users, resumed at] of each call in progress, the innermost last
+        self._running: list[_Running] = []  # the innermost last
         self._turn = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -104,7 +119,7 @@ class FairScheduler:
         """The head call of the waiting user with the least service (ties: the earlier call), with its batch
         companions; only users with less than `below`, and none whose call is in progress (their calls keep
         their order). Under the lock."""
-        busy = {u for users, _ in self._running for u in users}
+        busy = {u for running in self._running for u in running.users}
         waiting = [(self._service.of(u, now), q[0].turn, u) for u, q in self._queues.items() if q and u not in busy]
         if not waiting:
             return []
@@ -145,32 +160,32 @@ class FairScheduler:
 
     def _between_steps(self) -> None:
         """Between two denoising steps of the innermost running call: run, nested here, each waiting call of a
-        user who has had less of the thread lately than every user of the running call."""
+        user with less service than the running call's users had when it began."""
         if not self._running or len(self._running) >= self.max_depth:
             return
-        self._charge_innermost()
         while True:
             with self._cv:
                 if self._closed:
                     return
-                now = time.perf_counter()
-                calls = self._pick(now, below=min(self._service.of(u, now) for u in self._running[-1][0]))
+                now, running = time.perf_counter(), self._running[-1]
+                calls = self._pick(now, below=self._service.decayed(running.bar, running.began, now))
             if not calls:
                 return
+            self._charge_innermost()  # the paused call's time so far is its users'
             self._serve(calls)  # which restarts the paused call's clock when it ends
 
     def _charge_innermost(self) -> None:
         """Charge the innermost call's users for its time since it last resumed."""
-        now = time.perf_counter()
-        users, resumed = self._running[-1]
-        self._service.charge(users, now - resumed, now)
-        self._running[-1][1] = now
+        now, running = time.perf_counter(), self._running[-1]
+        self._service.charge(running.users, now - running.resumed, now)
+        running.resumed = now
 
     def _serve(self, calls: list[_Call]) -> None:
         calls = [c for c in calls if c.future.set_running_or_notify_cancel()]
         if not calls:
             return
-        self._running.append([tuple(c.user for c in calls), time.perf_counter()])
+        now, users = time.perf_counter(), tuple(c.user for c in calls)
+        self._running.append(_Running(users, min(self._service.of(u, now) for u in users), now, now))
         try:
             if len(calls) == 1 or calls[0].batch is None:
                 self._run_alone(calls[0])
@@ -180,7 +195,7 @@ class FairScheduler:
             self._charge_innermost()
             self._running.pop()
             if self._running:
-                self._running[-1][1] = time.perf_counter()  # the paused call resumes: its clock restarts
+                self._running[-1].resumed = time.perf_counter()  # the paused call resumes: its clock restarts
 
     @staticmethod
     def _run_alone(call: _Call) -> None:

@@ -105,15 +105,32 @@ def test_a_light_users_call_runs_between_the_steps_of_a_heavy_users_call():
     log = []
     sched = FairScheduler(max_queued=16)
     flood = [sched.submit("flood", denoise, log, f"flood{i}") for i in range(3)]
-    time.sleep(0.1)  # flood0 is a few steps in
+    flood[0].result(timeout=5)
+    time.sleep(0.1)  # flood1 is a few steps in; flood has had the thread, polite never
     polite = sched.submit("polite", denoise, log, "polite", 3)
     assert polite.result(timeout=5) == "polite"
-    assert not flood[0].done()  # it was paused at a step, not finished first
+    assert not flood[1].done()  # it was paused at a step, not finished first
     assert [f.result(timeout=5) for f in flood] == ["flood0", "flood1", "flood2"]
     sched.close()
     at = log.index(("polite", 0))
-    assert log[at - 1][0] == "flood0" and log[at:at + 3] == [("polite", i) for i in range(3)]
-    assert [e for e in log if e[0] == "flood0"] == [("flood0", i) for i in range(20)]  # flood0 resumed where it was
+    assert log[at - 1][0] == "flood1" and log[at:at + 3] == [("polite", i) for i in range(3)]
+    assert [e for e in log if e[0] == "flood1"] == [("flood1", i) for i in range(20)]  # flood1 resumed where it was
+
+
+def test_a_call_of_a_user_as_busy_as_the_running_one_waits_for_it_to_end():
+    """Service is compared with the running call's users' service when it began: equals never cut into each
+    other's calls (each would wait for the other's whole call and then some)."""
+    log = []
+    sched = FairScheduler(max_queued=16)
+    a0 = sched.submit("a", denoise, log, "a0", 5)
+    a0.result(timeout=5)
+    b0 = sched.submit("b", denoise, log, "b0", 10)
+    time.sleep(0.03)  # b0 has begun with less service than a: a's next call, arriving now, has more
+    a1 = sched.submit("a", denoise, log, "a1", 5)
+    a1.result(timeout=5), b0.result(timeout=5)
+    sched.close()
+    names = [n for n, _ in log]
+    assert names == ["a0"] * 5 + ["b0"] * 10 + ["a1"] * 5
 
 
 def test_a_users_own_calls_never_nest_and_equal_users_take_turns_call_by_call():
@@ -138,6 +155,7 @@ def test_no_call_runs_inside_an_uninterrupted_one_and_nesting_is_bounded():
         with steps.uninterrupted():
             return denoise(log, "held", 10)
 
+    sched.submit("a", denoise, [], "a's history", 3).result(timeout=5)
     first = sched.submit("a", held)
     time.sleep(0.03)
     other = sched.submit("b", denoise, log, "b", 2)
@@ -145,6 +163,7 @@ def test_no_call_runs_inside_an_uninterrupted_one_and_nesting_is_bounded():
     assert [n for n, _ in log] == ["held"] * 10 + ["b"] * 2
     # Depth 2: a call nested in another is not itself interrupted.
     log.clear()
+    sched.submit("c", denoise, [], "c's history", 3).result(timeout=5)
     outer = sched.submit("c", denoise, log, "c", 10)
     time.sleep(0.03)
     inner = sched.submit("d", denoise, log, "d", 10)
