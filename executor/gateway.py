@@ -79,7 +79,7 @@ class _FiniteParameters(grpc.aio.ServerInterceptor):
                 try:
                     async for answer in handler.stream_stream(accepted(), context):
                         await answers.put(answer)
-                except BaseException as e:  # noqa: BLE001 - raised below, in the stream the client reads
+                except Exception as e:  # noqa: BLE001 - raised below, in the stream the client reads (an abort too)
                     await answers.put(e)
                 finally:
                     await answers.put(done)
@@ -87,7 +87,7 @@ class _FiniteParameters(grpc.aio.ServerInterceptor):
             task = asyncio.create_task(forward())
             try:
                 while (answer := await answers.get()) is not done:
-                    if isinstance(answer, BaseException):
+                    if isinstance(answer, Exception):
                         raise answer
                     yield answer
             finally:
