@@ -20,8 +20,8 @@ _SECRET = "transport-benchmark-secret-0123456789abcdef"
 
 
 def _message(n_bytes: int, token: str):
-    """The documents (one prompt document of `n_bytes`), their serialized DataRequest, and the seconds building
-    the request took: the documents' protobuf, then its bytes, as a client does before sending anything."""
+    """A serialized DataRequest of one prompt document of `n_bytes`, and the seconds building it took: the
+    documents' protobuf, then its bytes, as a client does before sending anything."""
     from docarray import DocList
     from docarray.documents import TextDoc
     from jina.types.request.data import DataRequest
@@ -33,7 +33,7 @@ def _message(n_bytes: int, token: str):
     req.data.docs = docs
     req.parameters = {"jwt": {"token": token}}
     data = req.proto.SerializeToString()
-    return docs, data, time.perf_counter() - t0
+    return data, time.perf_counter() - t0
 
 
 def measure(port: int, n_bytes: int, token: str, repeats: int = 1) -> dict:
@@ -56,9 +56,10 @@ def measure(port: int, n_bytes: int, token: str, repeats: int = 1) -> dict:
             client_error = str(e)
         client_s.append(time.perf_counter() - t0)
         del docs
-    builds = [_message(n_bytes, token) for _ in range(repeats)]
-    data, build_s = builds[-1][1], [b[2] for b in builds]
-    del builds
+    build_s = []
+    for _ in range(repeats):  # only the last message is kept, to send
+        data, seconds = _message(n_bytes, token)
+        build_s.append(seconds)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)])
     call = channel.unary_unary("/jina.JinaSingleDataRequestRPC/process_single_data")
     raw, raw_error = [], ""
