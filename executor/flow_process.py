@@ -1,11 +1,14 @@
-"""Run `jina flow --uses flow.yml` as a child process and stop it without leaving executors behind.
+"""Run `jina flow --uses flow.yml` as a child process, as a user runs it (from the repository root, the flow file by
+its relative path, BIG as installed), and stop it without leaving executors behind.
 
 Used by the integration tests and the gRPC benchmark, and usable from a notebook or a script that wants the
 service in a separate process. Stopping matters: `jina flow` shuts its executor processes down on SIGINT,
 but on SIGTERM the main process exits and leaves them running (checked with jina 3.33.1), still holding
 memory, CPU and the model. So `stop()` sends SIGINT and then kills whatever is left of the process group.
 """
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,21 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flow_yaml_on_port(port: int, flow_yml: str = os.path.join(REPO, "flow.yml")) -> str:
-    """The repo's flow.yml with another gRPC port and an absolute `uses:` path, as YAML text."""
-    text = open(flow_yml).read()
-    if "port: 51000" not in text or "uses: config.yml" not in text:
-        raise ValueError(f"{flow_yml} no longer has 'port: 51000' and 'uses: config.yml' to rewrite")
-    return text.replace("port: 51000", f"port: {port}").replace(
-        "uses: config.yml", f"uses: {os.path.join(REPO, 'config.yml')}")
+def flow_file_on_port(flow_yml: str, port: int) -> str:
+    """`flow_yml` (relative to the repository root) as `jina flow --uses` should be given it to serve on `port`:
+    the file itself where it already names that port, else a copy beside it (`.<name>.port<port>.yml`, so
+    relative `uses:` paths and Jina's search paths resolve as for the file) with only the port changed."""
+    text = open(os.path.join(REPO, flow_yml)).read()
+    ports = re.findall(r"^  port: (\d+)$", text, flags=re.M)
+    if len(ports) != 1:
+        raise ValueError(f"{flow_yml} has no single `port:` line under `with:` to serve another port from")
+    if int(ports[0]) == port:
+        return flow_yml
+    folder, name = os.path.split(flow_yml)
+    copy = os.path.join(folder, f".{os.path.splitext(name)[0]}.port{port}.yml")
+    with open(os.path.join(REPO, copy), "w") as f:
+        f.write(text.replace(f"  port: {ports[0]}\n", f"  port: {port}\n", 1))
+    return copy
 
 
 def child_env(env: Optional[Dict[str, str]]) -> Dict[str, str]:
-    """This process's environment with `env` over it; the child imports config.yml's py_modules, executor/ and
-    big/ from the repo, wherever it was started."""
-    full = {**os.environ, **(env or {})}
-    full["PYTHONPATH"] = REPO + os.pathsep + full.get("PYTHONPATH", "")
-    return full
+    """This process's environment with `env` over it (no PYTHONPATH added: BIG is installed, as for a user)."""
+    return {**os.environ, **(env or {})}
 
 
 def log_tail(path: str, n: int) -> str:
@@ -48,15 +56,12 @@ class FlowProcess:
     """`jina flow` in its own session (process group), with its output in a log file."""
 
     def __init__(self, workdir: str, env: Optional[Dict[str, str]] = None, port: Optional[int] = None,
-                 log_to_file: bool = True, flow_yml: str = os.path.join(REPO, "flow.yml")):
+                 log_to_file: bool = True, flow_yml: str = "flow.yml"):
+        """`flow_yml` is relative to the repository root, where the flow runs, as a user runs it from there."""
         os.makedirs(workdir, exist_ok=True)
         self.port = port or free_port()
         self.log_path = os.path.join(workdir, "flow.log")
-        text = flow_yaml_on_port(self.port, flow_yml)
-        flow_yml = os.path.join(workdir, "flow.yml")
-        with open(flow_yml, "w") as f:
-            f.write(text)
-        full_env = child_env(env)
+        self._given, self.flow_yml = flow_yml, flow_file_on_port(flow_yml, self.port)
         # A spawn start method set by a parent (our tests set it) is fine for jina; leave it to the caller.
         # The `jina` script beside this interpreter, as a user would type it; an interpreter without one
         # beside it (packages installed with --target or --user) runs the same CLI as `python -m jina`.
@@ -64,7 +69,7 @@ class FlowProcess:
         jina = [script] if os.path.exists(script) else [sys.executable, "-m", "jina"]
         # A supervisor's flow writes to the supervisor's own output (a container's log), tests' to a file.
         self._log = open(self.log_path, "w") if log_to_file else None
-        self.proc = subprocess.Popen([*jina, "flow", "--uses", flow_yml], cwd=REPO, env=full_env,
+        self.proc = subprocess.Popen([*jina, "flow", "--uses", self.flow_yml], cwd=REPO, env=child_env(env),
                                      stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
                                      start_new_session=True)
 
@@ -117,6 +122,9 @@ class FlowProcess:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        if self.flow_yml != self._given:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(REPO, self.flow_yml))
         if self._log:
             self._log.close()
 
@@ -134,8 +142,7 @@ class WorkerProcess:
         os.makedirs(workdir, exist_ok=True)
         self.log_path = os.path.join(workdir, f"worker-{time.time_ns()}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", "--config", os.path.join(REPO, "config.yml"),
-                                      *args], cwd=REPO, env=child_env(env), stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", *args], cwd=REPO, env=child_env(env), stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, n: int = 3000) -> str:

@@ -24,7 +24,7 @@ log = logging.getLogger("big.supervise")
 
 
 def supervise(port: int, interval: float, failures: int, stop_grace: float, ready_timeout: float,
-              stop: threading.Event, flow_yml: str = os.path.join(REPO, "flow.yml")) -> None:
+              stop: threading.Event, flow_yml: str = "flow.yml") -> None:
     workdir = tempfile.mkdtemp(prefix="big-supervise-")
     restarts = 0
     while not stop.is_set():
@@ -71,7 +71,9 @@ def main(argv=None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    supervise(a.port, a.interval, a.failures, a.stop_grace, a.ready_timeout, stop, os.path.abspath(a.flow))
+    # The flow runs from the repository root, as a user runs it there; --flow is relative to where it was typed.
+    supervise(a.port, a.interval, a.failures, a.stop_grace, a.ready_timeout, stop,
+              os.path.relpath(os.path.abspath(a.flow), REPO))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned stack (CPU torch). Idempotent; ~2 minutes on a fresh machine.
+# Create .venv, install the pinned stack (CPU torch) and BIG itself (editable: `executor` and `big` import from this
+# checkout in any process, whatever its working directory). Idempotent; ~2 minutes on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Jina 3.34 with docarray 0.41 fails to import on Python 3.12 ("DocList ... is not subscriptable", seen on
@@ -18,3 +19,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# --no-build-isolation: build with the setuptools just pinned (no second download); --no-deps: the pins above rule.
+.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .

@@ -13,7 +13,7 @@ from conftest import BASE_MODEL, SECRET, instance_images, pngs, postgres_databas
 from big.auth import mint_token
 from big.storage.registry import Registry
 from executor.documents import ConceptDoc, GeneratedImageDoc, JobDoc
-from executor.flow_process import REPO, FlowProcess, WorkerProcess
+from executor.flow_process import FlowProcess, WorkerProcess
 
 LEASE_S = 4
 FAST = {"category": "shape", "target_model": "meta", "max_train_steps": 8, "num_class_images": 4}
@@ -190,7 +190,7 @@ def test_a_replica_started_later_touches_no_job_and_every_replica_answers_the_sa
     job_id = finetune(client, "later", seed=40, max_train_steps=60, wait=False).job_id
     while cluster.registry.get_job(job_id)["status"] == "queued":
         time.sleep(0.2)
-    cluster.add_replica(os.path.join(REPO, "deploy", "flow-serving.yml"))  # as deploy/ runs it: 2 executor replicas
+    cluster.add_replica("deploy/flow-serving.yml")  # as deploy/ runs it: 2 executor replicas
     third = cluster.client(2)
     assert cluster.registry.get_job(job_id)["status"] in ("running", "succeeded")  # not failed by the newcomer
     assert wait_job(third, "later", job_id).status == "succeeded"

@@ -53,7 +53,7 @@ def executor_process(supervisor: psutil.Process, registry: str) -> psutil.Proces
 def test_a_killed_executor_is_restarted_without_a_person(tmp_path):
     port, ws = free_port(), str(tmp_path / "workspace")
     env = {**os.environ, "BIG_WORKSPACE": ws, "BIG_JWT_SECRET": SECRET, "BIG_AUTH_MODE": "hs256",
-           "JINA_LOG_LEVEL": "ERROR", "PYTHONPATH": REPO}
+           "JINA_LOG_LEVEL": "ERROR"}
     with open(tmp_path / "supervise.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "executor.supervise", "--port", str(port), "--interval", "1",
                                  "--failures", "2", "--stop-grace", "3"], cwd=REPO, env=env, stdout=log,

@@ -86,7 +86,7 @@ def test_every_flow_file_has_the_limits_message_size_and_bigs_gateway():
             flow = yaml.safe_load(f)
         assert flow["with"]["grpc_server_options"]["grpc.max_receive_message_length"] == Limits().max_message_bytes
         assert flow["gateway"] == ({"uses": "docker://big-gateway:latest"} if "k8s" in name else
-                                   {"uses": "BIGGateway", "py_modules": ["executor.gateway"]}), name
+                                   {"uses": "BIGGateway", "py_modules": ["executor.gateway"], "extra_search_paths": []}), name
     with open(os.path.join(root, "deploy/k8s/exported/gateway/gateway.yml")) as f:
         exported = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == "Deployment"][0]
     container = exported["spec"]["template"]["spec"]["containers"][0]
