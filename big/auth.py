@@ -7,9 +7,11 @@ Configured from the executor's `auth` settings or the environment:
   BIG_JWT_AUDIENCE      optional expected `aud`
   BIG_JWT_ISSUER        optional expected `iss`
 The user id is the token's `sub` claim. `disabled` is for local experiments only and logs loudly.
+In hs256 mode with no secret given, the service uses the workspace's own, `<workspace>/.jwt_secret`, made (random,
+readable by its owner only) at the first start that needs it: every process over one store agrees on it.
 
-Mint a token for a user (HS256):
-    python -m big.auth mint alice --secret "$BIG_JWT_SECRET" --days 30
+Mint a token for a user (HS256; the secret is BIG_JWT_SECRET, else the workspace's):
+    python -m big.auth mint alice [--secret S] [--workspace DIR] [--days 30]
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import dataclasses
 import logging
 import os
 import re
+import secrets
+import tempfile
 import time
 
 import jwt
@@ -44,20 +48,52 @@ class AuthConfig:
     leeway_s: int = 10
 
     @classmethod
-    def from_env(cls, overrides: dict | None = None) -> "AuthConfig":
+    def from_env(cls, overrides: dict | None = None, workspace: str | None = None) -> "AuthConfig":
+        """config.yml's `auth` settings over the environment's; in hs256 mode without a secret, `workspace`'s."""
         o = {k: v for k, v in (overrides or {}).items() if v not in (None, "")}
         key = o.get("public_key") or os.environ.get("BIG_JWT_PUBLIC_KEY")
         key_file = o.get("public_key_file") or os.environ.get("BIG_JWT_PUBLIC_KEY_FILE")
         if not key and key_file:
             with open(key_file) as f:
                 key = f.read()
+        mode = str(o.get("mode") or os.environ.get("BIG_AUTH_MODE", "hs256")).lower()
+        secret = o.get("secret") or os.environ.get("BIG_JWT_SECRET")
+        if mode == "hs256" and not secret and workspace is not None:
+            secret = workspace_secret(workspace, create=True)
         return cls(
-            mode=str(o.get("mode") or os.environ.get("BIG_AUTH_MODE", "hs256")).lower(),
-            secret=o.get("secret") or os.environ.get("BIG_JWT_SECRET"),
+            mode=mode,
+            secret=secret,
             public_key=key,
             audience=o.get("audience") or os.environ.get("BIG_JWT_AUDIENCE"),
             issuer=o.get("issuer") or os.environ.get("BIG_JWT_ISSUER"),
         )
+
+
+SECRET_FILE = ".jwt_secret"
+
+
+def workspace_secret(workspace: str, create: bool) -> str | None:
+    """The workspace's HS256 secret, made first if `create` (atomically: two processes starting over one new store
+    keep the one that was linked first); None if there is none and `create` is false."""
+    path = os.path.join(workspace, SECRET_FILE)
+    if create and not os.path.exists(path):
+        os.makedirs(workspace, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=workspace, prefix=SECRET_FILE)  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
+        try:
+            os.link(tmp, path)
+            log.warning("BIG_JWT_SECRET not set: made the workspace's own secret in %s; mint a token with "
+                        "`python -m big.auth mint USER --workspace %s`", path, workspace)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 class Authenticator:
@@ -66,7 +102,7 @@ class Authenticator:
         if config.mode not in ("hs256", "rs256", "hubble", "disabled"):
             raise ValueError(f"unknown auth mode {config.mode!r}")
         if config.mode == "hs256" and not config.secret:
-            raise ValueError("auth mode hs256 needs BIG_JWT_SECRET (or auth.secret in config.yml)")
+            raise ValueError("auth mode hs256 needs BIG_JWT_SECRET, auth.secret in config.yml or a workspace")
         if config.mode == "rs256" and not config.public_key:
             raise ValueError("auth mode rs256 needs BIG_JWT_PUBLIC_KEY or BIG_JWT_PUBLIC_KEY_FILE")
         if config.mode == "disabled":
@@ -165,15 +201,19 @@ def main():
     m = sub.add_parser("mint")
     m.add_argument("user_id")
     m.add_argument("--secret", default=os.environ.get("BIG_JWT_SECRET"),
-                   help="HS256 secret (default $BIG_JWT_SECRET); for RS256 a PEM private key file")
+                   help="HS256 secret (default $BIG_JWT_SECRET, else the workspace's); for RS256 a PEM private key file")
+    m.add_argument("--workspace", default=os.environ.get("BIG_WORKSPACE", "workspace"),
+                   help="whose .jwt_secret to use when no secret is given (default $BIG_WORKSPACE, else workspace)")
     m.add_argument("--rs256", action="store_true", help="--secret names a PEM private key file")
     m.add_argument("--days", type=float, default=30.0)
     m.add_argument("--audience")
     m.add_argument("--issuer")
     m.add_argument("--admin", action="store_true", help=f"an admin token ({ADMIN_CLAIM!r} claim: keeps the metamodel)")
     a = ap.parse_args()
+    if not a.secret and not a.rs256:
+        a.secret = workspace_secret(a.workspace, create=False)
     if not a.secret:
-        ap.error("no secret: pass --secret or set BIG_JWT_SECRET")
+        ap.error(f"no secret: pass --secret, set BIG_JWT_SECRET, or start BIG once to make {a.workspace}/{SECRET_FILE}")
     key = open(a.secret).read() if a.rs256 else a.secret
     print(mint_token(a.user_id, key, days=a.days, algorithm="RS256" if a.rs256 else "HS256",
                      audience=a.audience, issuer=a.issuer, admin=a.admin))

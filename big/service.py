@@ -39,7 +39,7 @@ class BIGService:
         self.config = config
         self.ws = Workspace(config.workspace)
         self.registry = Registry(config.database_url or sqlite_url(self.ws.registry_path), root=self.ws.root)
-        self.auth = Authenticator(AuthConfig.from_env(config.auth))
+        self.auth = Authenticator(AuthConfig.from_env(config.auth, workspace=self.ws.root))
         self.device = pipelines.pick_device(config.device)
         self.base_pipe = pipelines.load_base_pipeline(config.base_model, self.device,
                                                       pipelines.pick_dtype(config.dtype, self.device))

@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 
 import jwt
@@ -132,3 +135,22 @@ def test_only_a_token_with_the_admin_claim_is_an_admin():
     assert auth.caller_from_parameters({"jwt": {"token": mint_token("alice", secret)}}) == ("alice", False)
     with pytest.raises(AuthError, match="admin token"):
         auth.admin_from_parameters({"jwt": {"token": mint_token("alice", secret)}})
+
+
+def test_without_a_secret_the_workspace_makes_one_that_every_process_and_the_mint_command_share(tmp_path, monkeypatch):
+    monkeypatch.delenv("BIG_JWT_SECRET", raising=False)
+    monkeypatch.delenv("BIG_AUTH_MODE", raising=False)
+    from big.auth import SECRET_FILE, workspace_secret
+
+    ws = str(tmp_path / "ws")
+    assert workspace_secret(ws, create=False) is None
+    first = AuthConfig.from_env(workspace=ws)
+    assert first.secret and AuthConfig.from_env(workspace=ws).secret == first.secret  # made once, then read
+    assert os.stat(os.path.join(ws, SECRET_FILE)).st_mode & 0o077 == 0  # its owner's only
+    assert [p.name for p in (tmp_path / "ws").iterdir()] == [SECRET_FILE]  # no temporary file left
+    token = subprocess.run([sys.executable, "-m", "big.auth", "mint", "erin", "--workspace", ws],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Authenticator(first).verify(token) == "erin"
+    # A secret given wins over the workspace's.
+    monkeypatch.setenv("BIG_JWT_SECRET", SECRET)
+    assert AuthConfig.from_env(workspace=ws).secret == SECRET
