@@ -13,8 +13,9 @@ then `config.yml`'s `generate_defaults`, with the model's `default_steps` where 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from big.generation.sampling import DEFAULT_GENERATION_BATCH
 from big.training.memory import check_settings
@@ -36,15 +37,14 @@ DEFAULT_FINETUNE = dict(learning_rate=1e-4, max_train_steps=200, num_class_image
                                     "textual_inversion": dict(num_class_images=0, embedding_learning_rate=5e-3)})
 DEFAULT_GENERATE = dict(num_inference_steps=20, guidance_scale=7.5)
 ROLES = ("all", "serve", "train")
-# Settings the environment overrides over config.yml (a container's or a cluster's way to set them), read by the
-# Executor and by `python -m big.worker` alike.
+# Settings the environment sets over config.yml (a container's or a cluster's way to set them), for the Executor
+# and `python -m big.worker` alike; docs/configuration.md's table lists each beside its setting.
 ENV_OVERRIDES = {"base_model": "BIG_BASE_MODEL", "workspace": "BIG_WORKSPACE", "dtype": "BIG_DTYPE",
-                 "database_url": "BIG_DATABASE_URL", "role": "BIG_ROLE"}
+                 "database_url": "BIG_DATABASE_URL", "role": "BIG_ROLE", "serve_threads": "BIG_SERVE_THREADS"}
 
 
-def env_overrides() -> dict:
-    """The ServiceConfig values the environment sets (ENV_OVERRIDES), by field name."""
-    return {k: os.environ[e] for k, e in ENV_OVERRIDES.items() if os.environ.get(e)}
+class ConfigError(ValueError):
+    """A setting that BIG does not have, or a value it cannot take: raised at start, naming the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,10 @@ class ServiceConfig:
     job_lease_s: float = 20.0
     job_poll_s: float = 0.5  # how often an idle worker looks for a queued job
     max_job_attempts: int = 3  # a job whose worker dies this many times fails instead of being run again
+    # torch CPU threads of the serving thread (None: torch's default); beside a worker on one CPU, fewer.
+    serve_threads: int | None = None
+    # How long a lone /generate waits for other users' requests to share its pipeline calls.
+    batch_window_s: float = 0.005
 
     def __post_init__(self):
         if self.generation_batch < 1:
@@ -145,10 +149,98 @@ class ServiceConfig:
         check_settings(self.optimizer, self.gradient_checkpointing)
         if self.job_lease_s <= 0 or self.job_poll_s <= 0 or self.max_job_attempts < 1:
             raise ValueError("job_lease_s and job_poll_s must be positive and max_job_attempts at least 1")
+        if self.batch_window_s < 0 or (self.serve_threads is not None and self.serve_threads < 1):
+            raise ValueError("batch_window_s must not be negative, and serve_threads must be at least 1")
 
     @property
     def trains(self) -> bool:
         return self.role in ("all", "train")
+
+    def described(self) -> dict:
+        """The settings as a start-up log line shows them: no secret (auth's keys, a database URL's password)."""
+        out = dataclasses.asdict(self)
+        out["auth"] = {k: ("***" if k in ("secret", "public_key") else v) for k, v in self.auth.items()}
+        if self.database_url:
+            from sqlalchemy.engine import make_url
+
+            out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        return out
+
+
+def build_service_config(settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ,
+                         **overrides) -> ServiceConfig:
+    """The one way a process's ServiceConfig is built, by the Executor and `python -m big.worker` alike: the
+    defaults, under config.yml's `with:` values (`settings`), under the environment's (ENV_OVERRIDES), under
+    `overrides` (a command line's). A None value leaves the layer below; a key that is no setting, or a value of
+    the wrong kind, is a ConfigError that names it."""
+    fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+    unknown = [k for k in settings if k not in fields]
+    if unknown:
+        raise ConfigError("; ".join(_unknown(k, fields, "setting") for k in unknown))
+    layers = [settings, {k: environ[e] for k, e in ENV_OVERRIDES.items() if environ.get(e)}, overrides]
+    values = {k: _coerce(k, fields[k].type, v) for layer in layers for k, v in layer.items() if v is not None}
+    try:
+        return ServiceConfig(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def service_config_from_file(path: str, environ: Mapping[str, str] = os.environ, **overrides) -> ServiceConfig:
+    """`build_service_config` of an Executor config file's `with:` block (config.yml)."""
+    import yaml
+
+    with open(path) as f:
+        settings = (yaml.safe_load(f) or {}).get("with") or {}
+    return build_service_config(settings, environ, **overrides)
+
+
+def _unknown(key: str, known, what: str) -> str:
+    near = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"unknown {what} {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(key: str, kind: str, value):
+    """A config.yml or environment value as its field's type (`kind`, the annotation's text): the environment
+    gives strings, and YAML gives 1 where a float is meant."""
+    try:
+        if kind == "Limits":
+            return value if isinstance(value, Limits) else _limits(value)
+        if kind == "dict":
+            if not isinstance(value, Mapping):
+                raise TypeError("a mapping")
+            return dict(value)
+        if isinstance(value, str) and "bool" in kind and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if kind.startswith(("int", "float")):
+            if isinstance(value, bool):
+                raise TypeError("a number")
+            number = float(value)
+            if kind.startswith("int") and number != int(number):
+                raise TypeError("a whole number")
+            return int(number) if kind.startswith("int") else number
+        if kind == "bool" and not isinstance(value, bool):
+            raise TypeError("true or false")
+        if kind.startswith("str") and not isinstance(value, (str, bool)):
+            raise TypeError("a string")
+        return value
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        what = str(e) if isinstance(e, TypeError) else "a whole number" if kind.startswith("int") else "a number"
+        raise ConfigError(f"setting {key!r} must be {what}, not {value!r}") from None
+
+
+def _limits(value) -> Limits:
+    if not isinstance(value, Mapping):
+        raise TypeError("a mapping of limits")
+    names = {f.name: f for f in dataclasses.fields(Limits)}
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError("; ".join(_unknown(k, names, "limit") for k in unknown))
+    return Limits(**{k: _coerce(f"limits.{k}", names[k].type, v) for k, v in value.items()})
 
 
 def merge_finetune_layers(layers: Sequence[dict]) -> dict:

@@ -1,36 +1,22 @@
 """A training worker: `python -m big.worker` runs queued finetune jobs and serves nothing.
 
 It reads the same `config.yml` as the serving Executor (its `with:` block), so both sides agree on the base model,
-defaults and limits, and the same environment overrides (BIG_BASE_MODEL, BIG_WORKSPACE, BIG_DTYPE,
-BIG_DATABASE_URL). Run one per GPU, beside serving replicas with `role: serve`, over one database and one store
+defaults and limits, and the same environment overrides (`big.config.ENV_OVERRIDES`), through the same builder
+(`big.config.build_service_config`): a key that is no setting stops it, named. Run one per GPU, beside serving replicas with `role: serve`, over one database and one store
 (docs/scaling.md). SIGTERM or SIGINT stops claiming; a job still running is left to its lease, and another worker
 runs it again once the lease has passed.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import os
 import signal
+import sys
 import threading
 
-import yaml
-
-from big.config import Limits, ServiceConfig, env_overrides
-
-
-def config_from_yaml(path: str, **overrides) -> ServiceConfig:
-    """The ServiceConfig of an Executor config file's `with:` block, the environment and `overrides` (in rising
-    precedence); keys that only the Executor reads (batch_window_s) are skipped."""
-    with open(path) as f:
-        given = (yaml.safe_load(f) or {}).get("with") or {}
-    fields = {f.name for f in dataclasses.fields(ServiceConfig)}
-    values = {k: v for k, v in given.items() if k in fields and v is not None}
-    values.update(env_overrides())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["limits"] = Limits(**(values.get("limits") or {}))
-    return ServiceConfig(**values)
+from big.config import ConfigError, service_config_from_file
 
 
 def main(argv=None) -> None:
@@ -44,18 +30,21 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("BIG_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_yaml(args.config, workspace=args.workspace, database_url=args.database_url,
-                              train_workers=args.slots, train_threads=args.threads, job_lease_s=args.lease,
-                              role="train")
+    try:
+        config = service_config_from_file(args.config, workspace=args.workspace, database_url=args.database_url,
+                                          train_workers=args.slots, train_threads=args.threads,
+                                          job_lease_s=args.lease, role="train")
+    except (ConfigError, OSError) as e:
+        sys.exit(f"python -m big.worker: {args.config}: {e}")
     from big.service import BIGService  # after the arguments parse: loading the model takes a while
 
     service = BIGService(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("big.worker").info("worker %s ready: base %s, store %s, registry on %s",
+    logging.getLogger("big.worker").info("worker %s ready: base %s, store %s, registry on %s; settings %s",
                                          service.worker.id, config.base_model, service.ws.root,
-                                         service.registry.backend)
+                                         service.registry.backend, json.dumps(config.described()))
     print(f"BIG worker ready: {service.worker.id}", flush=True)
     stop.wait()
     service.close()

@@ -7,7 +7,6 @@ Endpoints are `async def` so that Jina does not serialise them: a /generate call
 import asyncio
 import hashlib
 import logging
-import os
 from typing import Optional
 
 from docarray import DocList
@@ -15,9 +14,8 @@ from docarray.documents import ImageDoc, TextDoc
 from jina import Executor, requests
 
 from big import parsing
-from big.config import Limits, ServiceConfig, env_overrides
+from big.config import build_service_config
 from big.errors import BadRequest
-from big.generation.sampling import DEFAULT_GENERATION_BATCH
 from big.scheduling import FairScheduler
 from big.service import BIGService
 from big.storage.workspace import png_bytes
@@ -28,42 +26,29 @@ log = logging.getLogger(__name__)
 
 
 class BIGExecutor(Executor):
-    def __init__(self, workspace: Optional[str] = None, base_model: str = "embedded", device: str = "auto",
-                 dtype: str = "auto", auth: Optional[dict] = None, finetune_defaults: Optional[dict] = None,
-                 generate_defaults: Optional[dict] = None, cache_max_bytes: int = 4 * 1024**3,
-                 train_workers: int = 1, train_threads: Optional[int] = None, class_image_steps: int = 20,
-                 fuse_adapters: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH,
-                 limits: Optional[dict] = None, batch_window_s: float = 0.005, database_url: Optional[str] = None,
-                 role: str = "all", job_lease_s: float = 20.0, serve_threads: Optional[int] = None,
-                 optimizer: str = "auto", gradient_checkpointing="auto", **kwargs):
-        super().__init__(**kwargs)
-        env = env_overrides()  # BIG_BASE_MODEL, BIG_WORKSPACE, ... over config.yml
-        base_model, workspace = env.get("base_model", base_model), env.get("workspace", workspace)
-        dtype, role = env.get("dtype", dtype), env.get("role", role)
-        database_url = env.get("database_url", database_url)
-        serve_threads = int(os.environ.get("BIG_SERVE_THREADS") or serve_threads or 0) or None
+    def __init__(self, metas: Optional[dict] = None, requests: Optional[dict] = None,
+                 runtime_args: Optional[dict] = None, dynamic_batching: Optional[dict] = None, **settings):
+        """`settings` is config.yml's `with:` block, every key a field of `big.config.ServiceConfig` (built by the
+        same function as the worker's: the environment over the file, an unknown key refused by name); the rest
+        is Jina's."""
+        super().__init__(metas=metas, requests=requests, runtime_args=runtime_args,
+                         dynamic_batching=dynamic_batching)
+        config = build_service_config(settings)
         # All of /generate's torch work, and loading, runs on this one thread, the least served user's call first,
-        # even between another call's denoising steps (big/scheduling.py). On a CPU, torch's OpenMP team belongs to the thread that calls it: a
-        # second team (the main thread's, from loading) left idle beside the serving thread's slows generation.
-        limits = Limits(**(limits or {}))
-        self._generate_thread = FairScheduler(limits.max_queued_generations, window=float(batch_window_s))
-        if serve_threads:
+        # even between another call's denoising steps (big/scheduling.py). On a CPU, torch's OpenMP team belongs
+        # to the thread that calls it: a second team (the main thread's, from loading) left idle beside the
+        # serving thread's slows generation.
+        self._generate_thread = FairScheduler(config.limits.max_queued_generations, window=config.batch_window_s)
+        if config.serve_threads:
             # The serving thread's own OpenMP team. Beside a training worker on the same CPU, a team as large as
             # the machine waits at every barrier for a thread the worker holds (docs/scaling.md, "Measured").
             import torch
 
-            self._generate_thread.submit("", torch.set_num_threads, serve_threads).result()
-        self.service = self._generate_thread.submit("", BIGService, ServiceConfig(
-            workspace=workspace or self.workspace or "workspace", base_model=base_model, device=device, dtype=dtype,
-            auth=auth or {}, finetune_defaults=finetune_defaults or {}, generate_defaults=generate_defaults or {},
-            cache_max_bytes=int(cache_max_bytes), train_workers=int(train_workers),
-            train_threads=int(train_threads) if train_threads else None,
-            class_image_steps=int(class_image_steps), fuse_adapters=bool(fuse_adapters),
-            generation_batch=int(generation_batch), limits=limits, database_url=database_url or None, role=role,
-            job_lease_s=float(job_lease_s), optimizer=optimizer, gradient_checkpointing=gradient_checkpointing)).result()
-        log.info("BIG ready (%s): base %s on %s in %s, workspace %s, registry on %s", role, base_model,
-                 self.service.device, self.service.base_pipe.unet.dtype, self.service.ws.root,
-                 self.service.registry.backend)
+            self._generate_thread.submit("", torch.set_num_threads, config.serve_threads).result()
+        self.service = self._generate_thread.submit("", BIGService, config).result()
+        log.info("BIG ready (%s): base %s on %s in %s, workspace %s, registry on %s; settings %s", config.role,
+                 config.base_model, self.service.device, self.service.base_pipe.unet.dtype, self.service.ws.root,
+                 self.service.registry.backend, config.described())
 
     def _user(self, parameters: dict) -> str:
         return self.service.auth.user_from_parameters(parameters or {})
