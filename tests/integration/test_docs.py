@@ -202,7 +202,7 @@ class Shell:
         return f"set -eo pipefail\n{command}\n"
 
     def run(self, command: str, timeout: float = 300) -> str:
-        state = self.logs / f"env-{len(self.ran)}"
+        state = self.logs / f"env-{time.time_ns()}"
         r = subprocess.run(["bash", "-c", self._script(command) + f"export -p > {shlex.quote(str(state))}\n"],
                            cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         assert r.returncode == 0, f"`{command}` exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -211,7 +211,7 @@ class Shell:
         return r.stdout
 
     def start(self, command: str, ready: str, timeout: float = 600) -> None:
-        log_path = self.logs / f"server-{len(self.servers)}.log"
+        log_path = self.logs / f"server-{time.time_ns()}.log"
         log = open(log_path, "w")
         proc = subprocess.Popen(["bash", "-c", self._script(f"exec {command}")], cwd=self.root, env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -292,15 +292,20 @@ def copy(tmp_path_factory):
 
 
 def test_the_first_command_and_the_tour(copy):
-    """From a fresh copy: the README's first command starts BIG (installing BIG into the copy's .venv on the way),
-    then the tour and the Python snippet run as printed; then the tour again with `jina flow --uses flow.yml`, the
-    command the first one runs, on a fresh workspace (the snippet's client calls are the tour's, once is enough)."""
+    """From a fresh copy: the README's first command starts BIG (installing BIG into the copy's .venv on the way)
+    and the tour's commands run as printed; then `jina flow --uses flow.yml` (what the first command runs) starts
+    BIG on a fresh workspace, and with a token minted as the tour mints it the Python snippet runs as printed. Each
+    start so teaches a concept and generates with it (a job of the embedded model's default length each)."""
     root, tmp = copy
-    starts = marked("start")
-    assert [b.page for b in starts][:1] == ["README.md"] and "./scripts/serve.sh" in starts[0].text
-    tours = marked("tour")
-    assert tours, "no block of the README is marked as the tour"
-    for n, start in enumerate(starts):
+    starts, tours = marked("start"), marked("tour")
+    assert [b.page for b in starts] == ["README.md"] * 2 and "./scripts/serve.sh" in starts[0].text
+    shell_tours = [b for b in tours if b.lang != "python"]
+    snippets = [b for b in tours if b.lang == "python"]
+    assert shell_tours and snippets, "the README's tour needs its commands and its Python snippet"
+    minting = [c for c, _ in commands(shell_tours[0]) if "big.auth mint" in c]
+    journeys = [shell_tours, [Block(shell_tours[0].page, shell_tours[0].line, "bash", "\n".join(minting) + "\n",
+                                    "tour", None), *snippets]]
+    for start, journey in zip(starts, journeys):
         shell = Shell(root, user_environment(str(tmp / "home")), tmp / "logs")
         promised: list[str] = []
         for folder in ("workspace", "out"):  # each start on a fresh workspace, as on a new machine
@@ -311,22 +316,21 @@ def test_the_first_command_and_the_tour(copy):
             t0 = time.time()
             run_block(shell, start, promised)
             ready = time.time() - t0
-            for block in tours:
-                if block.lang != "python":
-                    run_block(shell, block, promised)
-                elif n == 0:
-                    run_python(shell, block)
-            print(f"\n{start.where} ({commands(start)[0][0].split('#')[0].strip()}): ready in {ready:.1f} s; "
-                  f"tour {time.time() - t0 - ready:.1f} s; promised output seen: {promised}")
+            for block in journey:
+                run_python(shell, block) if block.lang == "python" else run_block(shell, block, promised)
+            print(f"\n{start.where} ({strip_comment(commands(start)[0][0])}): ready in {ready:.1f} s; then "
+                  f"{', '.join(b.where + ' ' + b.lang for b in journey)} in {time.time() - t0 - ready:.1f} s; "
+                  f"promised output seen: {promised}")
         finally:
             shell.stop()
-        pngs = sorted(glob.glob(os.path.join(root, "out", "*.png")))
-        assert len(pngs) >= 5 and os.path.join(root, "out", "contact_sheet.png") in pngs, pngs
-        if n == 0:
+        assert os.path.exists(os.path.join(root, "workspace", ".jwt_secret"))
+        if journey is shell_tours:
+            pngs = sorted(glob.glob(os.path.join(root, "out", "*.png")))
+            assert len(pngs) >= 5 and os.path.join(root, "out", "contact_sheet.png") in pngs, pngs
+        else:
             with Image.open(os.path.join(root, "first.png")) as im:
                 im.load()
                 assert im.size[0] >= 32 and "parameters" in im.text
-        assert os.path.exists(os.path.join(root, "workspace", ".jwt_secret"))
         # Ctrl-C left nothing serving on the README's port.
         assert subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{README_PORT}"],
                               capture_output=True).returncode != 0, f"something still serves on {README_PORT}"
