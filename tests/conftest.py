@@ -21,9 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# Two cores: one test process uses both; under pytest-xdist (pytest.ini: two workers) each worker takes one, since
-# a team of two per worker would wait at every OpenMP barrier for a thread the other worker holds.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(2)
 
 from benchmarks.harness import instance_images  # noqa: E402,F401 - the tests' concept images, as the benchmarks'
 from shapes_world.model import DEFAULT_MODEL_DIR  # noqa: E402
