@@ -19,5 +19,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
-# --no-build-isolation: build with the setuptools just pinned (no second download); --no-deps: the pins above rule.
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+# --no-build-isolation: build with the setuptools just pinned (no second download); --no-deps: the pins above rule;
+# no warnings: setuptools' banner about editable installs in general says nothing about this one.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
