@@ -1,9 +1,9 @@
 """A training worker: `python -m big.worker` runs queued finetune jobs and serves nothing.
 
-It reads the same `config.yml` as the serving Executor (its `with:` block), so both sides agree on the base model,
-defaults and limits, and the same environment overrides (`big.config.ENV_OVERRIDES`), through the same builder
-(`big.config.build_service_config`): a key that is no setting stops it, named. Run one per GPU, beside serving replicas with `role: serve`, over one database and one store
-(docs/scaling.md). SIGTERM or SIGINT stops claiming; a job still running is left to its lease, and another worker
+It reads the same `config.yml` as the serving Executor (its `with:` block) and the same environment overrides
+(`big.config.ENV_OVERRIDES`) through the same builder (`big.config.build_service_config`), so both sides agree on
+the base model, defaults and limits, and a key that is no setting stops it, named. Run one per GPU, beside serving
+replicas with `role: serve`, over one database and one store (docs/scaling.md). SIGTERM or SIGINT stops claiming; a job still running is left to its lease, and another worker
 runs it again once the lease has passed.
 """
 from __future__ import annotations
