@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, Optional
 
@@ -28,7 +29,9 @@ def free_port() -> int:
 def flow_file_on_port(flow_yml: str, port: int) -> str:
     """`flow_yml` (relative to the repository root) as `jina flow --uses` should be given it to serve on `port`:
     the file itself where it already names that port, else a copy beside it (`.<name>.port<port>.yml`, so
-    relative `uses:` paths and Jina's search paths resolve as for the file) with only the port changed."""
+    relative `uses:` paths and Jina's search paths resolve as for the file) with only the port changed; where that
+    folder is read-only (an image's /app), a copy in a temporary folder (relative `uses:` paths resolve from the
+    repository root, the flow's working directory)."""
     text = open(os.path.join(REPO, flow_yml)).read()
     ports = re.findall(r"^  port: (\d+)$", text, flags=re.M)
     if len(ports) != 1:
@@ -36,10 +39,17 @@ def flow_file_on_port(flow_yml: str, port: int) -> str:
     if int(ports[0]) == port:
         return flow_yml
     folder, name = os.path.split(flow_yml)
-    copy = os.path.join(folder, f".{os.path.splitext(name)[0]}.port{port}.yml")
-    with open(os.path.join(REPO, copy), "w") as f:
-        f.write(text.replace(f"  port: {ports[0]}\n", f"  port: {port}\n", 1))
-    return copy
+    text = text.replace(f"  port: {ports[0]}\n", f"  port: {port}\n", 1)
+    copy_name = f".{os.path.splitext(name)[0]}.port{port}.yml"
+    try:
+        with open(os.path.join(REPO, folder, copy_name), "w") as f:
+            f.write(text)
+        return os.path.join(folder, copy_name)
+    except PermissionError:
+        copy = os.path.join(tempfile.mkdtemp(prefix="big-flow-"), copy_name)
+        with open(copy, "w") as f:
+            f.write(text)
+        return copy
 
 
 def child_env(env: Optional[Dict[str, str]]) -> Dict[str, str]:
@@ -142,8 +152,9 @@ class WorkerProcess:
         os.makedirs(workdir, exist_ok=True)
         self.log_path = os.path.join(workdir, f"worker-{time.time_ns()}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", *args], cwd=REPO, env=child_env(env), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # As the docs print it: `python -m big.worker` from the repository root, config.yml by default.
+        self.proc = subprocess.Popen([sys.executable, "-m", "big.worker", *args], cwd=REPO, env=child_env(env),
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, n: int = 3000) -> str:
         return log_tail(self.log_path, n)
