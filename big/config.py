@@ -226,9 +226,9 @@ def _coerce(key: str, kind: str, value):
         if kind.startswith("str") and not isinstance(value, (str, bool)):
             raise TypeError("a string")
         return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
         what = str(e) if isinstance(e, TypeError) else "a whole number" if kind.startswith("int") else "a number"
         raise ConfigError(f"setting {key!r} must be {what}, not {value!r}") from None
 

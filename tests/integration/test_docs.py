@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 from conftest import postgres_database
+from executor.flow_process import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGES = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 RUNNABLE = {"bash", "sh", "shell", "console", "python"}
 # Who runs a marked block: these tests. Any other marker is `skip: REASON`.
@@ -111,20 +111,21 @@ def strip_comment(command: str) -> str:
 def test_every_runnable_block_is_run_or_says_why_not():
     """Each ```bash or ```python block is run by a test here, or marked with what it needs that this machine
     lacks; the report lists which blocks were skipped and why."""
-    unmarked = [b.where for b in runnable() if b.marker is None]
+    every = runnable()
+    unmarked = [b.where for b in every if b.marker is None]
     assert not unmarked, (f"runnable blocks that no test runs and no marker explains: {unmarked}; put "
                           "`<!-- docs-test: skip: REASON -->` (or a runner: " + ", ".join(RUNNERS) + ") above each")
-    unknown = [b.where for b in runnable() if b.marker not in RUNNERS and not (b.marker == "skip" and b.why)]
+    unknown = [b.where for b in every if b.marker not in RUNNERS and not (b.marker == "skip" and b.why)]
     assert not unknown, f"blocks with a marker that is neither a runner nor `skip: REASON`: {unknown}"
-    ran = [b for b in runnable() if b.marker in RUNNERS]
-    skipped = [b for b in runnable() if b.marker == "skip"]
+    ran = [b for b in every if b.marker in RUNNERS]
+    skipped = [b for b in every if b.marker == "skip"]
     print(f"\ndocs blocks: {len(ran)} run by tests, {len(skipped)} skipped")
     for b in ran:
         print(f"  ran      {b.where:28s} by {RUNNERS[b.marker]}")
     for b in skipped:
         print(f"  skipped  {b.where:28s} {b.why}")
     # The first command of the README is the one that starts BIG.
-    first = next(b for b in runnable() if b.page == "README.md")
+    first = next(b for b in every if b.page == "README.md")
     assert first.marker == "start" and "./scripts/serve.sh" in first.text
 
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from big.config import ConfigError, ServiceConfig, build_service_config
+from executor.flow_process import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TABLES = ("docs/configuration.md", "docs/scaling.md")
 # What a worker is whatever its file says: `python -m big.worker` runs jobs (documented in the role's row).
 WORKER_OWN = {"role": "train"}
