@@ -17,11 +17,18 @@ os.environ.setdefault("JINA_HIDE_SURVEY", "1")
 os.environ.setdefault("JINA_OPTOUT_TELEMETRY", "1")
 os.environ.setdefault("JINA_MP_START_METHOD", "spawn")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The README's test command runs the suite in pytest-xdist workers (pytest.ini's `-n`): each worker has its share of
+# the cores, and every process it starts (flows, training workers, a benchmark's strategies) inherits that share.
+# Waiting OpenMP threads sleep instead of spinning, so a process's team does not burn the core another one needs.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 from benchmarks.harness import instance_images  # noqa: E402,F401 - the tests' concept images, as the benchmarks'
 from shapes_world.model import DEFAULT_MODEL_DIR  # noqa: E402
@@ -38,6 +45,14 @@ def pytest_collection_modifyitems(config, items):
         tier = next((t for t in TIERS if t in item.path.parts), None)
         if tier:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's threads (a benchmark's `--threads`, an in-process Executor's `serve_threads`) leaves
+    the next one the worker's share."""
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -182,7 +182,8 @@ def seed_venv(root: str) -> None:
 
 def user_environment(home: str) -> dict:
     """A user's shell: this machine's PATH and locale, none of the suite's settings for BIG, Jina or Python."""
-    keep = {"PATH", "LANG", "LC_ALL", "TERM", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "JINA_HUB_ROOT", "TMPDIR"}
+    keep = {"PATH", "LANG", "LC_ALL", "TERM", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "JINA_HUB_ROOT", "TMPDIR",
+            "OMP_NUM_THREADS", "OMP_WAIT_POLICY"}  # the test worker's share of the cores (tests/conftest.py)
     env = {k: v for k, v in os.environ.items() if k in keep}
     path = [p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix)]
     env.update(PATH=os.pathsep.join(path), HOME=home, HF_HUB_OFFLINE="1", JINA_HIDE_SURVEY="1",
