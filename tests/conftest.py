@@ -39,12 +39,20 @@ TIERS = {"unit": "no model loaded", "service": "the service in-process on the em
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
+# The order the files are handed to the workers (pytest.ini: `--dist loadfile --no-loadscope-reorder`): the tiers
+# of long tests first, so that the workers end together rather than one of them on a long test alone.
+TIER_ORDER = ("integration", "bench_smoke", "service", "unit")
+
+
 def pytest_collection_modifyitems(config, items):
     """Each test is marked with its tier (the folder it is in), so `-m "not bench_smoke"` and the like select."""
+    def tier_of(item):
+        return next((t for t in TIERS if t in item.path.parts), None)
+
     for item in items:
-        tier = next((t for t in TIERS if t in item.path.parts), None)
-        if tier:
-            item.add_marker(getattr(pytest.mark, tier))
+        if tier_of(item):
+            item.add_marker(getattr(pytest.mark, tier_of(item)))
+    items.sort(key=lambda item: TIER_ORDER.index(tier_of(item)) if tier_of(item) else len(TIER_ORDER))
 
 
 @pytest.fixture(autouse=True)
