@@ -39,9 +39,9 @@ TIERS = {"unit": "no model loaded", "service": "the service in-process on the em
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
-# The order the files are handed to the workers (pytest.ini: `--dist loadfile --no-loadscope-reorder`): the tiers
-# of long tests first, so that the workers end together rather than one of them on a long test alone.
-TIER_ORDER = ("integration", "bench_smoke", "service", "unit")
+# The order the files are handed to the workers (pytest.ini: `--dist loadfile --no-loadscope-reorder`): the longest
+# tests first (the continual smoke, one test of minutes), so that the workers end together on short ones.
+TIER_ORDER = ("bench_smoke", "integration", "service", "unit")
 
 
 def pytest_collection_modifyitems(config, items):
