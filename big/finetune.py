@@ -6,6 +6,7 @@ new one on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,7 @@ from big import parsing
 from big.errors import BadRequest, Conflict
 from big.jobs import JobContext, job_error, job_view
 from big.models import ModelStore, model_key
-from big.storage.registry import LeaseLost, Registry
+from big.storage.registry import Registry
 from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.training import class_images, loop, memory, planner, preprocess
@@ -102,6 +103,9 @@ class Finetuner:
 
     def run_job(self, ctx: JobContext, job: dict) -> dict:
         """Run a claimed job (on whichever worker claimed it) from what the registry and the store hold."""
+        done = self.registry.get_concept(job["concept_id"])
+        if done is not None:  # committed by an earlier run (one from before a commit ended its job itself)
+            return {"concept_id": done["concept_id"], "identifier": done["identifier"], "model_version": done["version"]}
         req = parsing.FinetuneRequest.from_params(json.loads(job["params"]))
         return self.run(ctx, job["owner"], self.ws.load_job_inputs(job["job_id"]), req, job["concept_id"])
 
@@ -109,8 +113,11 @@ class Finetuner:
         self.ws.delete_job_inputs(job["job_id"])
 
     def before_rerun(self, job: dict) -> None:
-        """A job taken over from a worker that died: remove what that run left half-written."""
+        """A job taken over from a worker that died: remove what that run left half-written (its concept's
+        instance images too, unless a version holds the concept)."""
         left = self.ws.discard_unfinished(job["job_id"], self.registry.live_version_paths())
+        if self.registry.get_concept(job["concept_id"]) is None:
+            self.ws.delete_instances(job["concept_id"])
         if left:
             log.warning("job %s: removed %d folders an earlier run of it left unfinished", job["job_id"], len(left))
 
@@ -262,11 +269,16 @@ class Finetuner:
                 key, version, path, ctx.job_id, {
                     "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
                     "category": req.category, "n_images": n_images, "params": req.as_params()},
-                worker=ctx.worker), tag=ctx.job_id)
-        except LeaseLost:
-            raise  # the worker that holds the job now writes the same concept's images: leave them
+                worker=ctx.worker, job_result={"concept_id": concept_id, "identifier": meta.identifier,
+                                               "model_version": version, "loss": meta.final_loss}), tag=ctx.job_id)
         except BaseException:
-            self.ws.delete_instances(concept_id)
+            # Only while this run still holds the job are the images its own: once the lease has passed, the
+            # worker that took the job over writes (or has committed) the same concept's. When the registry is
+            # what failed, they stay for the job's next run to replace.
+            with contextlib.suppress(Exception):
+                if ctx.worker is None or self.registry.job_is(ctx.job_id, ctx.worker, "running"):
+                    if self.registry.get_concept(concept_id) is None:
+                        self.ws.delete_instances(concept_id)
             raise
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:

@@ -161,9 +161,10 @@ class JobWorker:
             if state["cancel"]:
                 raise JobCancelled("cancelled before it started")
             result = self.runner(JobContext(self.registry, job, lambda: state["lost"] or state["cancel"], self.id), job)
-            if state["lost"]:
+            ended = (self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"], **result)
+                     or self.registry.job_is(job_id, self.id, "succeeded"))  # its version's commit ended it
+            if not ended:
                 raise LeaseLost(job_id)
-            ended = self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"], **result)
         except LeaseLost:
             log.warning("job %s: its lease passed to another worker; this run's work is dropped", job_id)
         except VersionMovedOn as e:

@@ -142,10 +142,12 @@ class Registry:
 
     def commit_version(self, model_key: str, version: int, path: str, job_id: str | None,
                        concept: dict | None, concept_status: tuple[str, str] | None = None,
-                       worker: str | None = None) -> None:
+                       worker: str | None = None, job_result: dict | None = None) -> None:
         """Record a finished version and its concept (or, `concept_status` = (concept id, status), an earlier
         concept's new status), and make it current: one transaction. With `worker`, only while that worker
-        still holds job `job_id`'s lease (else LeaseLost)."""
+        still holds job `job_id`'s lease (else LeaseLost), and the same transaction ends the job as succeeded
+        with `job_result`'s fields: no moment has the version committed and its job still running, which a
+        lease's expiry would queue again."""
         with self.engine.begin() as conn:
             now = time.time()
             if worker is not None:
@@ -170,6 +172,10 @@ class Registry:
                 conn.execute(update(concepts).where(concepts.c.concept_id == concept_status[0])
                              .values(status=concept_status[1]))
             conn.execute(update(models).where(models.c.model_key == model_key).values(current_version=version))
+            if worker is not None:
+                conn.execute(update(jobs).where(jobs.c.job_id == job_id).values(
+                    status="succeeded", finished=now, eta_s=0.0, lease_until=None, step=jobs.c.total_steps,
+                    **(job_result or {})))
 
     # ------------------------------------------------------------------ concepts
     def concepts_of_model(self, model_key: str) -> list[dict]:
@@ -291,6 +297,12 @@ class Registry:
                                                    jobs.c.status == "running")
                                 .values(status=status, finished=time.time(), eta_s=0.0, lease_until=None,
                                         **fields)))
+
+    def job_is(self, job_id: str, worker: str, status: str) -> bool:
+        """Whether the job is `status` under this worker: running (its lease has not passed to another), or
+        succeeded (this worker's commit of its version ended it)."""
+        return self._one(select(jobs.c.job_id).where(jobs.c.job_id == job_id, jobs.c.worker == worker,
+                                                     jobs.c.status == status)) is not None
 
     def requeue_job(self, job_id: str, worker: str) -> bool:
         """Put a job this worker holds back in the queue, to run again from the start."""

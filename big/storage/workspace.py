@@ -55,11 +55,11 @@ class Workspace:
     def model_dir(self, model_key: str) -> str:
         return os.path.join(self.root, "models", slug("model", model_key))
 
-    def version_dir(self, model_key: str, version: int, tag: str) -> str:
-        """A version's folder, named by its writer too (`tag`: a job id): two writers of one version number (a
-        worker presumed dead and the one that took its job over) never share a folder; the registry records
-        which one became the version."""
-        return os.path.join(self.model_dir(model_key), f"v{version:04d}.{tag}")
+    def new_version_dir(self, model_key: str, version: int, tag: str) -> str:
+        """A new folder for a version, named by its writer (`tag`: a job id) and by this run of it: two writers of
+        one version number (a worker presumed dead and the one that took its job over, even two runs of one
+        job) never share a folder; the registry records which one became the version."""
+        return os.path.join(self.model_dir(model_key), f"v{version:04d}.{tag}.{uuid.uuid4().hex[:8]}")
 
     def new_staging_dir(self, tag: str = "x") -> str:
         """A fresh folder to write in before a move into place; `tag` (a job id) names whose it is, so that the
@@ -79,9 +79,7 @@ class Workspace:
 
     def publish_version(self, staging: str, model_key: str, version: int, tag: str) -> str:
         """Move a fully written staging folder to its version path (atomic rename)."""
-        final = self.version_dir(model_key, version, tag)
-        if os.path.exists(final):
-            raise FileExistsError(final)
+        final = self.new_version_dir(model_key, version, tag)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(staging, final)
         return final
@@ -108,9 +106,10 @@ class Workspace:
         return [(name.split(".", 1)[0], os.path.join(tmp, name)) for name in os.listdir(tmp)]
 
     def _version_dirs(self):
-        """(writer tag, path) of each version folder: named "v0005.<tag>" ("v0005" before writers were named)."""
+        """(writer tag, path) of each version folder: named "v0005.<tag>.<run>" ("v0005.<tag>" before runs were
+        named, "v0005" before writers were)."""
         models = os.path.join(self.root, "models")
-        return [(v.split(".", 1)[1] if "." in v else None, os.path.join(models, m, v))
+        return [(v.split(".")[1] if "." in v else None, os.path.join(models, m, v))
                 for m in os.listdir(models) for v in os.listdir(os.path.join(models, m))]
 
     # ------------------------------------------------------------------ a queued job's inputs
@@ -145,8 +144,17 @@ class Workspace:
             with open(os.path.join(staging, "captions.json"), "w") as f:
                 json.dump(list(captions), f)
         final = self.instance_dir(concept_id)
-        self.discard(final)
-        os.replace(staging, final)
+        if os.path.isdir(final):
+            # Another run of the same job (one taken over from a worker presumed dead) wrote them: the same
+            # inputs, and perhaps a committed concept's replay images, so never replaced.
+            self.discard(staging)
+            return final
+        try:
+            os.replace(staging, final)
+        except OSError:  # that other run moved its folder in a moment ago
+            self.discard(staging)
+            if not os.path.isdir(final):
+                raise
         return final
 
     def load_instances(self, concept_id: str) -> list[Image.Image]:

@@ -75,6 +75,37 @@ def test_a_dead_workers_job_is_run_again_and_the_dead_worker_can_no_longer_write
     assert registry.get_model("meta")["current_version"] == 1
 
 
+def test_a_versions_commit_ends_its_job_in_the_same_transaction(registry):
+    """No moment has a job's version committed and the job still running: a worker frozen or killed right after
+    the commit leaves nothing for a lease's expiry to queue again (issue 45: committed, then failed)."""
+    job = _job(registry)
+    registry.ensure_model("meta", "meta", None, "base")
+    registry.claim_job("w", 0.2)
+    registry.commit_version("meta", 1, "models/x", job, None, worker="w",
+                            job_result={"identifier": "sks", "model_version": 1, "loss": 0.25})
+    ended = registry.get_job(job)
+    assert (ended["status"], ended["identifier"], ended["model_version"], ended["step"]) == ("succeeded", "sks", 1, 10)
+    time.sleep(0.3)  # the worker stops here: its lease would have passed
+    assert registry.expire_leases(max_attempts=3) == [] and registry.get_job(job)["status"] == "succeeded"
+    assert registry.job_is(job, "w", "succeeded") and not registry.end_job(job, "w", "failed", error="late")
+
+
+def test_a_worker_whose_runner_committed_its_version_ends_the_job_once(registry):
+    registry.ensure_model("meta", "meta", None, "base")
+
+    def runner(ctx, job):
+        registry.commit_version("meta", 1, "models/x", ctx.job_id, None, worker=ctx.worker,
+                                job_result={"identifier": "sks", "model_version": 1})
+        return {"identifier": "sks", "model_version": 1}
+
+    discarded = []
+    worker = JobWorker(registry, runner, poll_s=0.05, discard=lambda job: discarded.append(job["job_id"]))
+    job = _job(registry)
+    assert JobQueue(registry, poll_s=0.05).wait(job, timeout=30)["status"] == "succeeded"
+    worker.close(timeout=5)
+    assert discarded == [job]  # its inputs dropped once, as for any ended job
+
+
 def test_a_job_whose_workers_keep_dying_fails_with_the_reason(registry):
     job = _job(registry)
     for attempt in range(2):

@@ -60,3 +60,28 @@ def test_startup_removes_only_what_nobody_owns(tmp_path):
     assert crashed in removed and leftover in removed and os.path.isdir(good) and os.path.isdir(busy)
     recent = ws.new_staging_dir("d")  # perhaps a replica's import, this very moment
     assert recent not in ws.clean_stale(reg.live_version_paths(), min_age_s=60)
+
+
+def test_two_runs_of_one_job_never_share_a_version_folder_and_a_rerun_removes_only_its_own(tmp_path):
+    """A worker presumed dead and the one that took its job over publish the same version number under the same
+    job id: two folders (the late one's move cannot fail on the other's); the rerun's cleanup of the job's leftovers
+    spares the committed one."""
+    ws = Workspace(str(tmp_path))
+    reg = Registry(ws.registry_path)
+    reg.ensure_model("meta", "meta", None, "base")
+    first = ws.publish_version(ws.new_staging_dir("job"), "meta", 1, "job")
+    reg.commit_version("meta", 1, first, "job", None)
+    late = ws.publish_version(ws.new_staging_dir("job"), "meta", 1, "job")
+    assert late != first and os.path.isdir(late)
+    assert ws.discard_unfinished("job", reg.live_version_paths()) == [late] and os.path.isdir(first)
+
+
+def test_a_concepts_instance_images_are_never_replaced_by_another_run(tmp_path):
+    from PIL import Image
+
+    ws = Workspace(str(tmp_path))
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    folder = ws.save_instances("c1", [red], tag="job")
+    assert ws.save_instances("c1", [blue], tag="job") == folder  # a second run of the job: kept, not swapped
+    assert ws.load_instances("c1")[0].getpixel((0, 0)) == (255, 0, 0)
+    assert not os.listdir(os.path.join(ws.root, "tmp"))  # its staging folder removed
