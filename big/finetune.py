@@ -105,7 +105,8 @@ class Finetuner:
         """Run a claimed job (on whichever worker claimed it) from what the registry and the store hold."""
         done = self.registry.get_concept(job["concept_id"])
         if done is not None:  # committed by an earlier run (one from before a commit ended its job itself)
-            return {"concept_id": done["concept_id"], "identifier": done["identifier"], "model_version": done["version"]}
+            return {"concept_id": done["concept_id"], "identifier": done["identifier"],
+                    "model_version": done["version"]}
         req = parsing.FinetuneRequest.from_params(json.loads(job["params"]))
         return self.run(ctx, job["owner"], self.ws.load_job_inputs(job["job_id"]), req, job["concept_id"])
 
@@ -276,9 +277,9 @@ class Finetuner:
             # worker that took the job over writes (or has committed) the same concept's. When the registry is
             # what failed, they stay for the job's next run to replace.
             with contextlib.suppress(Exception):
-                if ctx.worker is None or self.registry.job_is(ctx.job_id, ctx.worker, "running"):
-                    if self.registry.get_concept(concept_id) is None:
-                        self.ws.delete_instances(concept_id)
+                ours = ctx.worker is None or self.registry.job_is(ctx.job_id, ctx.worker, "running")
+                if ours and self.registry.get_concept(concept_id) is None:
+                    self.ws.delete_instances(concept_id)
             raise
 
     def prior_class_images(self, category: str, n: int) -> list[Image.Image]:

@@ -46,13 +46,12 @@ TIER_ORDER = ("bench_smoke", "integration", "service", "unit")
 
 def pytest_collection_modifyitems(config, items):
     """Each test is marked with its tier (the folder it is in), so `-m "not bench_smoke"` and the like select."""
-    def tier_of(item):
-        return next((t for t in TIERS if t in item.path.parts), None)
-
+    tiers = {}
     for item in items:
-        if tier_of(item):
-            item.add_marker(getattr(pytest.mark, tier_of(item)))
-    items.sort(key=lambda item: TIER_ORDER.index(tier_of(item)) if tier_of(item) else len(TIER_ORDER))
+        tiers[item.nodeid] = next((t for t in TIERS if t in item.path.parts), None)
+        if tiers[item.nodeid]:
+            item.add_marker(getattr(pytest.mark, tiers[item.nodeid]))
+    items.sort(key=lambda item: TIER_ORDER.index(tiers[item.nodeid]) if tiers[item.nodeid] else len(TIER_ORDER))
 
 
 @pytest.fixture(autouse=True)

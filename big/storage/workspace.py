@@ -144,14 +144,12 @@ class Workspace:
             with open(os.path.join(staging, "captions.json"), "w") as f:
                 json.dump(list(captions), f)
         final = self.instance_dir(concept_id)
-        if os.path.isdir(final):
-            # Another run of the same job (one taken over from a worker presumed dead) wrote them: the same
-            # inputs, and perhaps a committed concept's replay images, so never replaced.
-            self.discard(staging)
-            return final
         try:
             os.replace(staging, final)
-        except OSError:  # that other run moved its folder in a moment ago
+        except OSError:
+            # Another run of the same job (one taken over from a worker presumed dead) wrote them: the same
+            # inputs, and perhaps a committed concept's replay images, so never replaced (a rename onto a folder
+            # with files fails).
             self.discard(staging)
             if not os.path.isdir(final):
                 raise
