@@ -6,15 +6,19 @@ into place with os.replace, so a reader sees a whole file or folder, or none.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def slug(*parts: str) -> str:
@@ -68,6 +72,17 @@ class Workspace:
         os.makedirs(path)
         return path
 
+    @contextlib.contextmanager
+    def staging(self, tag: str):
+        """A fresh staging folder for the block to fill and move into place; removed if the block fails (a full or
+        read-only volume), so nothing half-written is left in tmp/."""
+        path = self.new_staging_dir(tag)
+        try:
+            yield path
+        except BaseException:
+            self.discard(path)
+            raise
+
     def discard_unfinished(self, tag: str, live_version_dirs: set[str]) -> list[str]:
         """What writer `tag` left unfinished (staging folders, version folders never committed): a killed run of
         a job, removed by the worker that runs it again."""
@@ -85,8 +100,12 @@ class Workspace:
         return final
 
     def discard(self, path: str | None) -> None:
+        """Remove a folder; what cannot be removed now is logged, and the next sweep (`clean_stale`) tries again."""
+        def failed(_function, failed_path, exc_info):
+            log.warning("could not remove %s (%s); the next sweep tries again", failed_path, exc_info[1])
+
         if path and os.path.exists(path):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, onerror=failed)
 
     def clean_stale(self, live_version_dirs: set[str], busy_tags: set[str] = frozenset(),
                     min_age_s: float = 0.0) -> list[str]:
@@ -119,9 +138,9 @@ class Workspace:
     def save_job_inputs(self, job_id: str, images: list[Image.Image]) -> None:
         """A job's instance images, written whole before the job is queued (a worker on another machine reads
         them); PNG, so the worker trains on exactly the pixels the request carried."""
-        staging = self.new_staging_dir(job_id)
-        _save_pngs(staging, images)
-        os.replace(staging, self.job_dir(job_id))
+        with self.staging(job_id) as staging:
+            _save_pngs(staging, images)
+            os.replace(staging, self.job_dir(job_id))
 
     def load_job_inputs(self, job_id: str) -> list[Image.Image]:
         d = self.job_dir(job_id)
@@ -138,19 +157,18 @@ class Workspace:
 
     def save_instances(self, concept_id: str, images: list[Image.Image],
                        captions: list[str | None] | None = None, tag: str = "x") -> str:
-        staging = self.new_staging_dir(tag)
-        _save_pngs(staging, images)
-        if captions and any(captions):
-            with open(os.path.join(staging, "captions.json"), "w") as f:
-                json.dump(list(captions), f)
         final = self.instance_dir(concept_id)
         try:
-            os.replace(staging, final)
+            with self.staging(tag) as staging:
+                _save_pngs(staging, images)
+                if captions and any(captions):
+                    with open(os.path.join(staging, "captions.json"), "w") as f:
+                        json.dump(list(captions), f)
+                os.replace(staging, final)
         except OSError:
             # Another run of the same job (one taken over from a worker presumed dead) wrote them: the same
             # inputs, and perhaps a committed concept's replay images, so never replaced (a rename onto a folder
             # with files fails).
-            self.discard(staging)
             if not os.path.isdir(final):
                 raise
         return final

@@ -85,3 +85,41 @@ def test_a_concepts_instance_images_are_never_replaced_by_another_run(tmp_path):
     assert ws.save_instances("c1", [blue], tag="job") == folder  # a second run of the job: kept, not swapped
     assert ws.load_instances("c1")[0].getpixel((0, 0)) == (255, 0, 0)
     assert not os.listdir(os.path.join(ws.root, "tmp"))  # its staging folder removed
+
+
+def test_a_failed_move_of_a_jobs_inputs_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """A volume that refuses the move (full, read-only): the error reaches the caller and tmp/ holds nothing of it
+    (issue 45: leftovers that only a worker's start used to clean)."""
+    from PIL import Image
+
+    ws = Workspace(str(tmp_path))
+
+    def refused(src, dst):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError, match="Read-only"):
+        ws.save_job_inputs("job", [Image.new("RGB", (8, 8))])
+    with pytest.raises(OSError, match="Read-only"):
+        ws.save_instances("c1", [Image.new("RGB", (8, 8))], tag="job")
+    assert not os.listdir(os.path.join(ws.root, "tmp")) and not os.path.exists(ws.job_dir("job"))
+
+
+def test_a_removal_that_fails_is_logged_not_ignored(tmp_path, monkeypatch, caplog):
+    ws = Workspace(str(tmp_path))
+    folder = ws.new_staging_dir("job")
+    open(os.path.join(folder, "weights.bin"), "wb").close()
+    real_unlink = os.unlink
+
+    def busy(path, *a, **k):
+        if path.endswith("weights.bin"):  # a file another process holds open (on some filesystems)
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", busy)
+    with caplog.at_level("WARNING", logger="big.storage.workspace"):
+        ws.discard(folder)
+    assert os.path.isdir(folder) and "next sweep tries again" in caplog.text
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert folder in ws.clean_stale(set())  # and the sweep does
+    assert not os.path.exists(folder)
