@@ -138,13 +138,13 @@ def publish(ws: Workspace, model_key: str, version: int, write: Callable[[str], 
     step fails, what this call put on disk is removed (never a folder another writer published) and the previous
     version keeps serving."""
     tag = tag or uuid.uuid4().hex
-    staging, path = ws.new_staging_dir(tag), None
-    try:
+    with ws.staging(tag) as staging:
         write(staging)
         path = ws.publish_version(staging, model_key, version, tag)
+    try:
         commit(path)
     except BaseException:
-        ws.discard(staging if path is None else path)
+        ws.discard(path)
         raise
     return path
 
