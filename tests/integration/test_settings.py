@@ -111,19 +111,15 @@ def worker_settings(proc: subprocess.Popen, log: str, timeout: float = 300) -> d
 
 def executor_settings(config: str) -> dict:
     """The settings of the BIGExecutor that Jina builds from `config`, as a flow's executor is built."""
-    import torch
     from jina import Executor
 
-    threads = torch.get_num_threads()
+    # serve_threads sets torch's threads for this whole process: tests/conftest.py gives the next test the suite's.
     executor = Executor.load_config(config)
     try:
         assert executor._generate_thread.window == executor.service.config.batch_window_s
         return executor.service.config.described()
     finally:
         executor.close()
-        # serve_threads set torch's threads for this whole process: the tests after this one keep the suite's
-        # (images are bit-identical only at one thread count).
-        torch.set_num_threads(threads)
 
 
 def deployment(folder) -> str:
