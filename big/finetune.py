@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from typing import Sequence
 
@@ -108,7 +109,9 @@ class Finetuner:
             return {"concept_id": done["concept_id"], "identifier": done["identifier"],
                     "model_version": done["version"]}
         req = parsing.FinetuneRequest.from_params(json.loads(job["params"]))
-        return self.run(ctx, job["owner"], self.ws.load_job_inputs(job["job_id"]), req, job["concept_id"])
+        with ctx.timed("load"):
+            images = self.ws.load_job_inputs(job["job_id"])
+        return self.run(ctx, job["owner"], images, req, job["concept_id"])
 
     def discard_inputs(self, job: dict) -> None:
         self.ws.delete_job_inputs(job["job_id"])
@@ -148,17 +151,18 @@ class Finetuner:
         # Across workers the registry lets one job of a key run at a time; this lock keeps an /import or an
         # admin action of this process from committing between (they run where the key's version is read).
         with self.store.lock(key):
-            version = self.registry.ensure_model(key, kind, None if kind == "meta" else user,
-                                                 self.base_key)["current_version"]
-            identifier = self._identifier(user, key, kind, req)
-            prepared = preprocess.prepare(images, list(req.captions) if req.captions else None, crop=req.crop,
-                                          split_oversized=req.split_oversized, flip=req.flip,
-                                          hue_copy_count=req.hue_copies)
-            limit = self.config.limits.max_prepared_images
-            if len(prepared.images) > limit * (1 + req.hue_copies):
-                raise BadRequest(f"{len(prepared.images) // (1 + req.hue_copies)} training images after tiling and "
-                                 f"flipping; at most {limit}")
-            stack = self.store.stack(key, version) if kind != "private" else metamodel.EMPTY
+            with ctx.timed("load"):
+                version = self.registry.ensure_model(key, kind, None if kind == "meta" else user,
+                                                     self.base_key)["current_version"]
+                identifier = self._identifier(user, key, kind, req)
+                prepared = preprocess.prepare(images, list(req.captions) if req.captions else None, crop=req.crop,
+                                              split_oversized=req.split_oversized, flip=req.flip,
+                                              hue_copy_count=req.hue_copies)
+                limit = self.config.limits.max_prepared_images
+                if len(prepared.images) > limit * (1 + req.hue_copies):
+                    raise BadRequest(f"{len(prepared.images) // (1 + req.hue_copies)} training images after "
+                                     f"tiling and flipping; at most {limit}")
+                stack = self.store.stack(key, version) if kind != "private" else metamodel.EMPTY
             result, plan, written, fit = self._train(ctx, key, kind, version, stack, identifier, prepared, req)
             meta = VersionMeta(
                 model_key_kind=kind, base=self.base_key, version=version + 1, method=req.method,
@@ -193,7 +197,8 @@ class Finetuner:
             metamodel=strategy["replay_earlier"])
         log.info("job %s: %s %r into %s v%d; prior plan:\n%s", ctx.job_id, req.method,
                  planner.concept_prompt(identifier, req.category), key, version, planner.describe_plan(plan))
-        priors, groups = self.prior_examples(plan)
+        with ctx.timed("class_images"):
+            priors, groups = self.prior_examples(plan)
         text = self.store.text_side
         tok = text.tokenizer
         token_ids = tok(identifier, add_special_tokens=False).input_ids
@@ -211,30 +216,32 @@ class Finetuner:
 
         def train(plan: memory.MemoryPlan):
             # Loaded per try: a fresh copy is trained in place, and a try that ran out of memory may have moved it.
-            unet, text_encoder, own_text = self.store.training_modules(key, trunk, stored if fresh else None)
-            result = loop.dreambooth(
-                vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                noise_scheduler=self.store.noise_scheduler(),
-                instances=concept_examples(prepared.images, identifier, req.category, prepared.captions,
-                                           req.prompt_templates), priors=priors,
-                learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
-                train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
-                train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
-                seed=req.seed, size=self.size,
-                prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
-                train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth"
-                and not text.xl else (),
-                embedding_learning_rate=req.embedding_learning_rate,
-                lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
-                if req.method == "lora" else None,
-                embedding=embedding, train_unet=req.method != "textual_inversion",
-                prior_groups=groups if strategy.get("balanced") else None,
-                lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
-                mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
-                modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop,
-                text_encoder_2=text.encoders[1] if text.xl else None,
-                tokenizer_2=text.tokenizers[1] if text.xl else None,
-                gradient_checkpointing=plan.gradient_checkpointing, eight_bit_adam=plan.eight_bit_adam)
+            with ctx.timed("load"):
+                unet, text_encoder, own_text = self.store.training_modules(key, trunk, stored if fresh else None)
+            with ctx.timed("train"):
+                result = loop.dreambooth(
+                    vae=self.base_pipe.vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                    noise_scheduler=self.store.noise_scheduler(),
+                    instances=concept_examples(prepared.images, identifier, req.category, prepared.captions,
+                                               req.prompt_templates), priors=priors,
+                    learning_rate=req.learning_rate, max_train_steps=req.max_train_steps,
+                    train_batch_size=req.train_batch_size, prior_loss_weight=req.prior_loss_weight,
+                    train_text_encoder=req.train_text_encoder if req.method == "dreambooth" else req.lora_text_encoder,
+                    seed=req.seed, size=self.size,
+                    prior_batch_size=req.train_batch_size * strategy["prior_batch_factor"], anchor_weight=anchor_weight,
+                    train_token_ids=token_ids if req.train_identifier_embedding and req.method == "dreambooth"
+                    and not text.xl else (),
+                    embedding_learning_rate=req.embedding_learning_rate,
+                    lora=loop.LoraSettings(req.lora_rank, req.lora_alpha, req.lora_text_encoder, req.lora_targets)
+                    if req.method == "lora" else None,
+                    embedding=embedding, train_unet=req.method != "textual_inversion",
+                    prior_groups=groups if strategy.get("balanced") else None,
+                    lr_scheduler=req.lr_scheduler, lr_warmup_steps=req.lr_warmup_steps, snr_gamma=req.snr_gamma,
+                    mixed_precision=loop.mixed_precision_for(self.base_pipe.unet.dtype, self.store.device),
+                    modules_are_copies=fresh, progress=ctx.progress, should_stop=ctx.should_stop,
+                    text_encoder_2=text.encoders[1] if text.xl else None,
+                    tokenizer_2=text.tokenizers[1] if text.xl else None,
+                    gradient_checkpointing=plan.gradient_checkpointing, eight_bit_adam=plan.eight_bit_adam)
             return result, text_encoder, own_text
 
         trained = 0  # LoRA's and an embedding's parameters are megabytes: nothing to plan for
@@ -265,13 +272,20 @@ class Finetuner:
             self.ws.save_instances(concept_id, prepared.images,
                                    list(prepared.captions) if any(prepared.captions) else None, tag=ctx.job_id)
 
-        try:
-            publish(self.ws, key, version, write, lambda path: self.registry.commit_version(
+        start = time.perf_counter()
+
+        def commit(path):
+            ctx.seconds.add("commit", time.perf_counter() - start)  # the files are written; one transaction is left
+            self.registry.commit_version(
                 key, version, path, ctx.job_id, {
                     "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,
                     "category": req.category, "n_images": n_images, "params": req.as_params()},
                 worker=ctx.worker, job_result={"concept_id": concept_id, "identifier": meta.identifier,
-                                               "model_version": version, "loss": meta.final_loss}), tag=ctx.job_id)
+                                               "model_version": version, "loss": meta.final_loss,
+                                               "seconds": ctx.seconds.encoded()})
+
+        try:
+            publish(self.ws, key, version, write, commit, tag=ctx.job_id)
         except BaseException:
             # Only while this run still holds the job are the images its own: once the lease has passed, the
             # worker that took the job over writes (or has committed) the same concept's. When the registry is

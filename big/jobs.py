@@ -8,6 +8,8 @@ once the lease has passed any live worker queues the job again and the next free
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -23,13 +25,55 @@ from big.storage.registry import JOB_DONE, LeaseLost, Registry, VersionMovedOn
 log = logging.getLogger(__name__)
 
 
+# Where a job's seconds go, in order: waiting in the queue (from /finetune to the start of the run that ended it,
+# earlier runs' time included), loading its inputs and the modules it trains, the class images of its prior
+# (generated once per category, then read), the training steps, and writing its version's files.
+JOB_STAGES = ("queue", "load", "class_images", "train", "commit")
+
+
+class JobSeconds:
+    """The seconds of a job's stages (JOB_STAGES), the one owner of their stored form (the jobs row's JSON)."""
+
+    def __init__(self, job: dict):
+        self.seconds = {stage: 0.0 for stage in JOB_STAGES}
+        if job.get("started") and job.get("created"):
+            self.seconds["queue"] = max(0.0, job["started"] - job["created"])
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+
+    def encoded(self) -> str:
+        return json.dumps({stage: round(s, 3) for stage, s in self.seconds.items()})
+
+    @staticmethod
+    def view(job: dict) -> dict | None:
+        """A job row's stages and its total (from /finetune to its end), or None for a job not ended or from
+        before they were recorded."""
+        if not job.get("seconds"):
+            return None
+        stages = json.loads(job["seconds"])
+        total = job["finished"] - job["created"] if job.get("finished") else None
+        return {**{stage: stages.get(stage, 0.0) for stage in JOB_STAGES},
+                "total": None if total is None else round(total, 3)}
+
+
 class JobContext:
-    """What a running job may do: report progress and ask whether it should stop."""
+    """What a running job may do: report progress, time its stages and ask whether it should stop."""
 
     def __init__(self, registry: Registry, job: dict, stop: Callable[[], bool], worker: str | None = None):
         """`worker`: the id whose lease the job runs under (its commit checks that the lease is still held)."""
         self.registry, self.job, self.job_id, self.total_steps = registry, job, job["job_id"], job["total_steps"]
         self.worker = worker
+        self.seconds = JobSeconds(job)
+        self.timed = self.seconds.timed
         self._stop = stop
         self._started = time.time()
         self._last_write = 0.0
@@ -155,13 +199,15 @@ class JobWorker:
 
             torch.set_num_threads(self.threads)
         ended = False
+        ctx = JobContext(self.registry, job, lambda: state["lost"] or state["cancel"], self.id)
         try:
             if job["attempts"] > 1:
                 self.before_rerun(job)
             if state["cancel"]:
                 raise JobCancelled("cancelled before it started")
-            result = self.runner(JobContext(self.registry, job, lambda: state["lost"] or state["cancel"], self.id), job)
-            ended = (self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"], **result)
+            result = self.runner(ctx, job)
+            ended = (self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"],
+                                           seconds=ctx.seconds.encoded(), **result)
                      or self.registry.job_is(job_id, self.id, "succeeded"))  # its version's commit ended it
             if not ended:
                 raise LeaseLost(job_id)
@@ -173,12 +219,15 @@ class JobWorker:
             self.registry.requeue_job(job_id, self.id)
         except JobCancelled as e:
             if not state["lost"]:
-                ended = self.registry.end_job(job_id, self.id, "cancelled", error=_message(e), error_code=e.code)
+                ended = self.registry.end_job(job_id, self.id, "cancelled", error=_message(e), error_code=e.code,
+                                              seconds=ctx.seconds.encoded())
         except BIGError as e:
-            ended = self.registry.end_job(job_id, self.id, "failed", error=_message(e), error_code=e.code)
+            ended = self.registry.end_job(job_id, self.id, "failed", error=_message(e), error_code=e.code,
+                                          seconds=ctx.seconds.encoded())
         except Exception as e:  # a crash in training must not take the worker down
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            ended = self.registry.end_job(job_id, self.id, "failed", error=f"{type(e).__name__}: {e}")
+            ended = self.registry.end_job(job_id, self.id, "failed", error=f"{type(e).__name__}: {e}",
+                                          seconds=ctx.seconds.encoded())
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
@@ -195,8 +244,10 @@ VIEW_FIELDS = ("job_id", "status", "step", "total_steps", "loss", "eta_s", "erro
 
 
 def job_view(job: dict) -> dict:
-    """What a client sees of a job; an error reads "[code] message" as the client's own errors do."""
+    """What a client sees of a job; an error reads "[code] message" as the client's own errors do; `seconds`:
+    where an ended job's time went (`JobSeconds.view`)."""
     view = {k: job.get(k) for k in VIEW_FIELDS}
+    view["seconds"] = JobSeconds.view(job)
     if job.get("error_code"):
         view["error"] = f"[{job['error_code']}] {job['error']}"
     return view

@@ -24,6 +24,15 @@ import sys
 from .big_client import BIGClient, save_images
 
 
+def seconds_line(job) -> str:
+    """Where an ended job's seconds went, as one line: "took 61.2 s: queue 0.3, load 1.2, class_images 4.0, ..."."""
+    seconds = getattr(job, "seconds", None)  # None from a server (or documents) from before jobs recorded them
+    if seconds is None or seconds.total is None:
+        return "took ? s (not recorded)"
+    stages = {k: v for k, v in seconds.dict().items() if k not in ("id", "total") and v is not None}
+    return f"took {seconds.total:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+
+
 def _generation_parser(sub, name: str, help_text: str, n_prompts):
     """The options /generate, /sweep and /grid share."""
     p = sub.add_parser(name, help=help_text)
@@ -115,6 +124,7 @@ def main(argv=None) -> int:
         if c.text:
             print(f'Finetuning was successful. The identifier is "{c.text}": try "{c.prompt}" '
                   f"(target_model={c.target_model}, version {c.model_version})")
+            print(seconds_line(big.jobs(c.job_id)[0]))
         else:
             print(f"queued as job {c.job_id}")
     elif a.cmd == "generate":
@@ -141,6 +151,8 @@ def main(argv=None) -> int:
         for j in big.jobs(a.job_id, a.cancel):
             print(f"{j.text} {j.status:9s} step {j.step}/{j.total_steps} loss {j.loss} eta {j.eta_s}s "
                   f"{j.identifier or ''} {j.error or ''}")
+            if getattr(j, "seconds", None):
+                print(f"    {seconds_line(j)}")
     elif a.cmd == "delete":
         big.delete(a.identifier)
         print(f"deleted {a.identifier}")

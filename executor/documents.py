@@ -6,6 +6,7 @@ Each response type extends a standard docarray document, so a client that only k
 
 from typing import Optional
 
+from docarray import BaseDoc
 from docarray.documents import ImageDoc, TextDoc
 
 
@@ -35,6 +36,18 @@ class GeneratedImageDoc(ImageDoc):
     kind: Optional[str] = None  # "image"; from /sweep also one "animation" (GIF), from /grid one "contact_sheet"
 
 
+class JobSecondsDoc(BaseDoc):
+    """Where an ended job's seconds went, its stages in order (`big.jobs.JOB_STAGES`), and `total` from /finetune
+    to its end."""
+
+    queue: Optional[float] = None
+    load: Optional[float] = None
+    class_images: Optional[float] = None
+    train: Optional[float] = None
+    commit: Optional[float] = None
+    total: Optional[float] = None
+
+
 class JobDoc(TextDoc):
     """`text` is the job id."""
 
@@ -48,6 +61,7 @@ class JobDoc(TextDoc):
     category: Optional[str] = None
     target_model: Optional[str] = None
     model_version: Optional[int] = None
+    seconds: Optional[JobSecondsDoc] = None  # an ended job's
 
 
 class ConceptFileDoc(TextDoc):

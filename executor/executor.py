@@ -20,7 +20,7 @@ from big.scheduling import FairScheduler
 from big.service import BIGService
 from big.storage.workspace import png_bytes
 from executor.decode import decode_instance_images
-from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc
+from executor.documents import ConceptDoc, ConceptFileDoc, GeneratedImageDoc, JobDoc, JobSecondsDoc
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class BIGExecutor(Executor):
         else:
             rows = await asyncio.to_thread(self.service.list_jobs, user)
         return DocList[JobDoc]([JobDoc(text=j["job_id"], target_model=j["target"],
+                                       seconds=JobSecondsDoc(**j["seconds"]) if j["seconds"] else None,
                                        **{k: j[k] for k in ("status", "step", "total_steps", "loss", "eta_s",
                                                             "error", "identifier", "category", "model_version")})
                                 for j in rows])

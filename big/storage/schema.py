@@ -68,6 +68,8 @@ jobs = Table(
     Column("worker", Text),
     Column("lease_until", Float),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    # Where a job's seconds went (revision 0003): `big.jobs.JobSeconds`' JSON, written when the job ends.
+    Column("seconds", Text),
 )
 
 # A model key's single writer, across every worker: at most one running job per key (SQLite and PostgreSQL both

@@ -57,3 +57,13 @@ def test_scale_smoke(tmp_path):
     assert r["finetunes"]["two_over_one"] > 0 and r["worker_kill"]["kill_to_running_again_s"] > 0
     assert r["one_process"]["training"]["served"] == r["separate_processes_own_cores"]["training"]["served"] == 2
     assert (tmp_path / "scale.json").exists()
+
+
+def test_time_to_concept_smoke(tmp_path):
+    from benchmarks import time_to_concept
+
+    r = time_to_concept.main(["--preset", "smoke", "--out", str(tmp_path)])
+    jobs = r["models"][0]["jobs"]
+    assert [j["run"] for j in jobs] == ["first_of_category", "class_images_cached"]
+    assert jobs[0]["class_images"] > 0 and all(j["train"] > 0 and j["total"] > 0 for j in jobs)
+    assert r["models"][0]["lora_vs_reference"] > 0 and (tmp_path / "time_to_concept.md").exists()

@@ -1,6 +1,7 @@
 """The real thing: `jina flow --uses flow.yml` in a subprocess, driven over gRPC by jina's Client."""
 import io
 import os
+import re
 import time
 
 import pytest
@@ -123,6 +124,7 @@ def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_pa
     assert cli.main(["--host", host, "--token", token, "finetune", sample, "--category", "shape", "--steps", "5"]) == 0
     printed = capsys.readouterr().out
     ident = printed.split('identifier is "')[1].split('"')[0]
+    assert re.search(r"took [0-9.]+ s: queue [0-9.]+, load [0-9.]+, class_images [0-9.]+, train [0-9.]+, commit", printed)
     out = tmp_path / "out"
     assert cli.main(["--host", host, "--token", token, "generate", f"a {ident} shape", "--target", "private",
                      "--identifier", ident, "--num-images", "3", "--steps", "4", "--seed", "2", "--out", str(out)]) == 0
@@ -132,6 +134,8 @@ def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_pa
         assert "Seed: 2" in im.text["parameters"]
     assert cli.main(["--host", host, "--token", token, "concepts"]) == 0
     assert ident in capsys.readouterr().out
+    assert cli.main(["--host", host, "--token", token, "jobs"]) == 0  # each ended job with where its time went
+    assert re.search(r"succeeded .*\n    took [0-9.]+ s: queue", capsys.readouterr().out)
 
 
 def test_cli_sweep_and_grid_write_frames_a_gif_and_a_sheet(flow, tmp_path):

@@ -17,6 +17,9 @@ from conftest import instance_images
 def test_private_finetune_then_generate_reproducibly(service):
     r = service.finetune("alice", instance_images(), {"category": "shape"})
     assert r["status"] == "succeeded" and r["target"] == "private" and r["model_version"] == 1
+    seconds = r["seconds"]  # where the job's time went, from its row (what /jobs and the CLI show)
+    assert all(seconds[stage] > 0 for stage in ("load", "train", "commit")) and seconds["class_images"] >= 0
+    assert seconds["total"] >= seconds["train"] + seconds["commit"]
     ident = r["identifier"]
     params = {"target_model": "private", "identifier": ident, "num_images": 2, "seed": 11}
     a = service.generate("alice", [f"a {ident} shape"], params)
@@ -104,7 +107,9 @@ def test_async_job_progress_and_cancel_leave_nothing_behind(service):
     service.job("alice", job_id, cancel=True)
     final = service.jobs.wait(job_id, timeout=60)
     assert final["status"] == "cancelled"
-    assert service.job("alice", job_id)["eta_s"] == 0.0  # ended: nothing left to wait for
+    ended = service.job("alice", job_id)
+    assert ended["eta_s"] == 0.0  # ended: nothing left to wait for
+    assert ended["seconds"]["train"] > 0 and ended["seconds"]["commit"] == 0.0  # where its time went, to the cancel
     assert service.registry.get_model("private_meta:alice")["current_version"] == 0
     assert service.concepts("alice") == []
 

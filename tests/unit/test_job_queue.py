@@ -6,7 +6,7 @@ import time
 import pytest
 
 from big.errors import JobCancelled
-from big.jobs import JobQueue, JobWorker
+from big.jobs import JOB_STAGES, JobQueue, JobWorker, job_view
 from big.storage.registry import LeaseLost, Registry
 
 
@@ -104,6 +104,31 @@ def test_a_worker_whose_runner_committed_its_version_ends_the_job_once(registry)
     assert JobQueue(registry, poll_s=0.05).wait(job, timeout=30)["status"] == "succeeded"
     worker.close(timeout=5)
     assert discarded == [job]  # its inputs dropped once, as for any ended job
+
+
+def test_an_ended_job_says_where_its_seconds_went_succeeded_or_failed(registry):
+    def runner(ctx, job):
+        with ctx.timed("load"):
+            time.sleep(0.01)
+        with ctx.timed("train"):
+            time.sleep(0.02)
+            if job["category"] == "broken":
+                raise RuntimeError("simulated crash")
+        return {"identifier": "sks"}
+
+    worker = JobWorker(registry, runner, poll_s=0.05)
+    ok = _job(registry)
+    broken = registry.create_job("u", "private", "broken", 10, {}, model_key="private:b")
+    queue = JobQueue(registry, poll_s=0.05)
+    assert registry.get_job(ok)["seconds"] is None  # not ended yet
+    views = {job: job_view(queue.wait(job, timeout=30)) for job in (ok, broken)}
+    worker.close(timeout=5)
+    assert [views[ok]["status"], views[broken]["status"]] == ["succeeded", "failed"]
+    for view in views.values():
+        seconds = view["seconds"]
+        assert list(seconds) == [*JOB_STAGES, "total"]
+        assert seconds["load"] >= 0.01 and seconds["train"] >= 0.02 and seconds["commit"] == 0.0
+        assert seconds["total"] >= sum(seconds[s] for s in JOB_STAGES) - 0.01  # the stages are parts of it
 
 
 def test_a_job_whose_workers_keep_dying_fails_with_the_reason(registry):
@@ -231,6 +256,13 @@ def test_a_workspace_from_before_alembic_upgrades_in_place(tmp_path):
     with reg.engine.connect() as conn:
         import sqlalchemy as sa
 
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+    assert old["seconds"] is None  # ended before jobs recorded where their seconds went
     Registry(str(path)).close()  # opening again changes nothing
     reg.close()
+
+
+def test_the_wire_document_of_a_jobs_seconds_has_every_stage_in_order():
+    from executor.documents import JobSecondsDoc
+
+    assert [f for f in JobSecondsDoc.__fields__ if f != "id"] == [*JOB_STAGES, "total"]
