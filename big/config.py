@@ -136,6 +136,8 @@ class ServiceConfig:
     job_lease_s: float = 20.0
     job_poll_s: float = 0.5  # how often an idle worker looks for a queued job
     max_job_attempts: int = 3  # a job whose worker dies this many times fails instead of being run again
+    # How long a /finetune's idempotency key maps a retried request to the job its first try queued.
+    request_key_ttl_s: float = 24 * 3600.0
     # torch CPU threads of the serving thread (None: torch's default); beside a worker on one CPU, fewer.
     serve_threads: int | None = None
     # How long a lone /generate waits for other users' requests to share its pipeline calls.
@@ -147,8 +149,9 @@ class ServiceConfig:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
         check_settings(self.optimizer, self.gradient_checkpointing)
-        if self.job_lease_s <= 0 or self.job_poll_s <= 0 or self.max_job_attempts < 1:
-            raise ValueError("job_lease_s and job_poll_s must be positive and max_job_attempts at least 1")
+        if self.job_lease_s <= 0 or self.job_poll_s <= 0 or self.max_job_attempts < 1 or self.request_key_ttl_s <= 0:
+            raise ValueError("job_lease_s, job_poll_s and request_key_ttl_s must be positive and max_job_attempts at "
+                             "least 1")
         if self.batch_window_s < 0 or (self.serve_threads is not None and self.serve_threads < 1):
             raise ValueError("batch_window_s must not be negative, and serve_threads must be at least 1")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from big import parsing
 from big.errors import BadRequest, Conflict
 from big.jobs import JobContext, job_error, job_view
 from big.models import ModelStore, model_key
-from big.storage.registry import Registry
+from big.storage.registry import Registry, RequestSeen
 from big.storage.versions import EmbeddingWeights, LoraWeights, VersionMeta, publish, write_version
 from big.storage.workspace import Workspace
 from big.training import class_images, loop, memory, planner, preprocess
@@ -45,6 +46,18 @@ def concept_examples(images, identifier: str, category: str, captions, templates
         if caption:
             out.append(loop.TrainExample(im, planner.concept_prompt(identifier, category, caption)))
     return out
+
+
+def request_hash(req: parsing.FinetuneRequest, images: Sequence[Image.Image]) -> str:
+    """What a retry of a /finetune request has in common with its first try: its parsed parameters and its images'
+    pixels (sha256), so a key reused for another request is told apart. Whether the caller waits is no part of
+    what is trained: a retry may wait where its first try did not."""
+    trained = {k: v for k, v in req.as_params().items() if k != "wait"}
+    h = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode())
+    for im in images:
+        h.update(f"{im.mode}:{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
 
 
 def refuse_text_encoder_training_on_xl(req: parsing.FinetuneRequest, params: dict) -> None:
@@ -89,6 +102,14 @@ class Finetuner:
             raise BadRequest("no instance images")
         if req.captions is not None and len(req.captions) != len(images):
             raise BadRequest(f"captions: {len(req.captions)} for {len(images)} images; give one per image")
+        key = parsing.request_key_of(params)
+        request_key = None
+        if key is not None:
+            request_key = (key, request_hash(req, images), self.config.request_key_ttl_s)
+            try:
+                self.registry.seen_request(user, *request_key)
+            except RequestSeen as seen:
+                return self._seen(seen, key), req.wait
         if req.target == "private":  # the jobs already queued for it will add theirs too
             self.store.check_quota(user, new_concepts=1 + self.registry.count_jobs(user, target="private"))
         job_id, concept_id = uuid.uuid4().hex, uuid.uuid4().hex
@@ -96,11 +117,23 @@ class Finetuner:
         try:
             self.registry.create_job(user, req.target, req.category, req.max_train_steps, req.as_params(),
                                      job_id=job_id, model_key=model_key(req.target, user, concept_id),
-                                     concept_id=concept_id, max_active=self.config.limits.max_jobs_per_user)
+                                     concept_id=concept_id, max_active=self.config.limits.max_jobs_per_user,
+                                     request_key=request_key)
+        except RequestSeen as seen:  # the same key's first try was queued a moment ago, on another replica
+            self.ws.delete_job_inputs(job_id)
+            return self._seen(seen, key), req.wait
         except BaseException:
             self.ws.delete_job_inputs(job_id)
             raise
         return job_id, req.wait
+
+    def _seen(self, seen: RequestSeen, key: str) -> str:
+        """The job of a request sent again with its idempotency key; a Conflict if the key named another request."""
+        if not seen.same:
+            raise Conflict(f"idempotency_key {key!r} was already used for another /finetune request (other images "
+                           "or parameters); send a new key with each new request")
+        log.info("job %s: a retry of the request that queued it (idempotency key) gets it again", seen.job_id)
+        return seen.job_id
 
     def run_job(self, ctx: JobContext, job: dict) -> dict:
         """Run a claimed job (on whichever worker claimed it) from what the registry and the store hold."""

@@ -87,6 +87,17 @@ def category_of(params: dict) -> str:
     return cat
 
 
+def request_key_of(params: dict) -> str | None:
+    """A writing request's `idempotency_key` (any 1-200 printable characters: a UUID per call, a tune's title),
+    or None when the request has none."""
+    key = given(params, "idempotency_key", None)
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= 200 or not key.isprintable():
+        raise BadRequest("idempotency_key must be 1-200 printable characters (e.g. a UUID made once per request)")
+    return key
+
+
 def target_of(params: dict, allowed: tuple[str, ...], default: str) -> str:
     return _choice(params, "target_model", allowed, default)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import uuid
 from typing import Iterable
 
 from docarray import DocList
@@ -54,11 +55,12 @@ class BIGClient:
         return {"jwt": {"token": self.token}, **params}
 
     def finetune(self, folder: str, category: str, target_model: str = "private", captions_from: str = "sidecar",
-                 **kw) -> ConceptDoc:
+                 idempotency_key: str | None = None, **kw) -> ConceptDoc:
         """Teach the images in `folder`. Captions (the `[filewords]` of a `prompt_template`) come from each
         image's sidecar `.txt` (`captions_from="sidecar"`), its file name ("filename": "a red boat (2).png"
         -> "a red boat"), or nowhere ("none"). `method`, `lora_rank`, `num_vectors`, `crop`, `flip`... pass
-        through as parameters."""
+        through as parameters. `idempotency_key` (a new UUID per call unless given): sending the same call again
+        with it gets the job the first one queued, never a second concept."""
         paths = images_in(folder)
         if captions_from not in ("sidecar", "filename", "none"):
             raise ValueError("captions_from is sidecar, filename or none")
@@ -67,7 +69,8 @@ class BIGClient:
         if any(captions) and "captions" not in kw:
             kw["captions"] = captions
         return self.client.post("/finetune", inputs=image_docs(paths), parameters=self._params(
-            category=category, target_model=target_model, **kw), return_type=DocList[ConceptDoc])[0]
+            category=category, target_model=target_model, idempotency_key=idempotency_key or uuid.uuid4().hex, **kw),
+            return_type=DocList[ConceptDoc])[0]
 
     def generate(self, prompts, target_model: str = "pretrained", **kw) -> DocList[GeneratedImageDoc]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

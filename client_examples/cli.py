@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     f.add_argument("--steps", type=int)
     f.add_argument("--lr", type=float)
     f.add_argument("--no-wait", action="store_true", help="return a job id at once")
+    f.add_argument("--idempotency-key", help="run the command again with the same key to get its first run's job, "
+                                             "not a second concept (default: a new one each run)")
     f.add_argument("--method", choices=["dreambooth", "lora", "textual_inversion"])
     f.add_argument("--strategy", choices=["adapters", "seed_split", "naive", "anchored", "replay", "balanced"],
                    help="how a metamodel (meta, private_meta) keeps earlier concepts (default: adapters)")
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
         ap.error("no token: pass --token or set BIG_TOKEN (mint one with `python -m big.auth mint USER`)")
     big = BIGClient(a.host, a.token)
     if a.cmd == "finetune":
-        c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from, max_train_steps=a.steps,
+        c = big.finetune(a.folder, a.category, a.target, captions_from=a.captions_from,
+                         idempotency_key=a.idempotency_key, max_train_steps=a.steps,
                          learning_rate=a.lr, wait=False if a.no_wait else None, method=a.method,
                          metamodel_strategy=a.strategy,
                          lora_rank=a.lora_rank, lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,

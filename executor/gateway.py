@@ -1,5 +1,5 @@
 """BIG's gateway: Jina's gRPC gateway, refusing a request whose parameters hold NaN or infinity with a `BadRequest`
-that names the parameter.
+that names the parameter, and giving each /finetune without an idempotency key its request id as one.
 
 Jina's gateway reads a request's parameters with protobuf's `json_format.MessageToDict`, which raises on a
 non-finite number before any executor code runs, and the client would get gRPC `UNKNOWN: Fail to serialize NaN for
@@ -50,6 +50,16 @@ def _refusal(request: DataRequest) -> DataRequest | None:
     return answer
 
 
+def _keyed(request: DataRequest) -> DataRequest:
+    """A /finetune without an `idempotency_key` gets its request id as one: Jina's gateway sends a request whose
+    replica died to another replica, and that try must find the job the first one queued, not queue a second."""
+    if request.header.exec_endpoint == "/finetune":
+        fields = request.proto_wo_data.parameters.fields
+        if "idempotency_key" not in fields or fields["idempotency_key"].WhichOneof("kind") == "null_value":
+            fields["idempotency_key"].string_value = f"request:{request.header.request_id}"
+    return request
+
+
 class _FiniteParameters(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -57,7 +67,7 @@ class _FiniteParameters(grpc.aio.ServerInterceptor):
             return handler
         if details.method == _SINGLE:
             async def single(request, context):
-                return _refusal(request) or await handler.unary_unary(request, context)
+                return _refusal(request) or await handler.unary_unary(_keyed(request), context)
 
             return grpc.unary_unary_rpc_method_handler(single, request_deserializer=handler.request_deserializer,
                                                        response_serializer=handler.response_serializer)
@@ -71,7 +81,7 @@ class _FiniteParameters(grpc.aio.ServerInterceptor):
                 async for request in requests:
                     refusal = _refusal(request)
                     if refusal is None:
-                        yield request
+                        yield _keyed(request)
                     else:
                         await answers.put(refusal)
 

@@ -16,11 +16,11 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event, func, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from big.errors import QuotaExceeded
-from big.storage.schema import concepts, jobs, model_versions, models
+from big.storage.schema import concepts, jobs, model_versions, models, request_keys
 
 JOB_DONE = ("succeeded", "failed", "cancelled")
 JOB_ACTIVE = ("queued", "running")
@@ -30,6 +30,15 @@ _MIGRATION_LOCK = 0x6269670001
 
 class LeaseLost(RuntimeError):
     """The job's lease passed to another worker (this one stalled past it): what it made is not committed."""
+
+
+class RequestSeen(RuntimeError):
+    """A request with this idempotency key was accepted before (within its time to live): `job_id` is the job it
+    queued; `same` says whether it was the same request (else another one reused the key)."""
+
+    def __init__(self, job_id: str, same: bool):
+        super().__init__(job_id)
+        self.job_id, self.same = job_id, same
 
 
 class VersionMovedOn(RuntimeError):
@@ -208,13 +217,42 @@ class Registry:
         self._write(update(concepts).where(concepts.c.concept_id == concept_id).values(status="deleted"))
 
     # ------------------------------------------------------------------ jobs: what any replica does
+    def seen_request(self, owner: str, key: str, request_hash: str, ttl_s: float) -> None:
+        """Raise RequestSeen if `owner` sent a request with idempotency key `key` within `ttl_s`."""
+        row = self._one(select(request_keys).where(request_keys.c.owner == owner, request_keys.c.request_key == key,
+                                                   request_keys.c.created >= time.time() - ttl_s))
+        if row is not None:
+            raise RequestSeen(row["job_id"], row["request_hash"] == request_hash)
+
     def create_job(self, owner: str, target: str, category: str, total_steps: int, params: dict, *,
                    job_id: str | None = None, model_key: str | None = None, concept_id: str | None = None,
-                   max_active: int | None = None) -> str:
+                   max_active: int | None = None, request_key: tuple[str, str, float] | None = None) -> str:
         """Queue a job; with `max_active`, only while the owner has fewer queued or running jobs, counted and
-        inserted in one transaction (on PostgreSQL under a lock per owner), so replicas cannot both admit one."""
+        inserted in one transaction (on PostgreSQL under a lock per owner), so replicas cannot both admit one.
+        `request_key`: (idempotency key, the request's hash, time to live in seconds), recorded in the same
+        transaction; RequestSeen when the owner's key already holds a job, however close the two tries came."""
         job_id = job_id or uuid.uuid4().hex
+        try:
+            self._create_job(owner, target, category, total_steps, params, job_id, model_key, concept_id,
+                             max_active, request_key)
+        except IntegrityError:
+            if request_key is None:
+                raise
+            self.seen_request(owner, request_key[0], request_key[1], request_key[2])  # another replica's, just now
+            raise
+        return job_id
+
+    def _create_job(self, owner, target, category, total_steps, params, job_id, model_key, concept_id, max_active,
+                    request_key) -> None:
         with self.engine.begin() as conn:
+            if request_key is not None:
+                key, request_hash, ttl_s = request_key
+                conn.execute(delete(request_keys).where(request_keys.c.owner == owner,
+                                                        request_keys.c.created < time.time() - ttl_s))
+                row = conn.execute(select(request_keys.c.job_id, request_keys.c.request_hash).where(
+                    request_keys.c.owner == owner, request_keys.c.request_key == key)).first()
+                if row is not None:
+                    raise RequestSeen(row[0], row[1] == request_hash)
             if max_active is not None:
                 if self.backend == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:o))"), {"o": f"big-jobs:{owner}"})
@@ -226,7 +264,10 @@ class Registry:
                 job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
                 total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
                 concept_id=concept_id, attempts=0, cancel_requested=0))
-        return job_id
+            if request_key is not None:
+                conn.execute(request_keys.insert().values(owner=owner, request_key=request_key[0],
+                                                          request_hash=request_key[1], job_id=job_id,
+                                                          created=time.time()))
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         if fields:

@@ -115,16 +115,41 @@ def test_bad_finetune_requests_get_clear_errors(flow, params, docs, error):
     assert [d.text for d in listed if d.mine] == []
 
 
+def test_a_finetune_request_sent_again_gets_the_job_its_first_try_queued(flow):
+    """What Jina's gateway does when the replica serving a call dies: it sends the same request (same request id)
+    to another replica. Here the same request reaches the gateway twice; BIG's gateway gives a /finetune without
+    an idempotency key its request id as one, so the second try finds the first one's job."""
+    import grpc
+    from jina.proto import jina_pb2_grpc
+    from jina.types.request.data import DataRequest
+
+    request = DataRequest()
+    request.header.exec_endpoint = "/finetune"
+    request.data.docs = pngs(instance_images())
+    request.parameters = {**jwt("ivan"), "category": "shape", "max_train_steps": 4, "num_class_images": 4,
+                          "wait": False}
+    with grpc.insecure_channel(f"{flow.args.host}:{flow.args.port}") as channel:
+        stub = jina_pb2_grpc.JinaSingleDataRequestRPCStub(channel)
+        answers = [stub.process_single_data(request, timeout=60) for _ in range(2)]
+    assert [a.header.status.code for a in answers] == [0, 0]  # both answered, neither refused
+    listed = flow.post("/jobs", inputs=DocList[TextDoc](), parameters=jwt("ivan"), return_type=DocList[JobDoc])
+    assert len(listed) == 1  # one job for the request, however often it arrived
+
+
 def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_path, capsys):
     from client_examples import cli
 
     host = f"grpc://{flow.args.host}:{flow.args.port}"
     token = mint_token("frank", SECRET)
     sample = os.path.join(REPO, "client_examples", "sample_concept")
-    assert cli.main(["--host", host, "--token", token, "finetune", sample, "--category", "shape", "--steps", "5"]) == 0
+    finetune = ["--host", host, "--token", token, "finetune", sample, "--category", "shape", "--steps", "5",
+                "--idempotency-key", "frank-heart-1"]
+    assert cli.main(finetune) == 0
     printed = capsys.readouterr().out
     ident = printed.split('identifier is "')[1].split('"')[0]
     assert re.search(r"took [0-9.]+ s: queue [0-9.]+, load [0-9.]+, class_images [0-9.]+, train [0-9.]+, commit", printed)
+    assert cli.main(finetune) == 0  # run again with its key: the same concept, not a second one
+    assert f'identifier is "{ident}"' in capsys.readouterr().out
     out = tmp_path / "out"
     assert cli.main(["--host", host, "--token", token, "generate", f"a {ident} shape", "--target", "private",
                      "--identifier", ident, "--num-images", "3", "--steps", "4", "--seed", "2", "--out", str(out)]) == 0
@@ -133,7 +158,7 @@ def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_pa
     with Image.open(out / "000_seed2.png") as im:
         assert "Seed: 2" in im.text["parameters"]
     assert cli.main(["--host", host, "--token", token, "concepts"]) == 0
-    assert ident in capsys.readouterr().out
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()].count(ident) == 1
     assert cli.main(["--host", host, "--token", token, "jobs"]) == 0  # each ended job with where its time went
     assert re.search(r"succeeded .*\n    took [0-9.]+ s: queue", capsys.readouterr().out)
 

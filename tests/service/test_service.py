@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from big.training import loop
-from big.errors import BadRequest, NotFound
+from big.errors import BadRequest, Conflict, NotFound
 
 from conftest import instance_images
 
@@ -27,6 +27,23 @@ def test_private_finetune_then_generate_reproducibly(service):
     assert [g.seed for g in a] == [11, 12]
     assert [g.image.tobytes() for g in a] == [g.image.tobytes() for g in b]
     assert f"Seed: 11" in a[0].parameters_text() and f"private:{ident}" in a[0].parameters_text()
+
+
+def test_a_finetune_sent_again_with_its_idempotency_key_gets_the_first_ones_job(service):
+    params = {"category": "shape", "wait": False, "idempotency_key": "alice-first-heart"}
+    first, _ = service.submit_finetune("alice", instance_images(), params)
+    again, wait = service.submit_finetune("alice", instance_images(), {**params, "wait": True})  # a retry may wait
+    assert again == first and wait
+    jobs_dir = os.path.dirname(service.ws.job_dir(first))
+    assert len(service.list_jobs("alice")) == 1 and len(os.listdir(jobs_dir)) <= 1  # no second copy of its images
+    with pytest.raises(Conflict, match="idempotency_key 'alice-first-heart' was already used for another"):
+        service.submit_finetune("alice", instance_images(seed=9), params)
+    service.jobs.wait(first, timeout=120)
+    assert [c["identifier"] for c in service.concepts("alice")] == [service.job("alice", first)["identifier"]]
+    # Without a key each call is a request of its own; and a key is each user's own.
+    assert service.submit_finetune("bob", instance_images(), params)[0] != first
+    with pytest.raises(BadRequest, match="idempotency_key must be"):
+        service.submit_finetune("alice", instance_images(), {**params, "idempotency_key": ""})
 
 
 def test_private_concepts_are_invisible_to_other_users(service):

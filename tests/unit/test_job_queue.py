@@ -7,7 +7,7 @@ import pytest
 
 from big.errors import JobCancelled
 from big.jobs import JOB_STAGES, JobQueue, JobWorker, job_view
-from big.storage.registry import LeaseLost, Registry
+from big.storage.registry import LeaseLost, Registry, RequestSeen
 
 
 @pytest.fixture
@@ -129,6 +129,46 @@ def test_an_ended_job_says_where_its_seconds_went_succeeded_or_failed(registry):
         assert list(seconds) == [*JOB_STAGES, "total"]
         assert seconds["load"] >= 0.01 and seconds["train"] >= 0.02 and seconds["commit"] == 0.0
         assert seconds["total"] >= sum(seconds[s] for s in JOB_STAGES) - 0.01  # the stages are parts of it
+
+
+def test_a_request_key_gives_a_retry_the_first_tries_job_until_it_expires(registry):
+    first = registry.create_job("u", "private", "dog", 10, {}, model_key="private:a", request_key=("k1", "h", 60))
+    with pytest.raises(RequestSeen) as seen:
+        registry.create_job("u", "private", "dog", 10, {}, model_key="private:b", request_key=("k1", "h", 60))
+    assert (seen.value.job_id, seen.value.same) == (first, True)
+    with pytest.raises(RequestSeen) as seen:  # the same key for another request: told apart by its hash
+        registry.seen_request("u", "k1", "other", 60)
+    assert (seen.value.job_id, seen.value.same) == (first, False)
+    registry.seen_request("v", "k1", "h", 60)  # keys are each user's own
+    other = registry.create_job("v", "private", "dog", 10, {}, model_key="private:c", request_key=("k1", "h", 60))
+    assert other != first
+    time.sleep(0.05)
+    again = registry.create_job("u", "private", "dog", 10, {}, model_key="private:d", request_key=("k1", "h", 0.01))
+    assert again not in (first, other)  # past its time to live the key names a new request
+    assert registry.count_jobs("u") == 2
+
+
+def test_two_replicas_sending_one_keyed_request_at_once_queue_one_job(registry, database_url, tmp_path):
+    replicas = [Registry(database_url, root=str(tmp_path)) for _ in range(4)]
+    barrier, outcomes = threading.Barrier(len(replicas)), []
+
+    def send(reg):
+        barrier.wait()
+        try:
+            outcomes.append(("queued", reg.create_job("u", "private", "dog", 10, {}, model_key=f"private:{id(reg)}",
+                                                      request_key=("same", "h", 60))))
+        except RequestSeen as seen:
+            outcomes.append(("seen", seen.job_id))
+
+    threads = [threading.Thread(target=send, args=(reg,)) for reg in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for reg in replicas:
+        reg.close()
+    assert sorted(kind for kind, _ in outcomes) == ["queued", "seen", "seen", "seen"]
+    assert len({job for _, job in outcomes}) == 1 and registry.count_jobs("u") == 1
 
 
 def test_a_job_whose_workers_keep_dying_fails_with_the_reason(registry):
@@ -256,7 +296,7 @@ def test_a_workspace_from_before_alembic_upgrades_in_place(tmp_path):
     with reg.engine.connect() as conn:
         import sqlalchemy as sa
 
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     assert old["seconds"] is None  # ended before jobs recorded where their seconds went
     Registry(str(path)).close()  # opening again changes nothing
     reg.close()
