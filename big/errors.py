@@ -36,6 +36,13 @@ class QuotaExceeded(BIGError):
     code = "quota_exceeded"
 
 
+class Unavailable(BIGError):
+    """The registry (the database every replica shares) did not answer within a few seconds of retrying: the
+    request changed nothing and may be sent again. Never carries the driver's text or the server's address."""
+
+    code = "unavailable"
+
+
 class OutOfMemory(BIGError, MemoryError):
     """Even one image does not fit in the accelerator's memory (larger batches are split, not refused)."""
 
@@ -46,5 +53,5 @@ def error_for(code: str | None, message: str) -> BIGError:
     """The error of a stored `code` (a job's `error_code`), so a job's failure reaches its client as it was
     raised; a code this version does not know is a plain BIGError."""
     classes = {cls.code: cls for cls in (BIGError, BadRequest, AuthError, NotFound, Conflict, JobCancelled,
-                                          OutOfMemory, QuotaExceeded)}
+                                          OutOfMemory, QuotaExceeded, Unavailable)}
     return classes.get(code, BIGError)(message)

@@ -19,10 +19,14 @@ import traceback
 import uuid
 from typing import Callable
 
-from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, error_for
+from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, Unavailable, error_for
 from big.storage.registry import JOB_DONE, LeaseLost, Registry, VersionMovedOn
 
 log = logging.getLogger(__name__)
+
+# How long a client waiting for its job (`wait: true`) waits through a registry that does not answer, beyond
+# each registry call's own retries: a database's restart or failover, not an outage for good.
+OUTAGE_PATIENCE_S = 60.0
 
 
 # Where a job's seconds go, in order: waiting in the queue (from /finetune to the start of the run that ended it,
@@ -84,8 +88,11 @@ class JobContext:
             return  # throttle registry writes; the last step always lands
         self._last_write = now
         per_step = (now - self._started) / max(step, 1)
-        self.registry.update_job(self.job_id, step=step, loss=loss,
-                                 eta_s=round(per_step * (self.total_steps - step), 2))
+        try:
+            self.registry.update_job(self.job_id, step=step, loss=loss,
+                                     eta_s=round(per_step * (self.total_steps - step), 2))
+        except Exception as e:  # noqa: BLE001 - progress is for watching; training goes on, the next write catches up
+            log.warning("job %s: progress at step %d not written (%s)", self.job_id, step, e)
 
     def should_stop(self) -> bool:
         return self._stop()
@@ -101,10 +108,26 @@ class JobQueue:
         job = self.registry.get_job(job_id)
         return job is None or job["status"] in JOB_DONE
 
+    def poll(self, job_id: str, unanswered_since: float | None = None) -> tuple[bool, float | None]:
+        """One look at a job someone waits for: (whether it has ended, since when the registry has not answered).
+        A waiting client waits through a registry that does not answer (its job goes on) for up to
+        OUTAGE_PATIENCE_S, then gets Unavailable."""
+        try:
+            return self.is_done(job_id), None
+        except Unavailable:
+            now = time.monotonic()
+            unanswered_since = unanswered_since or now
+            if now - unanswered_since > OUTAGE_PATIENCE_S:
+                raise
+            log.warning("job %s: the registry does not answer; still waiting", job_id)
+            return False, unanswered_since
+
     def wait(self, job_id: str, timeout: float | None = None) -> dict:
         end = None if timeout is None else time.monotonic() + timeout
-        while not self.is_done(job_id) and (end is None or time.monotonic() < end):
+        done, unanswered_since = self.poll(job_id)
+        while not done and (end is None or time.monotonic() < end):
             time.sleep(self.poll_s)
+            done, unanswered_since = self.poll(job_id, unanswered_since)
         return self.registry.get_job(job_id)
 
     def cancel(self, job_id: str) -> None:
@@ -168,6 +191,10 @@ class JobWorker:
             runner.join()
 
     def _expire(self) -> None:
+        if time.time() - self.registry.last_failure < self.lease_s:
+            # The database answers again only since moments ago: the workers that hold leases have not had a
+            # lease's time to renew them, and an outage is no worker's death.
+            return
         for job, status in self.registry.expire_leases(self.max_attempts):
             log.warning("job %s: the lease of worker %s passed (attempt %d): %s", job["job_id"], job["worker"],
                         job["attempts"], status)

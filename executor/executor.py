@@ -63,8 +63,11 @@ class BIGExecutor(Executor):
             return DocList[ConceptDoc]([ConceptDoc(text="", job_id=job_id, status="queued")])
         # Await the job's row (whichever worker runs it) without holding a thread between looks: the default pool
         # also serves /generate.
-        while not await asyncio.to_thread(self.service.jobs.is_done, job_id):
-            await asyncio.sleep(0.2)
+        done, unanswered_since = False, None
+        while not done:  # through a registry that does not answer for a while too: the job goes on meanwhile
+            done, unanswered_since = await asyncio.to_thread(self.service.jobs.poll, job_id, unanswered_since)
+            if not done:
+                await asyncio.sleep(0.2)
         r = self.service.finetune_result(job_id)
         return DocList[ConceptDoc]([ConceptDoc(
             text=r["identifier"], prompt=f"a {r['identifier']} {r['category']}", category=r["category"],

@@ -9,7 +9,9 @@ the one writer of its key.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import time
 import uuid
@@ -17,12 +19,17 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from big.errors import QuotaExceeded
+from big.errors import QuotaExceeded, Unavailable
 from big.storage.schema import concepts, jobs, model_versions, models, request_keys
 
+log = logging.getLogger(__name__)
+
 JOB_DONE = ("succeeded", "failed", "cancelled")
+# How long a registry call retries a database that does not answer (a restart, a failover, a terminated
+# connection) before it raises Unavailable: the waits between tries, in seconds.
+RETRY_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0)
 JOB_ACTIVE = ("queued", "running")
 # A key for PostgreSQL's advisory lock that serialises migrations of replicas that start at once.
 _MIGRATION_LOCK = 0x6269670001
@@ -87,6 +94,34 @@ def _dicts(result) -> list[dict]:
     return [dict(r) for r in result.mappings().all()]
 
 
+def _unreachable(e: Exception) -> bool:
+    """A database that did not answer (connection refused, terminated, reset, or SQLite's lock held too long),
+    as opposed to a statement the database refused (an IntegrityError is an answer)."""
+    return isinstance(e, (OperationalError, InterfaceError)) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+def _riding_out_blips(method):
+    """Retry a registry call while the database does not answer; each call is whole transactions, so a try that
+    failed wrote nothing (a commit whose answer was lost is recognised by the callers: see commit_version)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        for wait in (*RETRY_WAITS_S, None):
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as e:
+                if not _unreachable(e):
+                    raise
+                self.last_failure = time.time()
+                if wait is None:
+                    log.error("registry: %s failed after %d tries: %s", method.__name__, len(RETRY_WAITS_S) + 1, e)
+                    raise Unavailable("the registry is not answering; nothing was changed, try again in a few "
+                                      "seconds") from None
+                log.warning("registry: %s: the database did not answer (%s); trying again in %.2f s",
+                            method.__name__, type(e.orig or e).__name__, wait)
+                time.sleep(wait)
+    return call
+
+
 class Registry:
     def __init__(self, url: str, root: str | None = None):
         """`url`: a SQLAlchemy URL (or a SQLite file's path); `root`: the store's root, that version paths are
@@ -97,6 +132,9 @@ class Registry:
         self.root = os.path.abspath(root or os.path.dirname(url.split(":///", 1)[-1]))
         self.engine = make_engine(url)
         upgrade(self.engine)
+        # When a call last found the database not answering: leases are not expired until it has answered for a
+        # whole lease (JobWorker), so an outage longer than a lease does not count as every worker's death.
+        self.last_failure = time.time()
 
     @property
     def backend(self) -> str:
@@ -160,10 +198,11 @@ class Registry:
         with self.engine.begin() as conn:
             now = time.time()
             if worker is not None:
-                held = conn.execute(select(jobs.c.job_id).where(
-                    jobs.c.job_id == job_id, jobs.c.worker == worker, jobs.c.status == "running")
-                    .with_for_update()).first()
-                if held is None:
+                held = conn.execute(select(jobs.c.status, jobs.c.model_version).where(
+                    jobs.c.job_id == job_id, jobs.c.worker == worker).with_for_update()).first()
+                if held is not None and held[0] == "succeeded" and held[1] == version:
+                    return  # this very commit, retried after its answer was lost with the connection
+                if held is None or held[0] != "running":
                     raise LeaseLost(f"job {job_id} is no longer this worker's")
             row = conn.execute(select(models.c.current_version).where(models.c.model_key == model_key)
                                .with_for_update()).first()
@@ -371,3 +410,10 @@ class Registry:
                                               jobs.c.lease_until == job["lease_until"]).values(**values)):
                 changed.append((job, values["status"]))
         return changed
+
+
+# Every public call of the registry is one or more whole transactions: each rides out a database that does not
+# answer for a few seconds, then raises Unavailable.
+for _name, _method in list(vars(Registry).items()):
+    if callable(_method) and not _name.startswith("_") and _name != "close":
+        setattr(Registry, _name, _riding_out_blips(_method))
