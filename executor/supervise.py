@@ -1,6 +1,7 @@
 """Keep a flow serving without a person: run `jina flow --uses flow.yml`, probe it every `--interval` seconds with
 Jina's own readiness check (the gateway and the executor behind it), and when `--failures` probes in a row fail
-(an executor killed or hung, the flow gone) stop what is left of it and start it again.
+(an executor killed or hung, the flow gone), or any of its processes has died (one of several serving replicas,
+which the probe would not notice), stop what is left of it and start it again.
 
     python -m executor.supervise [--port 51000] [--interval 5] [--failures 3]
 
@@ -17,6 +18,8 @@ import signal
 import tempfile
 import threading
 import time
+
+import psutil
 
 from executor.flow_process import REPO, FlowProcess
 
@@ -38,8 +41,15 @@ def supervise(port: int, interval: float, failures: int, stop_grace: float, read
             stop.wait(interval)
             continue
         log.warning("serving on port %d (start %d, ready in %.1f s)", port, restarts, time.time() - started)
+        processes = _processes(flow.proc.pid)  # its gateway and every executor replica
         missed = 0
         while not stop.wait(interval):
+            dead = [p.pid for p in processes if not _alive(p)]
+            if dead:
+                # One of several replicas: the others still answer the probe, so the flow would serve on with
+                # fewer replicas until a person noticed. Jina cannot start one replica of a running flow again.
+                log.error("process %s of the flow died: restarting the flow", dead)
+                break
             healthy = flow.proc.poll() is None and _ready(client)
             missed = 0 if healthy else missed + 1
             if missed >= failures:
@@ -48,6 +58,20 @@ def supervise(port: int, interval: float, failures: int, stop_grace: float, read
         # A flow whose executor died ignores SIGINT for a minute: a short grace, then its process group is killed.
         flow.stop(grace=stop_grace)
         restarts += 1
+
+
+def _processes(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if _alive(p)]
+    except psutil.Error:
+        return []
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _ready(client) -> bool:
