@@ -67,7 +67,8 @@ class BIGService:
         running = {j["job_id"] for j in self.registry.running_jobs()}
         # Other processes share the store: only what no running job owns and nobody wrote for a while goes.
         removed = self.ws.clean_stale(self.registry.live_version_paths(), busy_tags=running,
-                                      min_age_s=2 * self.config.job_lease_s)
+                                      min_age_s=2 * self.config.job_lease_s,
+                                      active_jobs=self.registry.active_job_ids())
         if removed:
             log.warning("removed %d unfinished folders left by an earlier crash", len(removed))
         return JobWorker(self.registry, self.finetuner.run_job, slots=self.config.train_workers,

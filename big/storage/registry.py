@@ -322,6 +322,10 @@ class Registry:
         with self.engine.begin() as conn:
             return conn.execute(stmt).scalar_one()
 
+    def active_job_ids(self) -> set[str]:
+        """The jobs queued or running: the ones whose stored inputs are still needed."""
+        return {r["job_id"] for r in self._all(select(jobs.c.job_id).where(jobs.c.status.in_(JOB_ACTIVE)))}
+
     def running_jobs(self) -> list[dict]:
         return self._all(select(jobs).where(jobs.c.status == "running"))
 

@@ -108,16 +108,35 @@ class Workspace:
             shutil.rmtree(path, onerror=failed)
 
     def clean_stale(self, live_version_dirs: set[str], busy_tags: set[str] = frozenset(),
-                    min_age_s: float = 0.0) -> list[str]:
-        """Remove staging leftovers and version folders the registry never committed (a crash), except what a
-        running job (`busy_tags`) or a writer of the last `min_age_s` seconds may still be writing: other
-        processes share this folder."""
+                    min_age_s: float = 0.0, active_jobs: set[str] | None = None) -> list[str]:
+        """Remove staging leftovers, version folders the registry never committed and half-written files (a
+        crash), and, given the jobs still queued or running (`active_jobs`), the inputs of every other job (one
+        that ended while its inputs could not be removed); except what a running job (`busy_tags`) or a writer of
+        the last `min_age_s` seconds may still be writing: other processes share this folder."""
         old = time.time() - min_age_s
         removed = [path for writer, path in self._staging_dirs() if writer not in busy_tags and _mtime(path) <= old]
         removed += [path for _, path in self._version_dirs() if path not in live_version_dirs and _mtime(path) <= old]
+        if active_jobs is not None:
+            keep = {self.job_dir(job_id) for job_id in active_jobs}
+            jobs = os.path.join(self.root, "jobs")
+            removed += [path for path in (os.path.join(jobs, n) for n in os.listdir(jobs))
+                        if path not in keep and _mtime(path) <= old]
         for path in removed:
             self.discard(path)
+        for path in self._unfinished_files():  # an atomic write's temporary file, left by a crash mid-write
+            if _mtime(path) <= old:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                removed.append(path)
         return removed
+
+    def _unfinished_files(self) -> list[str]:
+        """`atomic_write_bytes`' temporary files in the folders written file by file (class images, instances)."""
+        out = []
+        for sub in ("class_images", "instances"):
+            for folder, _, names in os.walk(os.path.join(self.root, sub)):
+                out += [os.path.join(folder, n) for n in names if n.endswith(".tmp")]
+        return out
 
     def _staging_dirs(self):
         """(writer tag, path) of each staging folder: named "<tag>.<uuid>"."""

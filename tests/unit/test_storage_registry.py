@@ -123,3 +123,23 @@ def test_a_removal_that_fails_is_logged_not_ignored(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(os, "unlink", real_unlink)
     assert folder in ws.clean_stale(set())  # and the sweep does
     assert not os.path.exists(folder)
+
+
+def test_the_sweep_removes_ended_jobs_inputs_and_half_written_files_but_not_what_is_in_use(tmp_path):
+    from PIL import Image
+
+    ws = Workspace(str(tmp_path))
+    image = Image.new("RGB", (32, 32), "red")
+    for job in ("queued", "ended", "new"):
+        ws.save_job_inputs(job, [image])
+    ws.save_class_image("base", "dog", 32, 0, image)
+    class_dir = ws.class_image_dir("base", "dog", 32)
+    crashed = os.path.join(class_dir, "00001.png.0123abcd.tmp")  # a crash mid-write
+    open(crashed, "wb").close()
+    hour_ago = os.path.getmtime(ws.job_dir("new")) - 3600
+    for path in (ws.job_dir("queued"), ws.job_dir("ended"), crashed):
+        os.utime(path, (hour_ago, hour_ago))
+    removed = ws.clean_stale(set(), min_age_s=60, active_jobs={"queued"})
+    assert sorted(removed) == sorted([ws.job_dir("ended"), crashed])
+    assert os.path.isdir(ws.job_dir("queued")) and os.path.isdir(ws.job_dir("new"))  # in use, or just written
+    assert sorted(os.listdir(class_dir)) == ["00000.png", "category.json"]
