@@ -292,10 +292,11 @@ def stage_export(work: str, out: str, tokenizer_dir: str) -> None:
 
 DEFAULT_GUIDANCE = 4.0
 # DreamBooth settings measured on this model (benchmarks/dreambooth_smoke.py); the service reads them.
-# LoRA's own: research/lora_settings.py chose them.
+# LoRA's own: research/lora_settings.py chose them, research/lora_steps.py its steps and rank
+# (docs/private-concepts.md, "Time to a concept").
 FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "max_train_steps": 700, "num_class_images": 48, "train_batch_size": 4,
                      "train_identifier_embedding": True, "embedding_learning_rate": 1e-3,
-                     "per_method": {"lora": {"learning_rate": 3e-3, "lora_rank": 1,
+                     "per_method": {"lora": {"learning_rate": 3e-3, "lora_rank": 2, "max_train_steps": 500,
                                              "lora_targets": "all", "embedding_learning_rate": 3e-3,
                                              "lr_scheduler": "cosine", "lr_warmup_steps": 30, "snr_gamma": 5.0}},
                      # rank-4 adapters learn all four continual-benchmark concepts to 1.00 in 600 steps; 500

@@ -145,8 +145,9 @@ def service(tmp_path, shared_class_images):
     from big.service import BIGService, ServiceConfig
 
     shutil.copytree(shared_class_images, tmp_path / "ws" / "class_images")
-    # The model card's per-strategy steps win over a shared max_train_steps, so both are set short.
-    short = {"max_train_steps": 8, "num_class_images": 4, "per_strategy": {"adapters": {"max_train_steps": 8}}}
+    # The model card's per-method (LoRA) and per-strategy steps win over a shared max_train_steps: all are set short.
+    short = {"max_train_steps": 8, "num_class_images": 4, "per_method": {"lora": {"max_train_steps": 8}},
+             "per_strategy": {"adapters": {"max_train_steps": 8}}}
     svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws"), base_model=BASE_MODEL,
                                    auth={"mode": "hs256", "secret": SECRET}, finetune_defaults=short,
                                    generate_defaults={"num_inference_steps": 4}))

@@ -25,7 +25,8 @@ def bf16_service(tmp_path, shared_class_images):
     from big.service import BIGService, ServiceConfig
 
     shutil.copytree(shared_class_images, tmp_path / "ws-bf16" / "class_images")
-    short = {"max_train_steps": 8, "num_class_images": 4, "per_strategy": {"adapters": {"max_train_steps": 8}}}
+    short = {"max_train_steps": 8, "num_class_images": 4, "per_method": {"lora": {"max_train_steps": 8}},
+             "per_strategy": {"adapters": {"max_train_steps": 8}}}
     svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws-bf16"), base_model=BASE_MODEL, dtype="bfloat16",
                                    auth={"mode": "hs256", "secret": SECRET}, finetune_defaults=short,
                                    generate_defaults={"num_inference_steps": 4}))
