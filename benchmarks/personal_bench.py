@@ -72,13 +72,16 @@ def main(argv=None) -> dict:
                     help="finetune seeds (they pick the identifier) for LoRA: held out from the ones (0-2) that chose "
                          "its settings in research/lora_settings.py")
     ap.add_argument("--calibration-steps", type=int, default=30, help="steps that time each method's step")
+    ap.add_argument("--class-images", type=int, default=None, help="class images per job (default: the model's)")
     ap.add_argument("--out", default="reports/personal")
-    a = harness.parse_args(ap, argv, smoke=dict(n=2, steps=4, repeat=1, lora_seeds=[10], calibration_steps=3))
+    a = harness.parse_args(ap, argv, smoke=dict(n=2, steps=4, repeat=1, lora_seeds=[10], calibration_steps=3,
+                                                class_images=4))
     os.makedirs(a.out, exist_ok=True)
     report = {"threads": a.threads, "n": a.n, "seeds": "5000.. (concept), 105000.. (class prompt)"}
     images = instance_images(5, style="plain")
     with tempfile.TemporaryDirectory() as tmp:
-        svc = harness.service(tmp, max_num_images=max(16, a.n))
+        svc = harness.service(tmp, max_num_images=max(16, a.n),
+                              finetune_defaults={"num_class_images": a.class_images} if a.class_images else {})
         db_steps = a.steps or svc.finetune_defaults["max_train_steps"]
         # 1. time per step of each method (short runs), then equal training time
         per_step = {}

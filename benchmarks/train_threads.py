@@ -25,13 +25,14 @@ from benchmarks.continual import SEQUENCE, save_class_images
 from benchmarks.harness import concept_images
 
 
-def timed_job(setting, strategy: str, steps: int, seed: int, class_cache: str, threads: int) -> float:
+def timed_job(setting, strategy: str, steps: int, seed: int, class_cache: str, threads: int,
+              defaults: dict) -> float:
     """One job in a fresh process (torch's thread settings are per process): the main thread first serves
     a /generate, then the job runs."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(class_cache, os.path.join(tmp, "class_images"))
-        svc = harness.service(tmp, train_threads=setting)
+        svc = harness.service(tmp, train_threads=setting, finetune_defaults=defaults)
         svc.generate("bench", ["a red circle", "a blue striped painting of a star"], {"num_images": 4})
         images, _ = concept_images(SEQUENCE[0][2], 5, seed)
         params = {"category": "shape", "target_model": "meta", "metamodel_strategy": strategy, "seed": seed,
@@ -49,11 +50,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=["default", "1"])
-    a = harness.parse_args(ap, argv, smoke=dict(steps=3, repeats=1, settings=["1"]))
+    ap.add_argument("--class-images", type=int, default=None, help="class images per job (default: the model's)")
+    a = harness.parse_args(ap, argv, smoke=dict(steps=3, repeats=1, settings=["1"], class_images=4))
+    defaults = {"num_class_images": a.class_images} if a.class_images else {}
     settings = [None if s == "default" else int(s) for s in a.settings]
     with tempfile.TemporaryDirectory() as class_cache:
         with tempfile.TemporaryDirectory() as tmp:  # the serving thread's work: class images on the main thread
-            svc = harness.service(tmp)
+            svc = harness.service(tmp, finetune_defaults=defaults)
             save_class_images(svc, {"shape"}, class_cache)
             svc.close()
         times: dict[tuple[str, str], list[float]] = {}
@@ -62,7 +65,8 @@ def main(argv=None) -> dict:
             for strategy in ("adapters", "naive"):
                 for setting in settings:
                     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                        s = pool.submit(timed_job, setting, strategy, a.steps, r, class_cache, a.threads).result()
+                        s = pool.submit(timed_job, setting, strategy, a.steps, r, class_cache, a.threads,
+                                                defaults).result()
                     times.setdefault((strategy, str(setting or "default")), []).append(s)
                     print(json.dumps({"repeat": r, "strategy": strategy, "train_threads": setting or "default",
                                       "seconds": round(s, 2)}), flush=True)

@@ -297,7 +297,7 @@ def test_the_first_command_and_the_tour(copy):
     """From a fresh copy: the README's first command starts BIG (installing BIG into the copy's .venv on the way)
     and the tour's commands run as printed; then `jina flow --uses flow.yml` (what the first command runs) starts
     BIG on a fresh workspace, and with a token minted as the tour mints it the Python snippet runs as printed. Each
-    start so teaches a concept and generates with it (a job of the embedded model's default length each)."""
+    start so teaches a concept (with the steps the README gives) and generates with it."""
     root, tmp = copy
     starts, tours = marked("start"), marked("tour")
     assert [b.page for b in starts] == ["README.md"] * 2 and "./scripts/serve.sh" in starts[0].text

@@ -158,7 +158,8 @@ def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_pa
     with Image.open(out / "000_seed2.png") as im:
         assert "Seed: 2" in im.text["parameters"]
     assert cli.main(["--host", host, "--token", token, "concepts"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()].count(ident) == 1
+    mine = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]  # identifier, category, target
+    assert mine.count([ident, "shape", "private"]) == 1  # (the metamodel may hold the same word: its own)
     assert cli.main(["--host", host, "--token", token, "jobs"]) == 0  # each ended job with where its time went
     assert re.search(r"succeeded .*\n    took [0-9.]+ s: queue", capsys.readouterr().out)
 

@@ -71,7 +71,7 @@ def test_a_private_concept_is_a_lora_by_default_and_weighs_kilobytes(service):
     assert sorted(os.listdir(folder)) == ["big_version.json", "learned_embeds.safetensors",
                                           "pytorch_lora_weights.safetensors"]
     unet_bytes = sum(p.numel() * 4 for p in service.base_pipe.unet.parameters())  # as trained and saved: fp32
-    assert read_version(folder).bytes() <= 0.02 * unet_bytes
+    assert read_version(folder).bytes() <= 0.03 * unet_bytes  # the embedded model's LoRA: rank 2 on every layer
     # Every adapter in the file is loaded back (attention and convolutions alike), and a UNet-only file
     # loads without diffusers' "No LoRA keys associated to CLIPTextModel" warning.
     with _DiffusersWarnings() as diffusers_warnings:
