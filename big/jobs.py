@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # How long a client waiting for its job (`wait: true`) waits through a registry that does not answer, beyond
 # each registry call's own retries: a database's restart or failover, not an outage for good.
 OUTAGE_PATIENCE_S = 60.0
+# How long a training job's own registry calls (its commit, its end) wait for a database that does not answer.
+JOB_PATIENCE_S = 600.0
 
 
 # Where a job's seconds go, in order: waiting in the queue (from /finetune to the start of the run that ended it,
@@ -89,8 +91,9 @@ class JobContext:
         self._last_write = now
         per_step = (now - self._started) / max(step, 1)
         try:
-            self.registry.update_job(self.job_id, step=step, loss=loss,
-                                     eta_s=round(per_step * (self.total_steps - step), 2))
+            with self.registry.patience(0):  # training does not wait for a progress line
+                self.registry.update_job(self.job_id, step=step, loss=loss,
+                                         eta_s=round(per_step * (self.total_steps - step), 2))
         except Exception as e:  # noqa: BLE001 - progress is for watching; training goes on, the next write catches up
             log.warning("job %s: progress at step %d not written (%s)", self.job_id, step, e)
 
@@ -216,6 +219,13 @@ class JobWorker:
                 time.sleep(0.2)
 
     def _run(self, job: dict) -> None:
+        # The job's thread waits out a database that does not answer for as long as JOB_PATIENCE_S: no other worker
+        # takes the job over meanwhile (leases are not expired until the database has answered for a whole
+        # lease), and a job that trained must not fail at its commit or its end for an outage.
+        with self.registry.patience(JOB_PATIENCE_S):
+            self._run_patiently(job)
+
+    def _run_patiently(self, job: dict) -> None:
         job_id = job["job_id"]
         with self._lock:
             state = self._running[job_id] = {"lost": False, "cancel": bool(job["cancel_requested"])}

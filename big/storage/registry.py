@@ -9,10 +9,12 @@ the one writer of its key.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -100,20 +102,31 @@ def _unreachable(e: Exception) -> bool:
     return isinstance(e, (OperationalError, InterfaceError)) or (isinstance(e, DBAPIError) and e.connection_invalidated)
 
 
+_patience = threading.local()  # this thread's `Registry.patience`
+
+
 def _riding_out_blips(method):
     """Retry a registry call while the database does not answer; each call is whole transactions, so a try that
-    failed wrote nothing (a commit whose answer was lost is recognised by the callers: see commit_version)."""
+    failed wrote nothing (a commit whose answer was lost is recognised by the callers: see commit_version). How
+    long: RETRY_WAITS_S, or what the calling thread set with `Registry.patience`."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        for wait in (*RETRY_WAITS_S, None):
+        patience = getattr(_patience, "seconds", None)
+        waits = () if patience == 0 else RETRY_WAITS_S
+        start, tries = time.monotonic(), 0
+        while True:
+            tries += 1
             try:
                 return method(self, *args, **kwargs)
             except DBAPIError as e:
                 if not _unreachable(e):
                     raise
                 self.last_failure = time.time()
+                wait = waits[tries - 1] if tries <= len(waits) else None
+                if wait is None and patience and time.monotonic() - start < patience:
+                    wait = waits[-1] if waits else 1.0
                 if wait is None:
-                    log.error("registry: %s failed after %d tries: %s", method.__name__, len(RETRY_WAITS_S) + 1, e)
+                    log.error("registry: %s failed after %d tries: %s", method.__name__, tries, e)
                     raise Unavailable("the registry is not answering; nothing was changed, try again in a few "
                                       "seconds") from None
                 log.warning("registry: %s: the database did not answer (%s); trying again in %.2f s",
@@ -135,6 +148,19 @@ class Registry:
         # When a call last found the database not answering: leases are not expired until it has answered for a
         # whole lease (JobWorker), so an outage longer than a lease does not count as every worker's death.
         self.last_failure = time.time()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def patience(seconds: float):
+        """How long this thread's registry calls ride out a database that does not answer, inside the block:
+        0 fails at once (a write that may be skipped), more than RETRY_WAITS_S' sum keeps trying that long (a
+        training job's end, which no other worker takes over while the database is away)."""
+        before = getattr(_patience, "seconds", None)
+        _patience.seconds = seconds
+        try:
+            yield
+        finally:
+            _patience.seconds = before
 
     @property
     def backend(self) -> str:
@@ -419,5 +445,5 @@ class Registry:
 # Every public call of the registry is one or more whole transactions: each rides out a database that does not
 # answer for a few seconds, then raises Unavailable.
 for _name, _method in list(vars(Registry).items()):
-    if callable(_method) and not _name.startswith("_") and _name != "close":
+    if callable(_method) and not _name.startswith("_") and _name not in ("close", "patience"):
         setattr(Registry, _name, _riding_out_blips(_method))

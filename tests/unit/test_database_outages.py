@@ -45,13 +45,15 @@ def database_refusing_connections(admin):
             conn.execute(sa.text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true'))
 
 
-def long_runner(seconds: float):
+def long_runner(seconds: float, ended: list | None = None):
     def runner(ctx, job):
         end, step = time.monotonic() + seconds, 0
         while time.monotonic() < end:
             step += 1
             ctx.progress(step, 0.1)
             time.sleep(0.05)
+        if ended is not None:
+            ended.append(time.monotonic())
         return {"identifier": "sks"}
     return runner
 
@@ -76,7 +78,8 @@ def test_a_job_rides_out_connections_terminated_ten_times_a_second_on_its_first_
 
 def test_an_outage_longer_than_a_lease_is_no_workers_death_and_a_waiting_client_waits(postgres_url, admin, tmp_path):
     owner_side, other_side = (Registry(postgres_url, root=str(tmp_path)) for _ in range(2))
-    worker = JobWorker(owner_side, long_runner(9.0), lease_s=4.0, poll_s=0.05)
+    trained = []
+    worker = JobWorker(owner_side, long_runner(9.0, trained), lease_s=4.0, poll_s=0.05)
     other = JobWorker(other_side, lambda ctx, job: {}, lease_s=4.0, poll_s=0.05)  # another machine's, expiring leases
     job = owner_side.create_job("u", "private", "dog", 10, {}, model_key="private:a")
     while owner_side.get_job(job)["status"] == "queued":
@@ -90,6 +93,11 @@ def test_an_outage_longer_than_a_lease_is_no_workers_death_and_a_waiting_client_
         retried_s = time.monotonic() - t
         assert queue.poll(job)[0] is False  # a client waiting for the job keeps waiting
         time.sleep(max(0.0, 6.0 - (time.monotonic() - t)))  # longer than the lease
+        while not trained:  # the job ends while the database is away: its end waits for it
+            time.sleep(0.1)
+        assert trained[0] > t  # it trained on into the outage
+        time.sleep(6.0)  # and its end waits longer than a registry call's own retries
+        outage_end = time.monotonic()
     ended = queue.wait(job, timeout=60)
     worker.close(timeout=5)
     other.close(timeout=5)
@@ -100,3 +108,4 @@ def test_an_outage_longer_than_a_lease_is_no_workers_death_and_a_waiting_client_
     assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no driver text follows it
     assert retried_s > 3.0
     assert (ended["status"], ended["attempts"]) == ("succeeded", 1)
+    assert trained[0] < outage_end
