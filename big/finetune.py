@@ -106,7 +106,7 @@ class Finetuner:
         request_key = None
         if key is not None:
             request_key = (key, request_hash(req, images), self.config.request_key_ttl_s)
-            try:
+            try:  # before the quota, which the first try's job already counts in
                 self.registry.seen_request(user, *request_key)
             except RequestSeen as seen:
                 return self._seen(seen, key), req.wait
