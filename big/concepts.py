@@ -1,6 +1,8 @@
 """A user's concepts: list them, delete a private one, export its files, import files from another tool."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from typing import Sequence
@@ -8,7 +10,7 @@ from typing import Sequence
 from big import parsing
 from big.errors import BadRequest, Conflict, NotFound
 from big.models import ModelStore, model_key
-from big.storage.registry import Registry
+from big.storage.registry import Registry, RequestSeen
 from big.storage.versions import (EmbeddingWeights, LoraWeights, VersionMeta, check_magnitude, publish,
                                   read_lora_bytes, write_version)
 from big.storage.workspace import Workspace
@@ -17,6 +19,15 @@ from big.weights import embeddings
 from big.weights.lora import LoraRuntime
 
 EXPORT_FORMATS = ("all", "diffusers", "a1111")
+
+
+def import_hash(category: str, identifier, files: Sequence[tuple[str, bytes]]) -> str:
+    """What a retry of an /import has in common with its first try: its category, word and files (sha256)."""
+    h = hashlib.sha256(json.dumps([category, identifier]).encode())
+    for name, data in files:
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
 
 
 class Concepts:
@@ -97,8 +108,17 @@ class Concepts:
         return lora_state, lora_bytes, embedding
 
     def import_(self, user: str, files: Sequence[tuple[str, bytes]], params: dict) -> dict:
-        """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept."""
+        """A LoRA file and/or an embedding file from another tool (or /export) as a new private concept; sent
+        again with its `idempotency_key`, the concept the first request made."""
         category = parsing.category_of(params)
+        request_key = None
+        if (key_word := parsing.request_key_of(params)) is not None:
+            request_key = (key_word, import_hash(category, params.get("identifier"), files),
+                           self.store.config.request_key_ttl_s)
+            try:  # before the checks that the first request's own concept would now fail
+                self.registry.seen_request(user, *request_key)
+            except RequestSeen as seen:
+                return self._imported_again(seen, key_word)
         lora_state, lora_bytes, embedding = self._read_files(files)
         self.store.check_quota(user, new_bytes=sum(len(data) for _, data in files))
         concept_id = uuid.uuid4().hex
@@ -131,9 +151,24 @@ class Concepts:
                 publish(self.ws, key, 1, lambda folder: write_version(folder, meta, lora=lora, embedding=vectors),
                         lambda path: self.registry.commit_version(key, 1, path, None, {
                             "concept_id": concept_id, "owner": user, "target": "private", "identifier": identifier,
-                            "category": category, "n_images": 0, "params": {"imported": names}}))
+                            "category": category, "n_images": 0, "params": {"imported": names}},
+                            request_key=request_key))
+        except RequestSeen as seen:  # the same request, imported a moment ago through another replica
+            self.ws.discard(self.ws.model_dir(key))
+            return self._imported_again(seen, key_word)
         except BaseException:
             self.ws.discard(self.ws.model_dir(key))  # this concept's own model: nothing of it stays
             raise
         return {"identifier": identifier, "category": category, "target": "private", "model_version": 1,
                 "method": method}
+
+    def _imported_again(self, seen: RequestSeen, key: str) -> dict:
+        """What the first /import with this idempotency key made; a Conflict if the key named another request or
+        its concept has since been deleted."""
+        concept = self.registry.get_concept(seen.answer)
+        if not seen.same or concept is None or concept["status"] != "active":
+            raise Conflict(f"idempotency_key {key!r} was already used for another /import request"
+                           + ("" if not seen.same else " whose concept has since been deleted")
+                           + "; send a new key with each new request")
+        return {"identifier": concept["identifier"], "category": concept["category"], "target": "private",
+                "model_version": concept["version"], "method": self.store.concept(concept).method}

@@ -136,7 +136,7 @@ class ServiceConfig:
     job_lease_s: float = 20.0
     job_poll_s: float = 0.5  # how often an idle worker looks for a queued job
     max_job_attempts: int = 3  # a job whose worker dies this many times fails instead of being run again
-    # How long a /finetune's idempotency key maps a retried request to the job its first try queued.
+    # How long a /finetune's or /import's idempotency key maps a retried request to what its first try made.
     request_key_ttl_s: float = 24 * 3600.0
     # torch CPU threads of the serving thread (None: torch's default); beside a worker on one CPU, fewer.
     serve_threads: int | None = None

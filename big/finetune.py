@@ -132,8 +132,8 @@ class Finetuner:
         if not seen.same:
             raise Conflict(f"idempotency_key {key!r} was already used for another /finetune request (other images "
                            "or parameters); send a new key with each new request")
-        log.info("job %s: a retry of the request that queued it (idempotency key) gets it again", seen.job_id)
-        return seen.job_id
+        log.info("job %s: a retry of the request that queued it (idempotency key) gets it again", seen.answer)
+        return seen.answer
 
     def run_job(self, ctx: JobContext, job: dict) -> dict:
         """Run a claimed job (on whichever worker claimed it) from what the registry and the store hold."""

@@ -133,14 +133,17 @@ class BIGClient:
                     f.write(d.bytes_)
         return docs
 
-    def import_files(self, paths: Iterable[str], category: str, identifier: str | None = None) -> ConceptDoc:
-        """A LoRA (.safetensors) and/or an embedding (.safetensors, .pt) as a new private concept."""
+    def import_files(self, paths: Iterable[str], category: str, identifier: str | None = None,
+                     idempotency_key: str | None = None) -> ConceptDoc:
+        """A LoRA (.safetensors) and/or an embedding (.safetensors, .pt) as a new private concept; sent again with
+        the same `idempotency_key` (a new UUID per call unless given), the concept the first call made."""
         docs = []
         for p in paths:
             with open(p, "rb") as f:
                 docs.append(ConceptFileDoc(text=os.path.basename(p), bytes_=f.read()))
         return self.client.post("/import", inputs=DocList[ConceptFileDoc](docs), parameters=self._params(
-            category=category, identifier=identifier), return_type=DocList[ConceptDoc])[0]
+            category=category, identifier=identifier, idempotency_key=idempotency_key or uuid.uuid4().hex),
+            return_type=DocList[ConceptDoc])[0]
 
     def delete(self, identifier: str) -> None:
         self.client.post("/delete", inputs=DocList[TextDoc](), parameters=self._params(identifier=identifier),

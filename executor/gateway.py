@@ -1,5 +1,5 @@
 """BIG's gateway: Jina's gRPC gateway, refusing a request whose parameters hold NaN or infinity with a `BadRequest`
-that names the parameter, and giving each /finetune without an idempotency key its request id as one.
+that names the parameter, and giving each /finetune and /import without an idempotency key its request id as one.
 
 Jina's gateway reads a request's parameters with protobuf's `json_format.MessageToDict`, which raises on a
 non-finite number before any executor code runs, and the client would get gRPC `UNKNOWN: Fail to serialize NaN for
@@ -51,9 +51,10 @@ def _refusal(request: DataRequest) -> DataRequest | None:
 
 
 def _keyed(request: DataRequest) -> DataRequest:
-    """A /finetune without an `idempotency_key` gets its request id as one: Jina's gateway sends a request whose
-    replica died to another replica, and that try must find the job the first one queued, not queue a second."""
-    if request.header.exec_endpoint == "/finetune":
+    """A /finetune or /import without an `idempotency_key` gets its request id as one: Jina's gateway sends a
+    request whose replica died to another replica, and that try must find the job (the concept) the first one
+    made, not make a second."""
+    if request.header.exec_endpoint in ("/finetune", "/import"):
         fields = request.proto_wo_data.parameters.fields
         if "idempotency_key" not in fields or fields["idempotency_key"].WhichOneof("kind") == "null_value":
             fields["idempotency_key"].string_value = f"request:{request.header.request_id}"

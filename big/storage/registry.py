@@ -42,12 +42,13 @@ class LeaseLost(RuntimeError):
 
 
 class RequestSeen(RuntimeError):
-    """A request with this idempotency key was accepted before (within its time to live): `job_id` is the job it
-    queued; `same` says whether it was the same request (else another one reused the key)."""
+    """A request with this idempotency key was accepted before (within its time to live): `answer` is what it made
+    (a /finetune's job id, an /import's concept id); `same` says whether it was the same request (else another one
+    reused the key)."""
 
-    def __init__(self, job_id: str, same: bool):
-        super().__init__(job_id)
-        self.job_id, self.same = job_id, same
+    def __init__(self, answer: str, same: bool):
+        super().__init__(answer)
+        self.answer, self.same = answer, same
 
 
 class VersionMovedOn(RuntimeError):
@@ -100,6 +101,21 @@ def _unreachable(e: Exception) -> bool:
     """A database that did not answer (connection refused, terminated, reset, or SQLite's lock held too long),
     as opposed to a statement the database refused (an IntegrityError is an answer)."""
     return isinstance(e, (OperationalError, InterfaceError)) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+def _record_request(conn, owner: str, request_key: tuple[str, str, float], answer: str) -> None:
+    """In the transaction that makes `answer` (a job, a concept): record the owner's idempotency key (key, request
+    hash, time to live) for it, dropping the owner's expired keys; RequestSeen if the key already holds an answer
+    (two replicas racing with one request: the second insert is the primary key's IntegrityError)."""
+    key, request_hash, ttl_s = request_key
+    now = time.time()
+    conn.execute(delete(request_keys).where(request_keys.c.owner == owner, request_keys.c.created < now - ttl_s))
+    row = conn.execute(select(request_keys.c.answer, request_keys.c.request_hash).where(
+        request_keys.c.owner == owner, request_keys.c.request_key == key)).first()
+    if row is not None:
+        raise RequestSeen(row[0], row[1] == request_hash)
+    conn.execute(request_keys.insert().values(owner=owner, request_key=key, request_hash=request_hash,
+                                              answer=answer, created=now))
 
 
 _patience = threading.local()  # this thread's `Registry.patience`
@@ -215,14 +231,18 @@ class Registry:
 
     def commit_version(self, model_key: str, version: int, path: str, job_id: str | None,
                        concept: dict | None, concept_status: tuple[str, str] | None = None,
-                       worker: str | None = None, job_result: dict | None = None) -> None:
+                       worker: str | None = None, job_result: dict | None = None,
+                       request_key: tuple[str, str, float] | None = None) -> None:
         """Record a finished version and its concept (or, `concept_status` = (concept id, status), an earlier
         concept's new status), and make it current: one transaction. With `worker`, only while that worker
         still holds job `job_id`'s lease (else LeaseLost), and the same transaction ends the job as succeeded
         with `job_result`'s fields: no moment has the version committed and its job still running, which a
-        lease's expiry would queue again."""
+        lease's expiry would queue again. `request_key`: the /import's idempotency key, recorded for its concept in
+        the same transaction (RequestSeen if the key already holds one)."""
         with self.engine.begin() as conn:
             now = time.time()
+            if request_key is not None:
+                _record_request(conn, concept["owner"], request_key, concept["concept_id"])
             if worker is not None:
                 held = conn.execute(select(jobs.c.status, jobs.c.model_version).where(
                     jobs.c.job_id == job_id, jobs.c.worker == worker).with_for_update()).first()
@@ -287,7 +307,7 @@ class Registry:
         row = self._one(select(request_keys).where(request_keys.c.owner == owner, request_keys.c.request_key == key,
                                                    request_keys.c.created >= time.time() - ttl_s))
         if row is not None:
-            raise RequestSeen(row["job_id"], row["request_hash"] == request_hash)
+            raise RequestSeen(row["answer"], row["request_hash"] == request_hash)
 
     def create_job(self, owner: str, target: str, category: str, total_steps: int, params: dict, *,
                    job_id: str | None = None, model_key: str | None = None, concept_id: str | None = None,
@@ -311,13 +331,7 @@ class Registry:
                     request_key) -> None:
         with self.engine.begin() as conn:
             if request_key is not None:
-                key, request_hash, ttl_s = request_key
-                conn.execute(delete(request_keys).where(request_keys.c.owner == owner,
-                                                        request_keys.c.created < time.time() - ttl_s))
-                row = conn.execute(select(request_keys.c.job_id, request_keys.c.request_hash).where(
-                    request_keys.c.owner == owner, request_keys.c.request_key == key)).first()
-                if row is not None:
-                    raise RequestSeen(row[0], row[1] == request_hash)
+                _record_request(conn, owner, request_key, job_id)
             if max_active is not None:
                 if self.backend == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:o))"), {"o": f"big-jobs:{owner}"})
@@ -329,10 +343,6 @@ class Registry:
                 job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
                 total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
                 concept_id=concept_id, attempts=0, cancel_requested=0))
-            if request_key is not None:
-                conn.execute(request_keys.insert().values(owner=owner, request_key=request_key[0],
-                                                          request_hash=request_key[1], job_id=job_id,
-                                                          created=time.time()))
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         if fields:

@@ -80,15 +80,15 @@ one_running_job_per_model = Index(
 jobs_by_status = Index("jobs_by_status", jobs.c.status, jobs.c.created)
 jobs_by_owner = Index("jobs_by_owner", jobs.c.owner, jobs.c.created)
 
-# A writing request's idempotency key (revision 0004): the job the first request with it queued, so a retry of the
-# same request, on any replica, gets that job instead of a second one. `request_hash` tells a retry from another
-# request that reuses the key.
+# A writing request's idempotency key (revision 0004) and what the first request with it made (`answer`: the job a
+# /finetune queued, the concept an /import made), so a retry of the same request, on any replica, gets that instead
+# of a second one. `request_hash` tells a retry from another request that reuses the key.
 request_keys = Table(
     "request_keys", metadata,
     Column("owner", Text, nullable=False),
     Column("request_key", Text, nullable=False),
     Column("request_hash", Text, nullable=False),
-    Column("job_id", Text, nullable=False),
+    Column("answer", Text, nullable=False),
     Column("created", Float, nullable=False),
     PrimaryKeyConstraint("owner", "request_key"),
 )

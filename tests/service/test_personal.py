@@ -148,6 +148,20 @@ def test_export_then_import_round_trips_to_another_user(service):
     assert {c["identifier"]: c["method"] for c in service.concepts("bob")}[got["identifier"]] == "lora"
 
 
+def test_an_import_sent_again_with_its_idempotency_key_gets_the_first_ones_concept(service):
+    r = service.finetune("alice", instance_images(4), FAST)
+    files = service.export("alice", r["identifier"], "diffusers")
+    params = {"category": "shape", "identifier": r["identifier"], "idempotency_key": "bob-import-1"}
+    first = service.import_concept("bob", files, params)
+    again = service.import_concept("bob", files, params)  # without the key: "you already have a concept ..."
+    assert again == first and [c["identifier"] for c in service.concepts("bob")] == [r["identifier"]]
+    with pytest.raises(Conflict, match="idempotency_key 'bob-import-1' was already used for another /import"):
+        service.import_concept("bob", files, {**params, "category": "dog"})
+    service.delete("bob", r["identifier"])
+    with pytest.raises(Conflict, match="whose concept has since been deleted"):
+        service.import_concept("bob", files, params)
+
+
 def test_import_refuses_bad_files_and_keeps_nothing(service):
     from safetensors.torch import save
 

@@ -135,10 +135,10 @@ def test_a_request_key_gives_a_retry_the_first_tries_job_until_it_expires(regist
     first = registry.create_job("u", "private", "dog", 10, {}, model_key="private:a", request_key=("k1", "h", 60))
     with pytest.raises(RequestSeen) as seen:
         registry.create_job("u", "private", "dog", 10, {}, model_key="private:b", request_key=("k1", "h", 60))
-    assert (seen.value.job_id, seen.value.same) == (first, True)
+    assert (seen.value.answer, seen.value.same) == (first, True)
     with pytest.raises(RequestSeen) as seen:  # the same key for another request: told apart by its hash
         registry.seen_request("u", "k1", "other", 60)
-    assert (seen.value.job_id, seen.value.same) == (first, False)
+    assert (seen.value.answer, seen.value.same) == (first, False)
     registry.seen_request("v", "k1", "h", 60)  # keys are each user's own
     other = registry.create_job("v", "private", "dog", 10, {}, model_key="private:c", request_key=("k1", "h", 60))
     assert other != first
@@ -158,7 +158,7 @@ def test_two_replicas_sending_one_keyed_request_at_once_queue_one_job(registry, 
             outcomes.append(("queued", reg.create_job("u", "private", "dog", 10, {}, model_key=f"private:{id(reg)}",
                                                       request_key=("same", "h", 60))))
         except RequestSeen as seen:
-            outcomes.append(("seen", seen.job_id))
+            outcomes.append(("seen", seen.answer))
 
     threads = [threading.Thread(target=send, args=(reg,)) for reg in replicas]
     for t in threads:

@@ -1,5 +1,5 @@
-"""Idempotency keys of /finetune requests: a retried request (the client's, or Jina's gateway resending it to
-another replica) gets the job its first try queued (`schema.request_keys`).
+"""Idempotency keys of /finetune and /import requests: a retried request (the client's, or Jina's gateway resending
+it to another replica) gets the job its first try queued, or the concept it made (`schema.request_keys`).
 
 Revision ID: 0004
 Revises: 0003
@@ -19,7 +19,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.Text, nullable=False),
         sa.Column("request_key", sa.Text, nullable=False),
         sa.Column("request_hash", sa.Text, nullable=False),
-        sa.Column("job_id", sa.Text, nullable=False),
+        sa.Column("answer", sa.Text, nullable=False),
         sa.Column("created", sa.Float, nullable=False),
         sa.PrimaryKeyConstraint("owner", "request_key"),
     )
