@@ -239,10 +239,9 @@ class Registry:
         with `job_result`'s fields: no moment has the version committed and its job still running, which a
         lease's expiry would queue again. `request_key`: the /import's idempotency key, recorded for its concept in
         the same transaction (RequestSeen if the key already holds one)."""
-        with self.engine.begin() as conn:
+        owner, answer = (concept["owner"], concept["concept_id"]) if request_key is not None else (None, None)
+        with self._recording(owner, request_key, answer) as conn:
             now = time.time()
-            if request_key is not None:
-                _record_request(conn, concept["owner"], request_key, concept["concept_id"])
             if worker is not None:
                 held = conn.execute(select(jobs.c.status, jobs.c.model_version).where(
                     jobs.c.job_id == job_id, jobs.c.worker == worker).with_for_update()).first()
@@ -302,6 +301,21 @@ class Registry:
         self._write(update(concepts).where(concepts.c.concept_id == concept_id).values(status="deleted"))
 
     # ------------------------------------------------------------------ jobs: what any replica does
+    @contextlib.contextmanager
+    def _recording(self, owner: str | None, request_key: tuple[str, str, float] | None, answer: str | None):
+        """One transaction that first records the owner's idempotency key (key, request hash, time to live) for
+        `answer`, what the transaction makes; RequestSeen when the key already holds an answer, also one that
+        another replica recorded a moment ago (this one's insert then fails on the primary key)."""
+        try:
+            with self.engine.begin() as conn:
+                if request_key is not None:
+                    _record_request(conn, owner, request_key, answer)
+                yield conn
+        except IntegrityError:
+            if request_key is not None:
+                self.seen_request(owner, *request_key)
+            raise
+
     def seen_request(self, owner: str, key: str, request_hash: str, ttl_s: float) -> None:
         """Raise RequestSeen if `owner` sent a request with idempotency key `key` within `ttl_s`."""
         row = self._one(select(request_keys).where(request_keys.c.owner == owner, request_keys.c.request_key == key,
@@ -317,21 +331,7 @@ class Registry:
         `request_key`: (idempotency key, the request's hash, time to live in seconds), recorded in the same
         transaction; RequestSeen when the owner's key already holds a job, however close the two tries came."""
         job_id = job_id or uuid.uuid4().hex
-        try:
-            self._create_job(owner, target, category, total_steps, params, job_id, model_key, concept_id,
-                             max_active, request_key)
-        except IntegrityError:
-            if request_key is None:
-                raise
-            self.seen_request(owner, request_key[0], request_key[1], request_key[2])  # another replica's, just now
-            raise
-        return job_id
-
-    def _create_job(self, owner, target, category, total_steps, params, job_id, model_key, concept_id, max_active,
-                    request_key) -> None:
-        with self.engine.begin() as conn:
-            if request_key is not None:
-                _record_request(conn, owner, request_key, job_id)
+        with self._recording(owner, request_key, job_id) as conn:
             if max_active is not None:
                 if self.backend == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:o))"), {"o": f"big-jobs:{owner}"})
@@ -343,6 +343,7 @@ class Registry:
                 job_id=job_id, owner=owner, target=target, category=category, status="queued", step=0,
                 total_steps=total_steps, created=time.time(), params=json.dumps(params), model_key=model_key,
                 concept_id=concept_id, attempts=0, cancel_requested=0))
+        return job_id
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         if fields:
