@@ -80,10 +80,13 @@ def test_an_outage_longer_than_a_lease_is_no_workers_death_and_a_waiting_client_
     owner_side, other_side = (Registry(postgres_url, root=str(tmp_path)) for _ in range(2))
     trained = []
     worker = JobWorker(owner_side, long_runner(9.0, trained), lease_s=4.0, poll_s=0.05)
-    other = JobWorker(other_side, lambda ctx, job: {}, lease_s=4.0, poll_s=0.05)  # another machine's, expiring leases
     job = owner_side.create_job("u", "private", "dog", 10, {}, model_key="private:a")
     while owner_side.get_job(job)["status"] == "queued":
         time.sleep(0.05)
+    assert owner_side.get_job(job)["worker"] == worker.id
+    # Another machine's worker, expiring leases; started once the job is claimed, or it could claim the job itself
+    # (and end it at once: this test then waited for a training that never ran).
+    other = JobWorker(other_side, lambda ctx, job: {}, lease_s=4.0, poll_s=0.05)
     time.sleep(4.5)  # both workers have seen the database answer for a whole lease
     queue = JobQueue(other_side)
     with database_refusing_connections(admin):
@@ -93,8 +96,10 @@ def test_an_outage_longer_than_a_lease_is_no_workers_death_and_a_waiting_client_
         retried_s = time.monotonic() - t
         assert queue.poll(job)[0] is False  # a client waiting for the job keeps waiting
         time.sleep(max(0.0, 6.0 - (time.monotonic() - t)))  # longer than the lease
-        while not trained:  # the job ends while the database is away: its end waits for it
+        deadline = time.monotonic() + 30
+        while not trained and time.monotonic() < deadline:  # the job ends while the database is away
             time.sleep(0.1)
+        assert trained, "the job did not train to its end"
         assert trained[0] > t  # it trained on into the outage
         time.sleep(6.0)  # and its end waits longer than a registry call's own retries
         outage_end = time.monotonic()
