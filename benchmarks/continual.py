@@ -49,7 +49,7 @@ SEQUENCE = [
 ]
 PRESETS = {
     "full": dict(steps=None, n=32, base_n=64, concepts=4),
-    "smoke": dict(steps=250, n=12, base_n=16, concepts=2),
+    "smoke": dict(steps=250, n=8, base_n=8, concepts=2),
 }
 
 
