@@ -17,7 +17,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from big import parsing
+from big import failpoints, parsing
 from big.errors import BadRequest, Conflict
 from big.jobs import JobContext, job_error, job_view
 from big.models import ModelStore, model_key
@@ -197,6 +197,7 @@ class Finetuner:
                                      f"tiling and flipping; at most {limit}")
                 stack = self.store.stack(key, version) if kind != "private" else metamodel.EMPTY
             result, plan, written, fit = self._train(ctx, key, kind, version, stack, identifier, prepared, req)
+            failpoints.reached("trained", ctx.job_id)
             meta = VersionMeta(
                 model_key_kind=kind, base=self.base_key, version=version + 1, method=req.method,
                 identifier=identifier, category=req.category, prior_plan=[dataclasses.asdict(s) for s in plan],
@@ -309,6 +310,7 @@ class Finetuner:
 
         def commit(path):
             ctx.seconds.add("commit", time.perf_counter() - start)  # the files are written; one transaction is left
+            failpoints.reached("published", ctx.job_id)
             self.registry.commit_version(
                 key, version, path, ctx.job_id, {
                     "concept_id": concept_id, "owner": user, "target": kind, "identifier": meta.identifier,

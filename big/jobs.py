@@ -19,6 +19,7 @@ import traceback
 import uuid
 from typing import Callable
 
+from big import failpoints
 from big.errors import BadRequest, BIGError, Conflict, JobCancelled, NotFound, Unavailable, error_for
 from big.storage.registry import JOB_DONE, LeaseLost, Registry, VersionMovedOn
 
@@ -85,6 +86,8 @@ class JobContext:
         self._last_write = 0.0
 
     def progress(self, step: int, loss: float) -> None:
+        if step == self.total_steps // 2:
+            failpoints.reached("half_trained", self.job_id)
         now = time.time()
         if step < self.total_steps and now - self._last_write < 0.5:
             return  # throttle registry writes; the last step always lands
@@ -242,7 +245,9 @@ class JobWorker:
                 self.before_rerun(job)
             if state["cancel"]:
                 raise JobCancelled("cancelled before it started")
+            failpoints.reached("claimed", job_id)
             result = self.runner(ctx, job)
+            failpoints.reached("committed", job_id)
             ended = (self.registry.end_job(job_id, self.id, "succeeded", step=job["total_steps"],
                                            seconds=ctx.seconds.encoded(), **result)
                      or self.registry.job_is(job_id, self.id, "succeeded"))  # its version's commit ended it
@@ -255,7 +260,9 @@ class JobWorker:
             log.warning("job %s: %s; queued again", job_id, e)
             self.registry.requeue_job(job_id, self.id)
         except JobCancelled as e:
-            if not state["lost"]:
+            if state["lost"]:
+                log.warning("job %s: its lease passed to another worker; this run stopped training", job_id)
+            else:
                 ended = self.registry.end_job(job_id, self.id, "cancelled", error=_message(e), error_code=e.code,
                                               seconds=ctx.seconds.encoded())
         except BIGError as e:

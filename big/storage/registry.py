@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -61,7 +62,10 @@ def sqlite_url(path: str) -> str:
 
 def make_engine(url: str) -> sa.Engine:
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        # Named in pg_stat_activity by host and process, so an operator (and a fault test) sees whose each
+        # connection is.
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                                connect_args={"application_name": f"big {socket.gethostname()}:{os.getpid()}"[:63]})
     engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

@@ -105,6 +105,7 @@ class Workspace:
             log.warning("could not remove %s (%s); the next sweep tries again", failed_path, exc_info[1])
 
         if path and os.path.exists(path):
+            log.info("removing %s", path)
             shutil.rmtree(path, onerror=failed)
 
     def clean_stale(self, live_version_dirs: set[str], busy_tags: set[str] = frozenset(),

@@ -1,11 +1,16 @@
 """BIG on several processes as a cluster runs it: two serving replicas (`jina flow`, role serve) and two training
 workers (`python -m big.worker`) over one registry and one store folder, on PostgreSQL and on SQLite. Killed
-with `kill -9`, they lose no job and leave no half-written version."""
+with `kill -9`, they lose no job and leave no half-written version; a replica killed while a client waits for its
+finetune leaves one job, and the client gets its concept."""
+import collections
 import os
+import signal
 import threading
 import time
 
+import psutil
 import pytest
+import sqlalchemy as sa
 from docarray import DocList
 from docarray.documents import TextDoc
 
@@ -211,4 +216,60 @@ def test_a_killed_replica_leaves_the_queue_intact_and_the_other_serving(cluster)
     other.post("/jobs", inputs=DocList[TextDoc](), parameters={**jwt("queuer"), "job_id": endless, "cancel": True},
                return_type=DocList[JobDoc])
     assert wait_job(other, "queuer", endless).status == "cancelled"
+    assert_nothing_half_written(cluster)
+
+
+def waiting_executor(cluster: Cluster, flow: FlowProcess) -> int:
+    """The pid of `flow`'s executor replica that is polling the registry (a `wait: true` call's, five times a
+    second; the flow's other replica is idle), read off PostgreSQL's pg_stat_activity, where each BIG process names
+    its connections by host and pid (every registry call ends with COMMIT, so the query text tells nothing)."""
+    ours = {p.pid for p in psutil.Process(flow.proc.pid).children(recursive=True)}
+    seen = collections.Counter()
+    for _ in range(10):
+        with cluster.registry.engine.connect() as conn:
+            names = conn.execute(sa.text(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'big %' AND query_start > now() - interval '1 second'")).scalars().all()
+        seen.update(pid for pid in {int(n.rsplit(":", 1)[1]) for n in names} if pid in ours)
+        time.sleep(0.3)
+    if not seen:
+        with cluster.registry.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT application_name, state, query_start, now(), left(query, 90) FROM "
+                                        "pg_stat_activity WHERE datname = current_database()")).all()
+        raise AssertionError(f"no executor replica of the flow ({sorted(ours)}) is polling the job: {rows}")
+    (pid, looks), = seen.most_common(1)
+    assert looks >= 7, seen
+    return pid
+
+
+def test_a_replica_killed_while_a_client_waits_leaves_one_job_and_the_client_gets_its_concept(cluster):
+    """Jina's gateway sends the call again to the flow's other executor replica, with the same request id, which
+    BIG's gateway gives the call as its idempotency key: the retry finds the job the dead replica queued and waits
+    for it (one job, one concept, the client's own)."""
+    if cluster.registry.backend != "postgresql":
+        pytest.skip("which replica waits is read off PostgreSQL's pg_stat_activity; SQLite has none")
+    if len(cluster.replicas) < 3:  # run alone: the flow of two executor replicas, as deploy/ runs it
+        cluster.add_replica("deploy/flow-serving.yml")
+    flow, client = cluster.replicas[2], cluster.client(2)
+    answer = {}
+
+    def teach():
+        try:
+            answer["concept"] = finetune(client, "patient", seed=60, max_train_steps=200)
+        except Exception as e:  # noqa: BLE001
+            answer["error"] = e
+
+    caller = threading.Thread(target=teach)
+    caller.start()
+    deadline = time.time() + 120
+    while not (jobs := cluster.registry.list_jobs("patient")):
+        assert time.time() < deadline and caller.is_alive(), answer
+        time.sleep(0.1)
+    os.kill(waiting_executor(cluster, flow), signal.SIGKILL)
+    caller.join(300)
+    assert not caller.is_alive() and "error" not in answer, answer
+    (job,) = cluster.registry.list_jobs("patient")  # the retry queued nothing
+    assert answer["concept"].job_id == job["job_id"] and job["status"] == "succeeded"
+    assert [c["concept_id"] for c in cluster.registry.list_concepts(owner="patient") if c["owner"] == "patient"] \
+        == [job["concept_id"]]
     assert_nothing_half_written(cluster)

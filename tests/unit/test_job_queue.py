@@ -306,3 +306,14 @@ def test_the_wire_document_of_a_jobs_seconds_has_every_stage_in_order():
     from executor.documents import JobSecondsDoc
 
     assert [f for f in JobSecondsDoc.__fields__ if f != "id"] == [*JOB_STAGES, "total"]
+
+
+def test_failpoints_are_named_points_and_a_misspelt_one_is_refused_by_name():
+    from big import failpoints
+
+    assert failpoints.parse("") == {} and failpoints.parse("trained=stop, published=stop") == {
+        "trained": "stop", "published": "stop"}
+    for wrong in ("traned=stop", "trained=kill", "trained"):
+        with pytest.raises(ValueError, match=wrong.split("=")[0]):
+            failpoints.parse(wrong)
+    failpoints.reached("trained")  # none set in this process: nothing happens
