@@ -49,9 +49,11 @@ class OutOfMemory(BIGError, MemoryError):
     code = "out_of_memory"
 
 
+# Every error a client may see (docs/api.md, "Errors"): anything else a server raises reaches a client as a BIGError.
+ERRORS = (BIGError, BadRequest, AuthError, NotFound, Conflict, JobCancelled, OutOfMemory, QuotaExceeded, Unavailable)
+
+
 def error_for(code: str | None, message: str) -> BIGError:
     """The error of a stored `code` (a job's `error_code`), so a job's failure reaches its client as it was
     raised; a code this version does not know is a plain BIGError."""
-    classes = {cls.code: cls for cls in (BIGError, BadRequest, AuthError, NotFound, Conflict, JobCancelled,
-                                          OutOfMemory, QuotaExceeded, Unavailable)}
-    return classes.get(code, BIGError)(message)
+    return {cls.code: cls for cls in ERRORS}.get(code, BIGError)(message)

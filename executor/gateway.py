@@ -6,17 +6,26 @@ non-finite number before any executor code runs, and the client would get gRPC `
 Value.number_value`. A server interceptor sees each request first: a request with such a number is answered here,
 as an executor answers a refused request (status ERROR, exception `BadRequest`, the client's `BadServer`), and
 every other request goes on to Jina's gateway untouched.
+
+On the way back, an answer that carries an error loses the server's traceback (Jina sends the executor's stack,
+with the server's paths, to every client), and an error that is not one of BIG's documented errors (a full or
+read-only store, a bug) reaches the client as a plain `BIGError` that names the request; its own text stays in
+this gateway's and the executor's logs.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import grpc
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 from jina.types.request.data import DataRequest
 
-from big.errors import BadRequest
+from big.errors import ERRORS, BadRequest, BIGError
+
+log = logging.getLogger("big.gateway")
+DOCUMENTED = {cls.__name__ for cls in ERRORS}
 
 _STREAM = "/jina.JinaRPC/Call"
 _SINGLE = "/jina.JinaSingleDataRequestRPC/process_single_data"
@@ -50,6 +59,25 @@ def _refusal(request: DataRequest) -> DataRequest | None:
     return answer
 
 
+def _answered(answer):
+    """`answer` as a client may see it: an error's stack removed, and an error BIG does not document replaced."""
+    if not isinstance(answer, DataRequest) or answer.header.status.code != answer.header.status.ERROR:
+        return answer
+    status = answer.header.status
+    exception = status.exception
+    if exception.name not in DOCUMENTED:
+        request_id = answer.header.request_id
+        log.error("request %s (%s) failed with %s: %s", request_id, answer.header.exec_endpoint, exception.name,
+                  " ".join(exception.args))
+        shown = BIGError(f"the server could not answer this request ({exception.name}); its log has the details "
+                         f"under request id {request_id}")
+        exception.name, status.description = type(shown).__name__, repr(shown)
+        del exception.args[:]
+        exception.args.append(shown.args[0])
+    del exception.stacks[:]
+    return answer
+
+
 def _keyed(request: DataRequest) -> DataRequest:
     """A /finetune or /import without an `idempotency_key` gets its request id as one: Jina's gateway sends a
     request whose replica died to another replica, and that try must find the job (the concept) the first one
@@ -61,14 +89,17 @@ def _keyed(request: DataRequest) -> DataRequest:
     return request
 
 
-class _FiniteParameters(grpc.aio.ServerInterceptor):
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Each data request checked (`_refusal`) and keyed (`_keyed`) on its way in, each answer `_answered` on its
+    way out."""
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method not in (_STREAM, _SINGLE):
             return handler
         if details.method == _SINGLE:
             async def single(request, context):
-                return _refusal(request) or await handler.unary_unary(_keyed(request), context)
+                return _answered(_refusal(request) or await handler.unary_unary(_keyed(request), context))
 
             return grpc.unary_unary_rpc_method_handler(single, request_deserializer=handler.request_deserializer,
                                                        response_serializer=handler.response_serializer)
@@ -84,12 +115,12 @@ class _FiniteParameters(grpc.aio.ServerInterceptor):
                     if refusal is None:
                         yield _keyed(request)
                     else:
-                        await answers.put(refusal)
+                        await answers.put(_answered(refusal))
 
             async def forward():
                 try:
                     async for answer in handler.stream_stream(accepted(), context):
-                        await answers.put(answer)
+                        await answers.put(_answered(answer))
                 except Exception as e:  # noqa: BLE001 - raised below, in the stream the client reads (an abort too)
                     await answers.put(e)
                 finally:
@@ -113,4 +144,4 @@ class BIGGateway(GRPCGateway):
 
     def aio_tracing_server_interceptors(self):
         # Jina's only place for a server's interceptors; its tracing interceptor, when tracing is on, stays first.
-        return [*(super().aio_tracing_server_interceptors() or []), _FiniteParameters()]
+        return [*(super().aio_tracing_server_interceptors() or []), _Interceptor()]

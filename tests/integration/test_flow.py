@@ -17,9 +17,14 @@ from executor.flow_process import REPO, FlowProcess
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flow")
-    env = {"BIG_BASE_MODEL": BASE_MODEL, "BIG_WORKSPACE": str(tmp / "workspace"), "BIG_JWT_SECRET": SECRET,
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("flow") / "workspace"
+
+
+@pytest.fixture(scope="module")
+def flow(workspace):
+    tmp = workspace.parent
+    env = {"BIG_BASE_MODEL": BASE_MODEL, "BIG_WORKSPACE": str(workspace), "BIG_JWT_SECRET": SECRET,
            "BIG_AUTH_MODE": "hs256", "JINA_LOG_LEVEL": "ERROR"}
     with FlowProcess(str(tmp), env=env) as proc:
         try:
@@ -134,6 +139,32 @@ def test_a_finetune_request_sent_again_gets_the_job_its_first_try_queued(flow):
     assert [a.header.status.code for a in answers] == [0, 0]  # both answered, neither refused
     listed = flow.post("/jobs", inputs=DocList[TextDoc](), parameters=jwt("ivan"), return_type=DocList[JobDoc])
     assert len(listed) == 1  # one job for the request, however often it arrived
+
+
+def test_a_store_that_refuses_writes_gets_a_documented_error_without_paths_and_loses_nothing(flow, workspace):
+    """The store's staging folder is a file for a moment (as a full or read-only volume refuses a write): /finetune
+    answers a plain BIGError naming the request, with no path and no stack of the server's; nothing is queued;
+    /generate serves meanwhile; once the store takes writes, the same call teaches the concept."""
+    staging, away = workspace / "tmp", workspace / "tmp.away"
+    params = {**jwt("rita"), "category": "shape", "max_train_steps": 4, "num_class_images": 4}
+    staging.rename(away)
+    staging.write_text("not a folder")
+    try:
+        with pytest.raises(BadServer) as e:
+            flow.post("/finetune", inputs=pngs(instance_images()), parameters=params, return_type=DocList[ConceptDoc])
+        served = flow.post("/generate", inputs=prompts("a red star"), parameters={**jwt("rita"), "num_images": 1,
+                           "num_inference_steps": 2}, return_type=DocList[GeneratedImageDoc])
+    finally:
+        staging.unlink()
+        away.rename(staging)
+    status = e.value.args[0].status
+    assert status.exception.name == "BIGError" and "could not answer this request" in server_error(e)
+    shown = f"{status}"
+    assert str(workspace) not in shown and "Traceback" not in shown and list(status.exception.stacks) == []
+    assert len(served) == 1
+    assert len(flow.post("/jobs", inputs=DocList[TextDoc](), parameters=jwt("rita"), return_type=DocList[JobDoc])) == 0
+    concept = flow.post("/finetune", inputs=pngs(instance_images()), parameters=params, return_type=DocList[ConceptDoc])
+    assert concept[0].text
 
 
 def test_cli_finetunes_a_folder_and_writes_pngs_and_a_contact_sheet(flow, tmp_path, capsys):

@@ -110,3 +110,30 @@ def test_the_gateway_names_the_first_non_finite_parameter_in_a_request():
     assert non_finite_parameter(req.proto_wo_data.parameters) == "guidance_scale must be a finite number, not nan"
     req.parameters = {"guidance_scale": 7.5, "prompts": ["nan", "inf"]}  # words are words
     assert _refusal(req) is None
+
+
+def test_the_gateway_answers_an_undocumented_error_as_a_bigerror_and_no_error_with_the_servers_stack():
+    from jina.types.request.data import DataRequest
+
+    from big.errors import NotFound
+    from executor.gateway import _answered
+
+    def failed(error: Exception) -> DataRequest:
+        answer = DataRequest()
+        answer.header.request_id = "r1"
+        try:
+            raise error
+        except Exception as e:  # noqa: BLE001 - with its traceback, as Jina's executor side adds it
+            answer.add_exception(e)
+        return answer
+
+    store = failed(NotADirectoryError(20, "Not a directory", "/srv/big/store/tmp/job.1"))
+    status = _answered(store).header.status
+    assert status.exception.name == "BIGError" and list(status.exception.stacks) == []
+    assert list(status.exception.args) == ["the server could not answer this request (NotADirectoryError); its log "
+                                           "has the details under request id r1"]
+    assert "/srv/big" not in str(status)
+    status = _answered(failed(NotFound("no concept 'qzq' of yours"))).header.status
+    assert (status.exception.name, list(status.exception.args)) == ("NotFound", ["no concept 'qzq' of yours"])
+    assert list(status.exception.stacks) == [] and "Traceback" not in str(status)
+    assert _answered(DataRequest()).header.status.code == 0  # an answer without an error passes as it is

@@ -1,0 +1,57 @@
+"""Serving on PostgreSQL while its connections are terminated ten times a second (`pg_terminate_backend`, what a
+restart or a failover does to them): every /generate of a private concept and of the metamodel is answered, each
+request resolving its model through the registry as a replica does."""
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from benchmarks.harness import POSTGRES_ADMIN_URL
+from conftest import BASE_MODEL, SECRET, instance_images, postgres_database
+
+
+@pytest.fixture
+def database():
+    yield from postgres_database("big_serving")
+
+
+def test_generate_is_answered_while_the_registrys_connections_are_terminated(tmp_path, database):
+    from big.service import BIGService, ServiceConfig
+
+    short = {"max_train_steps": 4, "num_class_images": 4, "per_method": {"lora": {"max_train_steps": 4}},
+             "per_strategy": {"adapters": {"max_train_steps": 4}}}
+    svc = BIGService(ServiceConfig(workspace=str(tmp_path / "ws"), base_model=BASE_MODEL, database_url=database,
+                                   auth={"mode": "hs256", "secret": SECRET}, finetune_defaults=short,
+                                   generate_defaults={"num_inference_steps": 2}))
+    private = svc.finetune("alice", instance_images(3), {"category": "shape"})
+    meta = svc.finetune("alice", instance_images(3, seed=1), {"category": "shape", "target_model": "meta"})
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    stop, terminated = threading.Event(), []
+
+    def terminate():
+        while not stop.wait(0.1):
+            with admin.connect() as conn:
+                terminated.append(len(conn.execute(sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
+                    "AND pid <> pg_backend_pid()"), {"d": make_url(database).database}).all()))
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    answered = []
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for target, concept in (("private", private), ("meta", meta)):
+                images = svc.generate("alice", [f"a {concept['identifier']} shape"],
+                                      {"target_model": target, "num_images": 1, "seed": len(answered)})
+                answered.append((target, images[0].parameters["model_version"]))
+    finally:
+        stop.set()
+        killer.join()
+        svc.close()
+        admin.dispose()
+    print(f"\n{len(answered)} /generate answered in 5 s while {sum(terminated)} registry connections were terminated")
+    assert sum(terminated) >= 10, terminated  # the registry's connections were really cut, over and over
+    assert {t for t, _ in answered} == {"private", "meta"} and ("meta", meta["model_version"]) in answered
