@@ -1,6 +1,6 @@
-"""Training workers (`python -m big.worker`) frozen with SIGSTOP at each point of a job's life, on PostgreSQL: the
-lease passes to a healthy worker, which finishes the job; then the frozen ones wake (SIGCONT) and must write
-nothing. Each job succeeds once, with one concept whose committed files are all there and unchanged."""
+"""Training workers (`python -m big.worker`) frozen with SIGSTOP at each point of a job's life, on PostgreSQL and on
+SQLite: the lease passes to a healthy worker, which finishes the job; then the frozen ones wake (SIGCONT) and must
+write nothing. Each job succeeds once, with one concept whose committed files are all there and unchanged."""
 import hashlib
 import os
 import re
@@ -21,9 +21,12 @@ LEASE_S = 3
 JOB = {"category": "shape", "target_model": "private", "max_train_steps": 8, "num_class_images": 4, "wait": False}
 
 
-@pytest.fixture
-def database():
-    yield from postgres_database("big_frozen")
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database(request, tmp_path):
+    if request.param == "sqlite":  # the store's own registry file, shared by every process as a cluster's
+        yield f"sqlite:///{tmp_path / 'store' / 'registry.sqlite'}"
+    else:
+        yield from postgres_database("big_frozen")
 
 
 def files_of(folder: str) -> dict:
