@@ -161,6 +161,7 @@ class JobWorker:
         self._running: dict[str, dict] = {}  # job id -> {"lost": bool, "cancel": bool}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._alive_file: str | None = None
         self._threads = [threading.Thread(target=self._slot, name=f"big-worker-{i}", daemon=True)
                          for i in range(slots)]
         self._threads.append(threading.Thread(target=self._heartbeat, name="big-heartbeat", daemon=True))
@@ -172,6 +173,11 @@ class JobWorker:
         self._closed.set()
         for t in self._threads:
             t.join(timeout)
+
+    def keep_alive_file(self, path: str) -> None:
+        """Touch `path` at every heartbeat: a frozen or hung process stops touching it, which a liveness probe
+        (deploy/k8s/worker.yml) reads as a worker to restart."""
+        self._alive_file = path
 
     def running(self) -> list[str]:
         with self._lock:
@@ -209,6 +215,10 @@ class JobWorker:
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(max(self.lease_s / 4, 0.2)) or self.running():
+            if self._alive_file:
+                with contextlib.suppress(OSError):  # a probe that cannot read it restarts the worker: its call
+                    with open(self._alive_file, "a"):
+                        os.utime(self._alive_file)
             for job_id in self.running():
                 try:
                     held, cancel = self.registry.renew_lease(job_id, self.id, self.lease_s)

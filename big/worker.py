@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, help="jobs this worker runs at once (train_workers; one per GPU is usual)")
     p.add_argument("--threads", type=int, help="torch CPU threads of each job (train_threads)")
     p.add_argument("--lease", type=float, help="seconds a job's lease lasts without a heartbeat (job_lease_s)")
+    p.add_argument("--alive-file", help="a file touched at every heartbeat (a quarter of the lease), for a liveness "
+                   "probe to read its age (deploy/k8s/worker.yml)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("BIG_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,6 +41,8 @@ def main(argv=None) -> None:
     from big.service import BIGService  # after the arguments parse: loading the model takes a while
 
     service = BIGService(config)
+    if args.alive_file:
+        service.worker.keep_alive_file(args.alive_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,5 +1,6 @@
 """The durable job queue and the registry on both backends: claims, the one writer per model key, leases that
 pass when a worker dies, cancellation from any replica, and the worker loop itself."""
+import os
 import threading
 import time
 
@@ -317,3 +318,27 @@ def test_failpoints_are_named_points_and_a_misspelt_one_is_refused_by_name():
         with pytest.raises(ValueError, match=wrong.split("=")[0]):
             failpoints.parse(wrong)
     failpoints.reached("trained")  # none set in this process: nothing happens
+
+
+def test_a_workers_alive_file_is_touched_at_every_heartbeat_and_the_kubernetes_probe_reads_its_age(registry, tmp_path):
+    import subprocess
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "deploy", "k8s", "worker.yml")) as f:
+        (container,) = yaml.safe_load(f)["spec"]["template"]["spec"]["containers"]
+    alive = str(tmp_path / "big-worker.alive")
+    assert container["command"][-2:] == ["--alive-file", "/tmp/big-worker.alive"]
+    probe = [part.replace("/tmp/big-worker.alive", alive) for part in container["livenessProbe"]["exec"]["command"]]
+    worker = JobWorker(registry, lambda ctx, job: {}, lease_s=0.8, poll_s=0.05)
+    worker.keep_alive_file(alive)
+    deadline = time.time() + 10
+    while not os.path.exists(alive):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert subprocess.run(probe).returncode == 0  # beating: alive
+    worker.close(timeout=5)
+    long_ago = time.time() - 120
+    os.utime(alive, (long_ago, long_ago))  # as a process frozen for two minutes leaves it
+    assert subprocess.run(probe).returncode != 0
