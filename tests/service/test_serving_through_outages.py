@@ -1,6 +1,7 @@
-"""Serving on PostgreSQL while its connections are terminated ten times a second (`pg_terminate_backend`, what a
-restart or a failover does to them): every /generate of a private concept and of the metamodel is answered, each
-request resolving its model through the registry as a replica does."""
+"""Training and serving on PostgreSQL while its connections are terminated ten times a second for 10 s
+(`pg_terminate_backend`, what a restart or a failover does to them): the job training meanwhile succeeds on its
+first attempt, and every /generate of a private concept and of the metamodel is answered, each request resolving
+its model through the registry as a replica does."""
 import threading
 import time
 
@@ -17,7 +18,7 @@ def database():
     yield from postgres_database("big_serving")
 
 
-def test_generate_is_answered_while_the_registrys_connections_are_terminated(tmp_path, database):
+def test_a_job_trains_and_generate_answers_while_the_registrys_connections_are_terminated(tmp_path, database):
     from big.service import BIGService, ServiceConfig
 
     short = {"max_train_steps": 4, "num_class_images": 4, "per_method": {"lora": {"max_train_steps": 4}},
@@ -37,21 +38,30 @@ def test_generate_is_answered_while_the_registrys_connections_are_terminated(tmp
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
                     "AND pid <> pg_backend_pid()"), {"d": make_url(database).database}).all()))
 
+    training, _ = svc.submit_finetune("bob", instance_images(3, seed=2), {"category": "shape", "max_train_steps": 120,
+                                                                          "wait": False})
+    while svc.registry.get_job(training)["step"] < 1:
+        time.sleep(0.05)
     killer = threading.Thread(target=terminate)
     killer.start()
     answered = []
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for target, concept in (("private", private), ("meta", meta)):
                 images = svc.generate("alice", [f"a {concept['identifier']} shape"],
                                       {"target_model": target, "num_images": 1, "seed": len(answered)})
                 answered.append((target, images[0].parameters["model_version"]))
+        trained_meanwhile = svc.registry.get_job(training)["step"]
     finally:
         stop.set()
         killer.join()
-        svc.close()
-        admin.dispose()
-    print(f"\n{len(answered)} /generate answered in 5 s while {sum(terminated)} registry connections were terminated")
+    ended = svc.jobs.wait(training, timeout=300)
+    svc.close()
+    admin.dispose()
+    print(f"\n{len(answered)} /generate answered and {trained_meanwhile} of the job's 120 steps trained in 10 s while "
+          f"{sum(terminated)} registry connections were terminated; the job: {ended['status']}, attempt "
+          f"{ended['attempts']}")
+    assert (ended["status"], ended["attempts"]) == ("succeeded", 1)
     assert sum(terminated) >= 10, terminated  # the registry's connections were really cut, over and over
     assert {t for t, _ in answered} == {"private", "meta"} and ("meta", meta["model_version"]) in answered
