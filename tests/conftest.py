@@ -201,3 +201,13 @@ def pngs(images):
         im.save(buf, format="PNG")
         out.append(ImageDoc(bytes_=buf.getvalue()))
     return DocList[ImageDoc](out)
+
+
+def terminate_connections(admin_engine, database: str) -> int:
+    """`pg_terminate_backend` of every connection to `database` but the asking one (what a restart or failover does to
+    them): how many were cut."""
+    import sqlalchemy as sa
+
+    with admin_engine.connect() as conn:
+        return len(conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
+                                        "AND pid <> pg_backend_pid()"), {"d": database}).all())

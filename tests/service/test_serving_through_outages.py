@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from benchmarks.harness import POSTGRES_ADMIN_URL
-from conftest import BASE_MODEL, SECRET, instance_images, postgres_database
+from conftest import BASE_MODEL, SECRET, instance_images, postgres_database, terminate_connections
 
 
 @pytest.fixture
@@ -33,10 +33,7 @@ def test_a_job_trains_and_generate_answers_while_the_registrys_connections_are_t
 
     def terminate():
         while not stop.wait(0.1):
-            with admin.connect() as conn:
-                terminated.append(len(conn.execute(sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
-                    "AND pid <> pg_backend_pid()"), {"d": make_url(database).database}).all()))
+            terminated.append(terminate_connections(admin, make_url(database).database))
 
     training, _ = svc.submit_finetune("bob", instance_images(3, seed=2), {"category": "shape", "max_train_steps": 120,
                                                                           "wait": False})

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from benchmarks.harness import POSTGRES_ADMIN_URL
+from conftest import terminate_connections as terminate_all
 from big.errors import Unavailable
 from big.jobs import JobQueue, JobWorker
 from big.storage.registry import Registry
@@ -25,10 +26,7 @@ def admin(postgres_url):
 
 
 def terminate_connections(admin) -> int:
-    engine, db = admin
-    with engine.connect() as conn:
-        return len(conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d "
-                                        "AND pid <> pg_backend_pid()"), {"d": db}).all())
+    return terminate_all(*admin)
 
 
 @contextlib.contextmanager
